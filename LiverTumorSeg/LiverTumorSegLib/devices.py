@@ -1,0 +1,46 @@
+"""Device and precision selection."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from .errors import LiverTumorSegError
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """'auto' -> CUDA when PyTorch sees a GPU, else CPU; 'cuda' without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise LiverTumorSegError("--device cuda was asked for, but PyTorch sees no CUDA GPU (CPU-only build or no driver). Use --device cpu or auto.")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise LiverTumorSegError(f"Unknown device '{device}': use auto, cpu or cuda.")
+    return torch.device(device)
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """True where the CPU computes bf16 natively (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    info = Path("/proc/cpuinfo")
+    if not info.exists():
+        return False
+    flags = info.read_text(errors="ignore")
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def amp_dtype(device: torch.device, fast: bool) -> torch.dtype | None:
+    """Autocast dtype: bf16 (else fp16) on CUDA; bf16 on CPU only in fast mode and where native."""
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if fast and cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"

@@ -1,0 +1,357 @@
+"""Reading CT and label volumes, checking that an input is a usable CT, writing results.
+
+Readers and writers keep the geometry exactly (origin, spacing, direction in LPS, as ITK).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import os
+import secrets
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import slicerio
+from slicerio.segmentation import terminology_entry_from_string
+
+from .errors import InputError, OutputError
+from .terminology import SEGMENTS
+from .volume import Volume
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+LABEL_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
+SEG_SUFFIX = ".seg.nrrd"
+
+SAMPLE_SIZE = 1_000_000  # voxels drawn (fixed seed) for value statistics
+MIN_SLICES = 3  # fewer voxels along an axis: a 2-D image
+FEW_SLICES = 8  # fewer: accepted with a warning (along one axis only)
+MAX_SPACING_MM = 20.0
+MAX_SLICES = 1500
+MAX_ANISOTROPY = 8.0
+OBLIQUE_DEGREES = 1.0
+
+
+# ---------------------------------------------------------------- reading
+
+
+def read_volume(path) -> Volume:
+    """Read a 3-D scalar image: NIfTI, NRRD, MetaImage file, or a folder holding a DICOM series."""
+    path = Path(path)
+    image = _read_dicom_folder(path) if path.is_dir() else _read_image_file(path)
+    return _to_volume(image, path)
+
+
+def read_labels(path, reference: Volume | None = None) -> Volume:
+    """Read a label volume as integers; with ``reference``, require the same voxel grid."""
+    volume = read_volume(path)
+    labels = volume.array
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.all(np.isfinite(labels)) or np.any(labels != np.rint(labels)):
+            raise InputError(f"'{path}' has non-integer values, so it is not a label map.")
+    low, high = labels.min(), labels.max()
+    dtype = np.uint8 if 0 <= low and high <= 255 else np.int32
+    volume = volume.with_array(labels.astype(dtype, copy=False))
+    if reference is not None and not same_grid(volume, reference):
+        raise InputError(f"The labels in '{path}' are not on the voxel grid of the image; "
+                         "resample them onto the image first.")
+    return volume
+
+
+def same_grid(a: Volume, b: Volume, tol: float = 1e-4) -> bool:
+    """Whether two volumes share shape, spacing, origin and direction (mm and cosine tolerance)."""
+    return (a.array.shape == b.array.shape
+            and np.allclose(a.spacing, b.spacing, atol=tol)
+            and np.allclose(a.origin, b.origin, atol=tol * 10)
+            and np.allclose(a.direction, b.direction, atol=tol))
+
+
+def _read_image_file(path: Path) -> sitk.Image:
+    if not path.exists():
+        raise InputError(f"'{path}' does not exist; check the path.")
+    if not path.name.lower().endswith(IMAGE_SUFFIXES):
+        raise InputError(f"'{path.name}' is not a supported image file ({', '.join(IMAGE_SUFFIXES)}); "
+                         "for DICOM, select the folder that holds the series.")
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        _check_layout(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), path)
+        if path.name.lower().endswith((".nii", ".nii.gz")):
+            _check_nifti_complete(path)
+        return reader.Execute()
+    except RuntimeError as exc:
+        log.debug("ITK could not read %s: %s", path, exc)
+        raise InputError(f"'{path.name}' could not be read: the file is damaged, incomplete "
+                         "or not a valid image.") from exc
+
+
+def _check_nifti_complete(path: Path) -> None:
+    """Raise RuntimeError when a NIfTI file lacks voxel bytes: ITK zero-fills truncated files silently."""
+    compressed = path.name.lower().endswith(".gz")
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as f:
+            header = f.read(348)
+            if compressed:  # decompress to the end: also checks the CRC
+                size = len(header) + sum(len(chunk) for chunk in iter(lambda: f.read(1 << 24), b""))
+            else:
+                size = path.stat().st_size
+    except (OSError, EOFError, zlib.error) as exc:
+        raise RuntimeError(f"compressed stream is damaged: {exc}") from exc
+    expected = _nifti_data_end(header)
+    if expected is not None and size < expected:
+        raise RuntimeError(f"NIfTI file holds {size} bytes, its header announces {expected}")
+
+
+def _nifti_data_end(header: bytes) -> int | None:
+    """Byte offset of the end of the voxel data from a NIfTI-1 header (None if not one)."""
+    for endian in "<>":
+        if len(header) < 348 or struct.unpack(endian + "i", header[:4])[0] != 348:
+            continue
+        dims = struct.unpack(endian + "8h", header[40:56])
+        bitpix = struct.unpack(endian + "h", header[72:74])[0]
+        offset = struct.unpack(endian + "f", header[108:112])[0]
+        if 1 <= dims[0] <= 7:
+            return max(int(offset), 352) + int(np.prod(dims[1:dims[0] + 1])) * bitpix // 8
+    return None
+
+
+def _read_dicom_folder(path: Path) -> sitk.Image:
+    series = _dicom_series(path)
+    if not series:
+        raise InputError(f"No DICOM image series was found in the folder '{path}'.")
+    series_id, files = max(series, key=lambda s: len(s[1]))
+    if len(series) > 1:
+        log.info("The folder '%s' holds %d DICOM series; reading the largest, %s (%d files in '%s').",
+                 path, len(series), series_id, len(files), Path(files[0]).parent)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        log.debug("ITK could not read the DICOM series in %s: %s", path, exc)
+        raise InputError(f"The DICOM series in '{path}' could not be read: files are damaged "
+                         "or not images.") from exc
+    _check_layout(image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(), path)
+    return image
+
+
+def _dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
+    """(series UID, file names) of every DICOM series in a folder and its subfolders."""
+    series = []
+    for root, _, _ in os.walk(folder):
+        for series_id in sitk.ImageSeriesReader.GetGDCMSeriesIDs(root):
+            series.append((series_id, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(root, series_id))))
+    return series
+
+
+def _check_layout(dimension: int, size, components: int, path: Path) -> None:
+    """Reject images that are not 3-D scalar volumes (a 4-D image with one time point is fine)."""
+    name = path.name
+    if components != 1:
+        raise InputError(f"'{name}' has {components} values per voxel (a colour or vector image); "
+                         "a CT has one, so select a greyscale CT.")
+    if dimension == 4 and size[3] > 1:
+        raise InputError(f"'{name}' is a 4-D image ({size[3]} volumes, e.g. a time series); "
+                         "select a single 3-D CT.")
+    if dimension < 3 or min(size[:3]) < 2:
+        raise InputError(f"'{name}' is a 2-D image (a single slice); a 3-D CT volume is needed.")
+    if dimension > 4:
+        raise InputError(f"'{name}' has {dimension} dimensions; a 3-D CT volume is needed.")
+
+
+def _to_volume(image: sitk.Image, path: Path) -> Volume:
+    if image.GetDimension() == 4:
+        image = image[:, :, :, 0]
+    volume = Volume(
+        array=sitk.GetArrayFromImage(image),
+        spacing=image.GetSpacing(),
+        origin=image.GetOrigin(),
+        direction=np.array(image.GetDirection()).reshape(3, 3),
+    )
+    log.debug("Read %s: shape %s, spacing %s", path, volume.array.shape, volume.spacing)
+    return volume
+
+
+# ---------------------------------------------------------------- checking
+
+
+def check_ct(volume: Volume) -> None:
+    """Raise InputError when the volume is not a usable CT in Hounsfield units.
+
+    Checked in order: spacing in (0, 20] mm; at least 3 voxels along every axis and 8 along two;
+    finite values; not constant; not a label map (integer values that are binary, or non-negative
+    with at most 256 levels); and the CT rule, on a fixed random sample of voxels: the 1st
+    percentile is below -50 HU (every body CT shows air or fat, even a crop around the liver), the
+    99th percentile is at most 4000, and at least 10 % of voxels lie in the soft-tissue/fat range
+    [-200, 300] HU. MR, PET, normalised (z-score, 0..1) and un-rescaled data fail it.
+    """
+    _check_geometry(volume)
+    arr = volume.array
+    low, high = arr.min(), arr.max()
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise InputError("The image contains NaN or infinite voxel values; it is damaged or not a CT.")
+    if low == high:
+        raise InputError(f"All voxels of the image have the same value ({low:g}): the image is empty.")
+    sample = _sample(arr)
+    _check_not_labels(sample, low)
+    _check_hounsfield(sample)
+
+
+def ct_warnings(volume: Volume) -> list[str]:
+    """Things about a valid CT that may reduce accuracy, as user-facing sentences."""
+    warnings = []
+    degrees = oblique_degrees(volume.direction)
+    if degrees > OBLIQUE_DEGREES:
+        warnings.append(f"The image axes are oblique ({degrees:.1f} degrees from the patient axes); "
+                        "it is processed without resampling, which may reduce accuracy.")
+    if max(volume.spacing) / min(volume.spacing) > MAX_ANISOTROPY:
+        spacing = " x ".join(f"{s:g}" for s in volume.spacing)
+        warnings.append(f"The voxels are very anisotropic ({spacing} mm); thick slices reduce accuracy.")
+    if min(volume.array.shape) < FEW_SLICES:
+        warnings.append(f"The image has only {min(volume.array.shape)} slices along one axis; "
+                        "results near its borders will be unreliable.")
+    if max(volume.array.shape) > MAX_SLICES:
+        warnings.append(f"The image is very large ({max(volume.array.shape)} slices along one axis); "
+                        "segmentation will be slow and use much memory.")
+    return warnings
+
+
+def oblique_degrees(direction: np.ndarray) -> float:
+    """The largest angle, in degrees, between a voxel axis and its nearest patient axis."""
+    cosines = np.abs(np.asarray(direction, dtype=float)).max(axis=0)
+    return float(np.degrees(np.arccos(np.clip(cosines.min(), -1.0, 1.0))))
+
+
+def _check_geometry(volume: Volume) -> None:
+    spacing = np.asarray(volume.spacing)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0) or np.any(spacing > MAX_SPACING_MM):
+        text = " x ".join(f"{s:g}" for s in volume.spacing)
+        raise InputError(f"The voxel spacing {text} mm is implausible for a CT (it must be between 0 "
+                         f"and {MAX_SPACING_MM:g} mm); the file header is probably wrong.")
+    sizes = sorted(volume.array.shape)
+    if sizes[0] < MIN_SLICES:
+        raise InputError(f"The image has only {sizes[0]} slice(s) along one axis, so it is 2-D; "
+                         f"a 3-D CT with at least {MIN_SLICES} slices is needed.")
+    if sizes[1] < FEW_SLICES:
+        raise InputError(f"The image is only {sizes[0]} x {sizes[1]} voxels across; a 3-D CT volume "
+                         "is needed.")
+
+
+def _sample(arr: np.ndarray) -> np.ndarray:
+    """Up to SAMPLE_SIZE voxels drawn at random with a fixed seed (all voxels of small images)."""
+    flat = arr.reshape(-1)
+    if flat.size <= SAMPLE_SIZE:
+        return flat
+    return flat[np.random.default_rng(0).integers(0, flat.size, SAMPLE_SIZE)]
+
+
+def _check_not_labels(sample: np.ndarray, low) -> None:
+    """Integer values that are binary, or non-negative with at most 256 levels, are a label map.
+
+    Few levels alone are not enough: a CT phantom (air, tissue, bone) has negative HU values.
+    """
+    if not np.issubdtype(sample.dtype, np.integer) and np.any(sample != np.rint(sample)):
+        return
+    distinct = np.unique(sample).size
+    if distinct <= 2 or (low >= 0 and distinct <= 256):
+        raise InputError(f"The image looks like a label map or mask ({distinct} distinct integer "
+                         "values), not a CT scan; select the CT image itself.")
+
+
+def _check_hounsfield(sample: np.ndarray) -> None:
+    p1, p99 = np.percentile(sample, [1, 99])
+    tissue = np.mean((sample >= -200) & (sample <= 300))
+    if p1 > -50:
+        raise InputError("The image does not look like a CT in Hounsfield units (no air or fat "
+                         "below -50 HU): it may be MR, PET, normalised data, or a CT saved without "
+                         "its rescale intercept.")
+    if p99 > 4000:
+        raise InputError(f"The image does not look like a CT in Hounsfield units (1 % of voxels "
+                         f"are above {p99:.0f}, far beyond bone); it may be MR or un-rescaled data.")
+    if tissue < 0.1:
+        raise InputError(f"The image does not look like a body CT (only {tissue:.0%} of voxels in "
+                         "the soft-tissue range -200..300 HU); select an abdominal CT.")
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_labels(labels: np.ndarray, reference: Volume, path, *, overwrite: bool = False) -> Path:
+    """Write a uint8 label map (.nii, .nii.gz, .nrrd, .mha) on exactly the reference's grid."""
+    path, suffix = _output_path(path, LABEL_SUFFIXES, overwrite)
+    image = sitk.GetImageFromArray(_as_uint8_labels(labels, reference))
+    image.SetSpacing(reference.spacing)
+    image.SetOrigin(reference.origin)
+    image.SetDirection(reference.direction.reshape(-1).tolist())
+    _write_atomically(path, suffix, lambda tmp: sitk.WriteImage(image, str(tmp), True))
+    return path
+
+
+def write_seg_nrrd(labels: np.ndarray, reference: Volume, path, *, overwrite: bool = False) -> Path:
+    """Write a 3D Slicer segmentation (.seg.nrrd) with the liver, tumor and cyst segments.
+
+    Every segment of ``terminology.SEGMENTS`` is written (empty or not), in one layer, with its
+    fixed ID, name, colour and terminology; its label value in the file equals ours.
+    """
+    path, suffix = _output_path(path, (SEG_SUFFIX,), overwrite)
+    voxels = _as_uint8_labels(labels, reference).transpose(2, 1, 0)  # slicerio indexes (i, j, k)
+    top = max(spec["label"] for spec in SEGMENTS)
+    if voxels.size and voxels.max() > top:
+        raise ValueError(f"labels for a .seg.nrrd must lie in 0..{top}")
+    segmentation = slicerio.create_segmentation(voxels.shape, reference.ijk_to_lps())
+    for spec in SEGMENTS:
+        segment = slicerio.add_segment(segmentation, voxels == spec["label"], {
+            "id": spec["id"],
+            "name": spec["name"],
+            "color": [c / 255 for c in spec["color"]],
+            "terminology": terminology_entry_from_string(spec["terminology"]),
+        })
+        assert segment["labelValue"] == spec["label"] and segment["layer"] == 0
+    _write_atomically(path, suffix,
+                      lambda tmp: slicerio.write_segmentation(str(tmp), segmentation, compression_level=1))
+    return path
+
+
+def _as_uint8_labels(labels: np.ndarray, reference: Volume) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.shape != reference.array.shape:
+        raise ValueError(f"labels shape {labels.shape} differs from the image's {reference.array.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise ValueError("label values must lie in 0..255")
+    return labels.astype(np.uint8, copy=False)
+
+
+def _output_path(path, suffixes, overwrite: bool) -> tuple[Path, str]:
+    """The output path and its suffix (in the path's own case), after the refusals."""
+    path = Path(path)
+    suffix = next((path.name[-len(s):] for s in sorted(suffixes, key=len, reverse=True)
+                   if path.name.lower().endswith(s)), None)
+    if suffix is None:
+        raise OutputError(f"'{path.name}' must end with one of {', '.join(suffixes)}; choose another name.")
+    if path.is_dir():
+        raise OutputError(f"'{path}' is a folder; give a file name for the output.")
+    if path.exists() and not overwrite:
+        raise OutputError(f"'{path}' already exists; choose another name or allow overwriting.")
+    return path, suffix
+
+
+def _write_atomically(path: Path, suffix: str, write) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it into place."""
+    tmp = path.with_name(f".{path.name[:-len(suffix)]}.{secrets.token_hex(4)}.tmp{suffix}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "the writer failed"
+        raise OutputError(f"'{path}' could not be written ({reason}); check the folder's "
+                          "permissions and free disk space.") from exc
+    finally:
+        if tmp.exists():
+            tmp.unlink()

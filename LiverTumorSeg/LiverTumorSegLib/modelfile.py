@@ -1,0 +1,121 @@
+"""Model files: network weights and their model card in one safetensors file.
+
+The card (JSON in the safetensors metadata) holds the network config, stage, labels,
+preprocessing, training data, measured metrics, licence and intended use; the metadata also
+holds the sha256 of the weights, checked on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import ModelFileError
+from .netconfig import NetConfig
+from .network import GUNETRpp
+
+FORMAT = "livertumorseg-model"
+FORMAT_VERSION = "1"
+STAGES = ("liver", "tumor")
+REQUIRED_CARD_KEYS = ("name", "stage", "net", "labels", "preprocessing", "inference", "training", "intended_use")
+
+
+@dataclass
+class StageModel:
+    """A loaded network with its card."""
+
+    net: GUNETRpp
+    card: dict
+    path: Path
+    sha256: str
+
+    @property
+    def cfg(self) -> NetConfig:
+        return self.net.cfg
+
+
+def weights_sha256(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().contiguous().cpu()
+        h.update(key.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_model(net: GUNETRpp, card: dict, path: Path, *, dtype: torch.dtype = torch.float16) -> Path:
+    """Write weights (cast to ``dtype``) and the card; fills ``card['net']`` from the network."""
+    card = dict(card, net=net.cfg.to_dict())
+    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
+    if missing:
+        raise ValueError(f"model card lacks {missing}")
+    state = {k: v.detach().to(dtype).contiguous() for k, v in net.state_dict().items() if v.is_floating_point()}
+    state.update({k: v.detach().contiguous() for k, v in net.state_dict().items() if not v.is_floating_point()})
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "card": json.dumps(card), "weights_sha256": weights_sha256(state)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def read_card(path: Path) -> dict:
+    """The model card of a model file, without loading the weights."""
+    return _open(Path(path))[0]
+
+
+def _open(path: Path) -> tuple[dict, dict, dict]:
+    if not path.is_file():
+        raise ModelFileError(f"Model file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as err:  # noqa: BLE001 - any parse failure means a bad file
+        raise ModelFileError(f"{path} is not a readable LiverTumorSeg model file (truncated or corrupt?): {err}") from None
+    if meta.get("format") != FORMAT:
+        raise ModelFileError(f"{path} is not a LiverTumorSeg model file (no '{FORMAT}' header).")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ModelFileError(f"{path} has model format version {meta.get('format_version')}; this build reads {FORMAT_VERSION}.")
+    try:
+        card = json.loads(meta["card"])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ModelFileError(f"{path} has a damaged model card: {err}") from None
+    return card, meta, state
+
+
+def load_model(path: Path, *, stage: str | None = None, device: str | torch.device = "cpu") -> StageModel:
+    """Load and verify a model file; ``stage`` if given must match the card's."""
+    path = Path(path)
+    card, meta, state = _open(path)
+    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
+    if missing:
+        raise ModelFileError(f"{path}: model card lacks {', '.join(missing)}.")
+    if stage is not None and card["stage"] != stage:
+        raise ModelFileError(f"{path} is a '{card['stage']}' model, but a '{stage}' model is needed here.")
+    if weights_sha256(state) != meta.get("weights_sha256"):
+        raise ModelFileError(f"{path}: weights do not match their checksum (file damaged or edited).")
+    try:
+        cfg = NetConfig.from_dict(card["net"])
+        net = GUNETRpp(cfg, deep_supervision=False)
+        net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
+    except (ValueError, TypeError, RuntimeError) as err:
+        raise ModelFileError(f"{path}: weights do not match the network described by its card: {str(err)[:300]}") from None
+    net.eval().to(device)
+    return StageModel(net, card, path, file_sha256(path))

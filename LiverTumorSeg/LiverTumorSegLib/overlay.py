@@ -1,0 +1,65 @@
+"""PNG pictures: axial CT slices with the segmentation outlined and filled."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .orientation import to_canonical
+from .terminology import SEGMENTS
+from .volume import Volume
+
+WINDOW = (-160.0, 240.0)  # abdominal soft-tissue window (W 400, L 40)
+
+
+def pick_slices(labels_zyx: np.ndarray, n: int) -> list[int]:
+    """Axial slices worth showing: the one with most tumor, then evenly through the liver."""
+    z_any = np.flatnonzero(labels_zyx.any(axis=(1, 2)))
+    if not len(z_any):
+        return list(np.linspace(0, labels_zyx.shape[0] - 1, n).round().astype(int))
+    picks = []
+    tumor_area = (labels_zyx >= 2).sum(axis=(1, 2))
+    if tumor_area.max() > 0:
+        picks.append(int(tumor_area.argmax()))
+    for z in np.linspace(z_any[0], z_any[-1], n + 2)[1:-1].round().astype(int):
+        if len(picks) < n and all(abs(int(z) - p) > 1 for p in picks):
+            picks.append(int(z))
+    return sorted(picks)
+
+
+def save_overlay_png(ct: Volume, labels: np.ndarray, path: Path, *, n_slices: int = 4, title: str = "") -> Path:
+    """Axial slices (radiological convention: patient right on the left) with label overlays."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    hu, spacing, reorient = to_canonical(ct)
+    lab = reorient.to_canonical(np.asarray(labels))
+    slices = pick_slices(lab, n_slices)
+    colors = np.zeros((4, 4))
+    for s in SEGMENTS:
+        colors[s["label"]] = [*(c / 255 for c in s["color"]), 0.45]
+    cmap = ListedColormap(colors)
+    fig, axes = plt.subplots(1, len(slices), figsize=(4 * len(slices), 4.4), squeeze=False)
+    aspect = spacing[1] / spacing[2]
+    for ax, z in zip(axes[0], slices):
+        ax.imshow(hu[z], cmap="gray", vmin=WINDOW[0], vmax=WINDOW[1], aspect=aspect, interpolation="nearest")
+        ax.imshow(np.ma.masked_equal(lab[z], 0), cmap=cmap, vmin=0, vmax=3, aspect=aspect, interpolation="nearest")
+        for s in SEGMENTS:
+            if (lab[z] == s["label"]).any():
+                ax.contour(lab[z] == s["label"], levels=[0.5], colors=[np.array(s["color"]) / 255], linewidths=0.8)
+        ax.set_title(f"axial slice {z} (z = {z * spacing[0]:.0f} mm)", fontsize=9)
+        ax.axis("off")
+    handles = [Patch(color=np.array(s["color"]) / 255, label=s["name"]) for s in SEGMENTS]
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
+    fig.suptitle(title or "LiverTumorSeg", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.95))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

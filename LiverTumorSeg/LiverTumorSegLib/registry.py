@@ -1,0 +1,28 @@
+"""Bundled models by name, and resolution of ``--model NAME|PATH``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ModelFileError
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+BUNDLED = {
+    "phantom-small": "Small G-UNETR++ pair trained on synthetic phantoms only. Not for clinical use.",
+}
+DEFAULT_MODEL = "phantom-small"
+
+
+def model_files(name_or_path: str | Path = DEFAULT_MODEL) -> tuple[Path, Path]:
+    """(liver, tumor) model files of a bundled model name, or of a folder holding liver.ltsm + tumor.ltsm."""
+    key = str(name_or_path)
+    folder = WEIGHTS_DIR / key if key in BUNDLED else Path(key)
+    if not folder.is_dir():
+        names = ", ".join(BUNDLED)
+        raise ModelFileError(f"Unknown model '{key}': give a bundled name ({names}) or a folder with liver.ltsm and tumor.ltsm.")
+    files = folder / "liver.ltsm", folder / "tumor.ltsm"
+    for f in files:
+        if not f.is_file():
+            raise ModelFileError(f"Model folder {folder} lacks {f.name}.")
+    return files

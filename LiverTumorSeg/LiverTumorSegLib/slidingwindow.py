@@ -1,0 +1,132 @@
+"""Gaussian-weighted sliding-window inference over fixed-size tiles, with batching and cancel.
+
+Our own loop rather than ``monai.inferers.sliding_window_inference``: we need nnU-Net's evenly
+spread steps, a progress callback and a cancel check between tile batches, and a retry that
+moves the accumulators to the CPU (then halves the batch) on GPU out-of-memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy.ndimage import gaussian_filter
+
+from .errors import Cancelled, LiverTumorSegError
+
+ProgressFn = Callable[[int, int], None]
+
+
+@lru_cache(maxsize=8)
+def gaussian_importance(tile: tuple[int, ...], sigma_scale: float = 1 / 8) -> np.ndarray:
+    """Gaussian weight map over a tile (sigma = tile * sigma_scale), max 1, no zeros."""
+    delta = np.zeros(tile, dtype=np.float32)
+    delta[tuple(t // 2 for t in tile)] = 1
+    g = gaussian_filter(delta, [t * sigma_scale for t in tile], mode="constant", cval=0)
+    g /= g.max()
+    g[g == 0] = g[g > 0].min()
+    return g
+
+
+def window_starts(size: int, tile: int, step: float) -> list[int]:
+    """Tile start indices covering ``size`` with steps of about ``tile * step``, evenly spread."""
+    if size <= tile:
+        return [0]
+    n = int(np.ceil((size - tile) / (tile * step))) + 1
+    return [int(round(i * (size - tile) / (n - 1))) for i in range(n)]
+
+
+def tile_origins(shape: tuple[int, int, int], tile: tuple[int, int, int], step: float) -> list[tuple[int, int, int]]:
+    return list(itertools.product(*(window_starts(s, t, step) for s, t in zip(shape, tile))))
+
+
+def count_tiles(shape, tile, step) -> int:
+    return int(np.prod([len(window_starts(max(s, t), t, step)) for s, t in zip(shape, tile)]))
+
+
+def _check_cancel(cancel) -> None:
+    if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
+        raise Cancelled("Cancelled by the user.")
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def _predict(net, image, tile, step, batch, device, accum_device, amp_dtype, progress, cancel) -> torch.Tensor:
+    origins = tile_origins(tuple(image.shape), tile, step)
+    classes = net.cfg.classes
+    probs = torch.zeros((classes, *image.shape), dtype=torch.float32, device=accum_device)
+    weights = torch.zeros(image.shape, dtype=torch.float32, device=accum_device)
+    gauss = torch.from_numpy(gaussian_importance(tuple(tile))).to(accum_device)
+    for done in range(0, len(origins), batch):
+        _check_cancel(cancel)
+        chunk = origins[done : done + batch]
+        slices = [tuple(slice(o, o + t) for o, t in zip(origin, tile)) for origin in chunk]
+        x = torch.stack([image[s] for s in slices]).unsqueeze(1).to(device, non_blocking=True)
+        with _autocast(device, amp_dtype):
+            out = net(x)
+        out = torch.softmax(out.float(), dim=1).to(accum_device)
+        for s, p in zip(slices, out):
+            probs[(slice(None), *s)] += p * gauss
+            weights[s] += gauss
+        if progress is not None:
+            progress(min(done + batch, len(origins)), len(origins))
+    probs /= weights
+    return probs
+
+
+def _is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+@torch.inference_mode()
+def sliding_window_probabilities(
+    net: torch.nn.Module,
+    image: np.ndarray,
+    *,
+    step: float = 0.5,
+    batch: int = 2,
+    device: torch.device | str = "cpu",
+    amp_dtype: torch.dtype | None = None,
+    progress: ProgressFn | None = None,
+    cancel=None,
+) -> np.ndarray:
+    """Class probabilities (C, Z, Y, X) float32 of ``net`` over ``image`` (Z, Y, X), normalised.
+
+    Volumes smaller than a tile are padded with 0 (the normalised background) and cropped back.
+    On GPU out-of-memory the accumulators move to the CPU, then the batch halves down to 1.
+    """
+    device = torch.device(device)
+    tile = tuple(net.cfg.tile)
+    shape = image.shape
+    pad = [(0, max(t - s, 0)) for s, t in zip(shape, tile)]
+    img = torch.from_numpy(np.pad(np.asarray(image, np.float32), pad, constant_values=0))
+    if device.type == "cuda":
+        img = img.pin_memory()
+    attempts = [(device, batch)] if device.type == "cpu" else [(device, batch), (torch.device("cpu"), batch)]
+    b = batch
+    while b > 1:
+        b //= 2
+        attempts.append((torch.device("cpu"), b))
+    last_err = None
+    for accum_device, b in attempts:
+        try:
+            probs = _predict(net, img, tile, step, b, device, accum_device, amp_dtype, progress, cancel)
+            return probs[(slice(None), *(slice(0, s) for s in shape))].cpu().numpy()
+        except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
+            if not _is_oom(err):
+                raise
+            last_err = err
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    raise LiverTumorSegError(
+        f"Out of memory on {device} even with batch 1 and CPU accumulators ({last_err}). "
+        "Close other GPU programs or run with --device cpu."
+    )

@@ -1,0 +1,33 @@
+"""Shared test helpers: locating the real CT test data (never copied into the repository)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+DATA_ROOTS = [REPO / "shared" / "data", REPO.parent / "shared" / "data"]
+
+
+def data_roots() -> list[Path]:
+    """Where real data is looked for: $LIVERTUMORSEG_SHARED_DATA, else shared/data in or beside the repo."""
+    override = os.environ.get("LIVERTUMORSEG_SHARED_DATA")
+    return [Path(override)] if override else DATA_ROOTS
+
+
+@pytest.fixture
+def shared_data():
+    """``shared_data(relpath)`` -> Path of a real-data file; skips when absent (fails when CI=true)."""
+
+    def locate(relpath: str) -> Path:
+        found = [root / relpath for root in data_roots() if (root / relpath).exists()]
+        if not found:
+            reason = f"real test data '{relpath}' not found in {', '.join(map(str, data_roots()))}"
+            if os.environ.get("CI") == "true":
+                pytest.fail(reason + "; CI must provide it")
+            pytest.skip(reason)
+        return found[0]
+
+    return locate

@@ -1,0 +1,331 @@
+"""Reading, input checks and safe writing (synthetic images, plus the real CTs when present)."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LiverTumorSegLib.errors import InputError, OutputError
+from LiverTumorSegLib.imageio import (check_ct, ct_warnings, read_labels, read_volume, write_labels,
+                                      write_seg_nrrd)
+from LiverTumorSegLib.terminology import SEGMENTS
+from LiverTumorSegLib.volume import Volume
+
+
+def fake_ct(shape=(12, 20, 24), seed=0) -> np.ndarray:
+    """Air around a noisy soft-tissue block with a little fat and bone."""
+    rng = np.random.default_rng(seed)
+    ct = rng.normal(-1000, 20, shape)
+    k, j, i = (slice(n // 5, n - n // 5) for n in shape)
+    ct[k, j, i] = rng.normal(50, 30, ct[k, j, i].shape)
+    ct[k, j, i.start:i.start + 2] = -100
+    ct[k, j.start:j.start + 2, i] = 700
+    return ct.astype(np.int16)
+
+
+def ct_volume(array=None, spacing=(0.8, 0.8, 2.5), direction=np.eye(3)) -> Volume:
+    return Volume(fake_ct() if array is None else array, spacing, (10.0, -20.0, 30.0), direction)
+
+
+def save(array, path, spacing=(0.8, 0.8, 2.5)):
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(spacing[: image.GetDimension()])
+    sitk.WriteImage(image, str(path))
+    return path
+
+
+def raises_input(word):
+    return pytest.raises(InputError, match=f"(?i){word}")
+
+
+# ---------------------------------------------------------------- reading
+
+
+def test_read_keeps_values_and_geometry(tmp_path):
+    ct = fake_ct()
+    volume = read_volume(save(ct, tmp_path / "ct.mha", spacing=(0.5, 0.6, 2.0)))
+    assert volume.array.dtype == np.int16
+    np.testing.assert_array_equal(volume.array, ct)
+    assert volume.spacing == (0.5, 0.6, 2.0)
+
+
+def test_read_2d_image(tmp_path):
+    with raises_input("2-D"):
+        read_volume(save(fake_ct()[0], tmp_path / "slice.nrrd"))
+
+
+def test_read_single_slice_volume(tmp_path):
+    with raises_input("2-D"):
+        read_volume(save(fake_ct()[:1], tmp_path / "slice.nii.gz"))
+
+
+def test_read_4d_image(tmp_path):
+    sitk.WriteImage(sitk.Image([8, 8, 8, 3], sitk.sitkInt16), str(tmp_path / "t.nii.gz"))
+    with raises_input("4-D"):
+        read_volume(tmp_path / "t.nii.gz")
+
+
+def test_read_4d_image_with_one_time_point(tmp_path):
+    image = sitk.Image([8, 9, 10, 1], sitk.sitkInt16)
+    direction = np.eye(4)
+    direction[:3, :3] = [[0, 0, 1], [1, 0, 0], [0, -1, 0]]
+    image.SetDirection(direction.ravel().tolist())
+    sitk.WriteImage(image, str(tmp_path / "t1.nrrd"))
+    volume = read_volume(tmp_path / "t1.nrrd")
+    assert volume.array.shape == (10, 9, 8)
+    np.testing.assert_array_equal(volume.direction, direction[:3, :3])
+
+
+def test_read_rgb_image(tmp_path):
+    sitk.WriteImage(sitk.Image([8, 8, 8], sitk.sitkVectorUInt8, 3), str(tmp_path / "rgb.nrrd"))
+    with raises_input("colour"):
+        read_volume(tmp_path / "rgb.nrrd")
+
+
+@pytest.mark.parametrize("name", ["ct.nii.gz", "ct.nii", "ct.nrrd", "ct.mha"])
+@pytest.mark.parametrize("keep", [0.5, 0.99])
+def test_read_truncated_file(tmp_path, name, keep):
+    """ITK zero-fills truncated NIfTI files without an error: we must not."""
+    data = save(fake_ct(), tmp_path / name).read_bytes()
+    (tmp_path / name).write_bytes(data[: int(len(data) * keep)])
+    with raises_input("could not be read"):
+        read_volume(tmp_path / name)
+
+
+def test_read_garbage_file(tmp_path):
+    (tmp_path / "bad.nrrd").write_bytes(gzip.compress(b"not an image"))
+    with raises_input("could not be read"):
+        read_volume(tmp_path / "bad.nrrd")
+
+
+def test_read_missing_path(tmp_path):
+    with raises_input("does not exist"):
+        read_volume(tmp_path / "nothing.nii.gz")
+
+
+def test_read_unsupported_suffix(tmp_path):
+    (tmp_path / "image.png").write_bytes(b"\x89PNG")
+    with raises_input("not a supported"):
+        read_volume(tmp_path / "image.png")
+
+
+def test_read_folder_without_dicom(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    with raises_input("No DICOM"):
+        read_volume(tmp_path)
+
+
+def test_read_dicom_folder_with_one_slice(tmp_path):
+    (tmp_path / "dicom").mkdir()
+    save(fake_ct()[0], tmp_path / "dicom" / "slice.dcm")
+    with raises_input("2-D"):
+        read_volume(tmp_path / "dicom")
+
+
+def test_read_labels(tmp_path):
+    reference = ct_volume()
+    labels = np.zeros(reference.array.shape, np.float32)
+    labels[2:5, 3:9, 4:10] = 2
+    write = write_labels(labels.astype(np.uint8), reference, tmp_path / "labels.nii.gz")
+    read = read_labels(write, reference)
+    assert read.array.dtype == np.uint8
+    np.testing.assert_array_equal(read.array, labels)
+    with raises_input("voxel grid"):
+        read_labels(write, ct_volume(spacing=(1.0, 0.8, 2.5)))
+
+
+def test_read_labels_rejects_fractions(tmp_path):
+    with raises_input("non-integer"):
+        read_labels(save(np.full((8, 8, 8), 0.5, np.float32), tmp_path / "soft.nii.gz"))
+
+
+# ---------------------------------------------------------------- CT checks
+
+
+def test_fake_ct_passes():
+    assert check_ct(ct_volume()) is None
+    assert ct_warnings(ct_volume()) == []
+
+
+def test_cropped_ct_without_air_passes():
+    """A crop inside the body (no air), like lits-117-128cube: fat below -50 HU is enough."""
+    rng = np.random.default_rng(0)
+    array = rng.normal(60, 25, (16, 32, 32))
+    array[:, :, :4] = rng.normal(-100, 15, (16, 32, 4))
+    check_ct(ct_volume(array.astype(np.float32)))
+
+
+def test_nan_voxel():
+    array = fake_ct().astype(np.float32)
+    array[3, 4, 5] = np.nan
+    with raises_input("NaN"):
+        check_ct(ct_volume(array))
+
+
+def test_constant_image():
+    with raises_input("same value"):
+        check_ct(ct_volume(np.full((12, 20, 24), -1000, np.int16)))
+
+
+@pytest.mark.parametrize("values", [(0, 1, 2), (0, 255), (0, 5, 117)])
+def test_labelmap(values):
+    array = np.resize(np.array(values, np.uint8), (12, 20, 24))
+    with raises_input("label map"):
+        check_ct(ct_volume(array))
+
+
+def test_mr_like():
+    array = np.random.default_rng(0).uniform(0, 1500, (12, 20, 24)).astype(np.float32)
+    with raises_input("not look like a CT"):
+        check_ct(ct_volume(array))
+
+
+def test_normalised_ct():
+    array = fake_ct().astype(np.float32)
+    with raises_input("not look like a CT"):
+        check_ct(ct_volume((array - array.mean()) / array.std()))
+
+
+def test_ct_without_rescale_intercept():
+    with raises_input("rescale"):
+        check_ct(ct_volume(fake_ct() + 1024))
+
+
+def test_mostly_outside_ct_range():
+    array = fake_ct().astype(np.float32) * 10
+    with raises_input("not look like a CT"):
+        check_ct(ct_volume(array))
+
+
+@pytest.mark.parametrize("spacing", [(0.0, 0.8, 2.5), (0.8, -0.8, 2.5), (0.8, 0.8, 25.0), (0.8, np.nan, 2.5)])
+def test_implausible_spacing(spacing):
+    with raises_input("spacing"):
+        check_ct(ct_volume(spacing=spacing))
+
+
+def test_two_slices_are_2d():
+    with raises_input("2-D"):
+        check_ct(ct_volume(fake_ct()[:2]))
+
+
+def test_thin_in_two_axes():
+    with raises_input("voxels across"):
+        check_ct(ct_volume(fake_ct((5, 6, 40))))
+
+
+def test_three_slices_pass_with_a_warning():
+    volume = ct_volume(fake_ct((3, 40, 40)))
+    check_ct(volume)
+    assert any("only 3 slices" in w for w in ct_warnings(volume))
+
+
+def test_warnings():
+    c, s = np.cos(np.radians(10)), np.sin(np.radians(10))
+    oblique = ct_volume(direction=[[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    assert any("oblique" in w for w in ct_warnings(oblique))
+    assert any("anisotropic" in w for w in ct_warnings(ct_volume(spacing=(0.5, 0.5, 5.0))))
+    huge = Volume(np.zeros((1501, 8, 8), np.int16), (1.0, 1.0, 0.5))
+    assert any("very large" in w for w in ct_warnings(huge))
+
+
+# ---------------------------------------------------------------- writing
+
+
+@pytest.mark.parametrize("name", ["out.nii", "out.nii.gz", "out.nrrd", "out.mha"])
+def test_write_labels_formats(tmp_path, name):
+    reference = ct_volume()
+    labels = (reference.array > 0).astype(np.uint8)
+    path = write_labels(labels, reference, tmp_path / "a" / "b" / name)
+    image = sitk.ReadImage(str(path))
+    assert image.GetPixelID() == sitk.sitkUInt8
+    np.testing.assert_allclose(image.GetOrigin(), reference.origin)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), labels)
+    assert [p.name for p in path.parent.iterdir()] == [name], "no temporary file may be left"
+
+
+def test_write_refuses_overwrite(tmp_path):
+    reference = ct_volume()
+    labels = np.zeros(reference.array.shape, np.uint8)
+    for writer, name in [(write_labels, "out.nrrd"), (write_seg_nrrd, "out.seg.nrrd")]:
+        path = writer(labels, reference, tmp_path / name)
+        before = path.read_bytes()
+        with pytest.raises(OutputError, match="already exists"):
+            writer(labels + 1, reference, path)
+        assert path.read_bytes() == before
+        writer(labels + 1, reference, path, overwrite=True)
+        assert path.read_bytes() != before
+
+
+def test_write_bad_name_or_place(tmp_path):
+    reference = ct_volume()
+    labels = np.zeros(reference.array.shape, np.uint8)
+    with pytest.raises(OutputError, match="must end with"):
+        write_labels(labels, reference, tmp_path / "out.png")
+    with pytest.raises(OutputError, match="must end with"):
+        write_seg_nrrd(labels, reference, tmp_path / "out.nrrd")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OutputError, match="could not be written"):
+        write_labels(labels, reference, tmp_path / "file" / "out.nrrd")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+
+
+def test_seg_nrrd_keeps_empty_segments(tmp_path):
+    import slicerio
+
+    reference = ct_volume()
+    labels = np.zeros(reference.array.shape, np.uint8)
+    labels[2:4, 2:4, 2:4] = 1
+    seg = slicerio.read_segmentation(str(write_seg_nrrd(labels, reference, tmp_path / "s.seg.nrrd")))
+    assert [s["name"] for s in seg["segments"]] == ["Liver", "Liver tumor", "Liver cyst"]
+    liver, tumor, _ = seg["segments"]
+    assert liver["terminology"]["category"] == ["SCT", "123037004", "Anatomical Structure"]
+    assert liver["terminology"]["type"] == ["SCT", "10200004", "Liver"]
+    assert tumor["terminology"]["type"] == ["SCT", "108369006", "Neoplasm"]
+    assert tumor["terminology"]["anatomicRegion"] == ["SCT", "10200004", "Liver"]
+    assert tumor["terminology"]["contextName"] == "Segmentation category and type - DICOM master list"
+    assert tumor["extent"] == [0, -1, 0, -1, 0, -1]
+    assert [s["terminology"] for s in SEGMENTS][2].split("~")[2] == "SCT^367643001^Cyst"
+
+
+# ---------------------------------------------------------------- real data
+
+REAL_CTS = [
+    "ircad-1.1/ct.nii.gz",
+    "hcc-tace-seg-hcc048/ct.nii.gz",
+    "lits-117-128cube/image.nii.gz",
+    "lits-volume0-ct/ct.nii.gz",
+    "totalseg-example/example_ct_sm.nii.gz",
+    "totalseg-example/example_ct_dicom",
+    "dcmqi-ct3slice-liver/ct-3slice",
+]
+REAL_LABELS = [
+    "ircad-1.1/masks/liver.nii.gz",
+    "ircad-1.1/masks/livertumor01.nii.gz",
+    "lits-117-128cube/label.nii.gz",
+    "totalseg-example/example_seg.nii.gz",
+    "dcmqi-ct3slice-liver/liver_seg.nrrd",
+]
+
+
+@pytest.mark.parametrize("relpath", REAL_CTS)
+def test_real_ct_passes(shared_data, relpath):
+    volume = read_volume(shared_data(relpath))
+    assert check_ct(volume) is None
+    few_slices = any("slices" in w for w in ct_warnings(volume))
+    assert few_slices == (relpath == "dcmqi-ct3slice-liver/ct-3slice")
+
+
+@pytest.mark.parametrize("relpath", REAL_LABELS)
+def test_real_labels_are_not_ct(shared_data, relpath):
+    with raises_input("label map"):
+        check_ct(read_volume(shared_data(relpath)))
+
+
+def test_real_dicom_folder_picks_the_ct_series(shared_data):
+    """The dcmqi folder holds a 3-slice CT series (in a subfolder) and a one-file DICOM SEG."""
+    volume = read_volume(shared_data("dcmqi-ct3slice-liver"))
+    assert volume.array.shape == (3, 512, 512)
+    check_ct(volume)

@@ -1,0 +1,92 @@
+"""Model files: round trip, and clear refusal of wrong, truncated, tampered or mismatched files."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from LiverTumorSegLib.errors import ModelFileError
+from LiverTumorSegLib.modelfile import load_model, read_card, save_model
+from LiverTumorSegLib.netconfig import SMALL, NetConfig
+from LiverTumorSegLib.network import GUNETRpp
+from LiverTumorSegLib.registry import model_files
+
+CARD = {"name": "t", "stage": "liver", "labels": ["background", "liver"], "inference": {}, "training": {},
+        "preprocessing": {"resample": {"mode": "spacing", "spacing": [4, 2.5, 2.5]}}, "intended_use": "tests"}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    torch.manual_seed(0)
+    net = GUNETRpp(SMALL).eval()
+    path = save_model(net, CARD, tmp_path_factory.mktemp("m") / "liver.ltsm")
+    return net, path
+
+
+def test_round_trip(saved):
+    net, path = saved
+    model = load_model(path, stage="liver")
+    assert NetConfig.from_dict(read_card(path)["net"]) == SMALL
+    x = torch.rand(1, 1, *SMALL.tile)
+    half = GUNETRpp(SMALL).eval()
+    half.load_state_dict({k: v.half().float() if v.is_floating_point() else v for k, v in net.state_dict().items()})
+    with torch.no_grad():
+        assert torch.allclose(model.net(x), half(x), atol=1e-5)
+    assert path.stat().st_size < 10e6
+
+
+def test_wrong_stage(saved):
+    with pytest.raises(ModelFileError, match="'liver' model, but a 'tumor'"):
+        load_model(saved[1], stage="tumor")
+
+
+def test_missing(tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "nope.ltsm")
+
+
+def test_truncated(saved, tmp_path):
+    bad = tmp_path / "cut.ltsm"
+    bad.write_bytes(saved[1].read_bytes()[:5000])
+    with pytest.raises(ModelFileError, match="truncated or corrupt"):
+        load_model(bad)
+
+
+def test_not_a_model_file(tmp_path):
+    junk = tmp_path / "junk.ltsm"
+    junk.write_bytes(b"PK\x03\x04 this is a zip, not weights" * 10)
+    with pytest.raises(ModelFileError, match="truncated or corrupt"):
+        load_model(junk)
+    other = tmp_path / "other.ltsm"
+    save_file({"w": torch.zeros(3)}, str(other))
+    with pytest.raises(ModelFileError, match="not a LiverTumorSeg model"):
+        load_model(other)
+
+
+def test_tampered_weights(saved, tmp_path):
+    data = bytearray(saved[1].read_bytes())
+    data[-100] ^= 0xFF
+    bad = tmp_path / "tampered.ltsm"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="checksum"):
+        load_model(bad)
+
+
+def test_card_does_not_match_weights(saved, tmp_path):
+    from safetensors import safe_open
+
+    with safe_open(str(saved[1]), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    card = json.loads(meta["card"])
+    card["net"]["dims"] = [16, 32, 64, 128]
+    meta["card"] = json.dumps(card)
+    bad = tmp_path / "mismatch.ltsm"
+    save_file(state, str(bad), metadata=meta)
+    with pytest.raises(ModelFileError, match="do not match the network"):
+        load_model(bad)
+
+
+def test_unknown_model_name():
+    with pytest.raises(ModelFileError, match="Unknown model"):
+        model_files("no-such-model")
