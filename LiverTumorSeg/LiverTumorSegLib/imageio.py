@@ -25,7 +25,7 @@ from .volume import Volume
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
-LABEL_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
+OUTPUT_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha")
 SEG_SUFFIX = ".seg.nrrd"
 
 SAMPLE_SIZE = 1_000_000  # voxels drawn (fixed seed) for value statistics
@@ -284,11 +284,16 @@ def _check_hounsfield(sample: np.ndarray) -> None:
 
 def write_labels(labels: np.ndarray, reference: Volume, path, *, overwrite: bool = False) -> Path:
     """Write a uint8 label map (.nii, .nii.gz, .nrrd, .mha) on exactly the reference's grid."""
-    path, suffix = _output_path(path, LABEL_SUFFIXES, overwrite)
-    image = sitk.GetImageFromArray(_as_uint8_labels(labels, reference))
-    image.SetSpacing(reference.spacing)
-    image.SetOrigin(reference.origin)
-    image.SetDirection(reference.direction.reshape(-1).tolist())
+    return write_volume(reference.with_array(_as_uint8_labels(labels, reference)), path, overwrite=overwrite)
+
+
+def write_volume(volume: Volume, path, *, overwrite: bool = False) -> Path:
+    """Write a volume (.nii, .nii.gz, .nrrd, .mha) with its voxel type and exact geometry."""
+    path, suffix = _output_path(path, OUTPUT_SUFFIXES, overwrite)
+    image = sitk.GetImageFromArray(volume.array)
+    image.SetSpacing(volume.spacing)
+    image.SetOrigin(volume.origin)
+    image.SetDirection(volume.direction.reshape(-1).tolist())
     _write_atomically(path, suffix, lambda tmp: sitk.WriteImage(image, str(tmp), True))
     return path
 

@@ -71,6 +71,7 @@ def save_model(net: GUNETRpp, card: dict, path: Path, *, dtype: torch.dtype = to
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     save_file(state, str(tmp), metadata=meta)
+    tmp.chmod(0o644)
     tmp.replace(path)
     return path
 
@@ -119,3 +120,16 @@ def load_model(path: Path, *, stage: str | None = None, device: str | torch.devi
         raise ModelFileError(f"{path}: weights do not match the network described by its card: {str(err)[:300]}") from None
     net.eval().to(device)
     return StageModel(net, card, path, file_sha256(path))
+
+
+def update_card(path: Path, **fields) -> dict:
+    """Rewrite a model file's card with ``fields`` changed (e.g. measured metrics); weights untouched."""
+    path = Path(path)
+    card, meta, state = _open(path)
+    card.update(fields)
+    meta = dict(meta, card=json.dumps(card))
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.chmod(0o644)
+    tmp.replace(path)
+    return card

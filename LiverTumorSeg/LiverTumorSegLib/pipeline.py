@@ -110,7 +110,7 @@ def tumor_stage_input(hu: np.ndarray, liver: np.ndarray, spacing, pre: dict):
     margin_mm = float(pre.get("liver_margin_mm", 10.0))
     box = bounding_box(liver, [int(np.ceil(margin_mm / s)) for s in spacing])
     crop = hu[box]
-    shape = model_shape(crop.shape, spacing, pre["resample"])
+    shape = model_shape(crop.shape, spacing, pre["resample"], full_shape=hu.shape)
     small = resize(liver[box].astype(np.float32), shape) >= 0.5
     mask = ndimage.distance_transform_edt(~small, sampling=model_spacing(crop.shape, spacing, shape)) <= margin_mm
     img = scale_hu(resize(crop.astype(np.float32, copy=False), shape), pre.get("hu_window", (-250, 250)))
@@ -118,14 +118,14 @@ def tumor_stage_input(hu: np.ndarray, liver: np.ndarray, spacing, pre: dict):
     return img, mask, box
 
 
-def _step(model: StageModel, fast: bool) -> float:
+def stage_step(model: StageModel, fast: bool) -> float:
     inf = model.card["inference"]
     return inf.get("fast_step", 1.0) if fast else inf.get("step", 0.5)
 
 
-def _probability(model: StageModel, img, out_shape, device, fast, batch, progress, cancel, mask=None) -> np.ndarray:
+def stage_probability(model: StageModel, img, out_shape, device, fast, batch, progress, cancel, mask=None) -> np.ndarray:
     probs = sliding_window_probabilities(
-        model.net, img, step=_step(model, fast), batch=batch, device=device,
+        model.net, img, step=stage_step(model, fast), batch=batch, device=device,
         amp_dtype=devices.amp_dtype(device, fast), progress=progress, cancel=cancel,
     )
     fg = probs[1]
@@ -136,7 +136,7 @@ def _probability(model: StageModel, img, out_shape, device, fast, batch, progres
 
 def planned_tiles(model: StageModel, shape, spacing, fast: bool) -> int:
     grid = model_shape(shape, spacing, model.card["preprocessing"]["resample"])
-    return count_tiles(grid, model.cfg.tile, _step(model, fast))
+    return count_tiles(grid, model.cfg.tile, stage_step(model, fast))
 
 
 def segment(
@@ -169,7 +169,7 @@ def segment(
 
     t = time.perf_counter()
     img = liver_stage_input(hu, spacing, liver_model.card["preprocessing"])
-    liver_p = _probability(liver_model, img, hu.shape, dev, fast, batch, prog.stage("Liver", est), cancel)
+    liver_p = stage_probability(liver_model, img, hu.shape, dev, fast, batch, prog.stage("Liver", est), cancel)
     liver = largest_component(liver_p >= 0.5)
     timings["liver_s"] = time.perf_counter() - t
     if not liver.any():
@@ -177,10 +177,10 @@ def segment(
 
     t = time.perf_counter()
     img, mask, box = tumor_stage_input(hu, liver, spacing, tumor_model.card["preprocessing"])
-    tiles2 = count_tiles(img.shape, tumor_model.cfg.tile, _step(tumor_model, fast))
+    tiles2 = count_tiles(img.shape, tumor_model.cfg.tile, stage_step(tumor_model, fast))
     prog.total = prog.done + tiles2
     prog.message(0.02 + 0.93 * prog.done / prog.total, "Stage 2: tumors")
-    tumor_p = _probability(tumor_model, img, hu[box].shape, dev, fast, batch, prog.stage("Tumors", tiles2), cancel, mask)
+    tumor_p = stage_probability(tumor_model, img, hu[box].shape, dev, fast, batch, prog.stage("Tumors", tiles2), cancel, mask)
     timings["tumor_s"] = time.perf_counter() - t
 
     labels = np.zeros(hu.shape, np.uint8)
@@ -203,7 +203,7 @@ def segment(
         "batch": batch,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "tiles": {"liver": est, "tumor": tiles2},
-        "steps": {"liver": _step(liver_model, fast), "tumor": _step(tumor_model, fast)},
+        "steps": {"liver": stage_step(liver_model, fast), "tumor": stage_step(tumor_model, fast)},
         "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if dev.type == "cuda" else None,
         "models": {m.card["stage"]: {"name": m.card["name"], "file": m.path.name, "sha256": m.sha256} for m in (liver_model, tumor_model)},
         "voxels": {"liver": int((labels == LABEL_LIVER).sum() + (labels == LABEL_TUMOR).sum()), "tumor": int((labels == LABEL_TUMOR).sum())},

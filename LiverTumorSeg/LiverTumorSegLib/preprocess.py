@@ -22,15 +22,20 @@ def scale_hu(arr: np.ndarray, window=DEFAULT_HU_WINDOW) -> np.ndarray:
     return out
 
 
-def model_shape(shape, spacing, resample: dict) -> tuple[int, int, int]:
-    """Grid shape on which the network sees an image of ``shape`` voxels of ``spacing`` mm."""
+def model_shape(shape, spacing, resample: dict, full_shape=None) -> tuple[int, int, int]:
+    """Grid shape on which the network sees an image of ``shape`` voxels of ``spacing`` mm.
+
+    Modes: ``spacing`` (fixed voxel size in mm, z y x), ``inplane_size`` (the paper: every axial
+    slice of the full image resized to ``size`` x ``size``, slices kept; a crop of that image,
+    ``shape`` within ``full_shape``, is scaled by the same factors), ``none``.
+    """
     mode = resample.get("mode")
     if mode == "spacing":
         target = resample["spacing"]
         return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
     if mode == "inplane_size":
-        size = int(resample["size"])
-        return (int(shape[0]), size, size)
+        size, full = int(resample["size"]), full_shape or shape
+        return (int(shape[0]), *(max(1, int(round(n * size / f))) for n, f in zip(shape[1:], full[1:])))
     if mode == "none":
         return tuple(int(n) for n in shape)
     raise ValueError(f"unknown resampling mode {mode!r}")

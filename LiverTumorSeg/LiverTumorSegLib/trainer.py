@@ -122,12 +122,12 @@ def train(samples, cfg: TrainConfig, progress=None, checkpoint=None, checkpoint_
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
         opt.step()
         sched.step()
-        running.append(float(loss))
+        running.append(loss.item())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             cfg.history.append({"step": step + 1, "loss": float(np.mean(running)), "seconds": round(time.perf_counter() - t0, 1)})
             running = []
         if progress is not None:
-            progress(step + 1, cfg.steps, float(loss))
+            progress(step + 1, cfg.steps, running[-1])
         if checkpoint is not None and (step + 1) % checkpoint_every == 0:
             checkpoint(net.eval(), step + 1)
             net.train()

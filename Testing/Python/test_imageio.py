@@ -10,7 +10,7 @@ import SimpleITK as sitk
 
 from LiverTumorSegLib.errors import InputError, OutputError
 from LiverTumorSegLib.imageio import (check_ct, ct_warnings, read_labels, read_volume, write_labels,
-                                      write_seg_nrrd)
+                                      write_seg_nrrd, write_volume)
 from LiverTumorSegLib.terminology import SEGMENTS
 from LiverTumorSegLib.volume import Volume
 
@@ -244,6 +244,14 @@ def test_write_labels_formats(tmp_path, name):
     np.testing.assert_allclose(image.GetOrigin(), reference.origin)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(image), labels)
     assert [p.name for p in path.parent.iterdir()] == [name], "no temporary file may be left"
+
+
+def test_write_volume_round_trip(tmp_path):
+    volume = ct_volume(direction=np.diag([1.0, -1.0, -1.0]))
+    back = read_volume(write_volume(volume, tmp_path / "ct.nrrd"))
+    assert back.array.dtype == np.int16 and back.origin == volume.origin
+    np.testing.assert_array_equal(back.array, volume.array)
+    np.testing.assert_array_equal(back.direction, volume.direction)
 
 
 def test_write_refuses_overwrite(tmp_path):

@@ -1,0 +1,138 @@
+"""The livertumorseg command: outputs, geometry, refusals with one clear message and exit code."""
+
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from LiverTumorSegLib.cli import main
+from LiverTumorSegLib.imageio import read_volume, write_volume
+from LiverTumorSegLib.modelfile import read_card
+from LiverTumorSegLib.phantom import generate_case
+from LiverTumorSegLib.registry import model_files
+from LiverTumorSegLib.volume import Volume
+
+
+@pytest.fixture(scope="module")
+def ct_file(tmp_path_factory):
+    ct, _ = generate_case(2031, spacing=(1.2, 1.2, 4.0), matrix=300)
+    return write_volume(ct, tmp_path_factory.mktemp("in") / "case.nii.gz")
+
+
+def _geometry(path):
+    img = sitk.ReadImage(str(path))
+    return img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_clean_error(code, err, *words):
+    assert code != 0
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for w in words:
+        assert w.lower() in lines[0].lower(), lines[0]
+
+
+def test_segment_writes_seg_nrrd_and_labelmap_on_input_grid(ct_file, tmp_path, capsys):
+    seg, lab, rep = tmp_path / "out.seg.nrrd", tmp_path / "out.nii.gz", tmp_path / "report.json"
+    code, out, err = _run(capsys, "segment", ct_file, "-o", seg, "--fast", "--report", rep)
+    assert code == 0, err
+    assert _run(capsys, "segment", ct_file, "-o", lab, "--fast")[0] == 0
+    assert _geometry(lab) == _geometry(ct_file)
+    s = slicerio.read_segmentation(str(seg))
+    assert [x["name"] for x in s["segments"]] == ["Liver", "Liver tumor", "Liver cyst"]
+    assert np.allclose(s["ijkToLPS"], read_volume(ct_file).ijk_to_lps())
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(lab)))
+    assert np.array_equal(slicerio.extract_segments(s, [("Liver", 1), ("Liver tumor", 2)])["voxels"].transpose(2, 1, 0), labels)
+    assert (labels == 1).sum() > 1000 and '"timings"' in rep.read_text()
+
+
+def test_existing_output_is_not_overwritten(ct_file, tmp_path, capsys):
+    out = tmp_path / "labels.nii.gz"
+    out.write_bytes(b"precious")
+    code, _, err = _run(capsys, "segment", ct_file, "-o", out)
+    _assert_clean_error(code, err, "exists", "--overwrite")
+    assert out.read_bytes() == b"precious"
+
+
+def _write(tmp_path, name, arr, spacing=(1.0, 1.0, 1.0)):
+    img = sitk.GetImageFromArray(arr)
+    if img.GetDimension() == 3:
+        img.SetSpacing(spacing)
+    path = tmp_path / name
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind,words", [
+    ("2d", ["2-d"]), ("4d", ["4-d"]), ("labelmap", ["label map"]), ("nan", ["nan"]), ("mr", ["hounsfield"]),
+])
+def test_bad_inputs_are_refused_clearly(kind, words, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    ct = rng.normal(40, 300, (20, 40, 40)).astype(np.int16)
+    arrays = {
+        "2d": ct[0],
+        "labelmap": (rng.random((20, 40, 40)) > 0.5).astype(np.uint8),
+        "nan": np.where(rng.random((20, 40, 40)) > 0.999, np.nan, ct).astype(np.float32),
+        "mr": rng.uniform(0, 1500, (20, 40, 40)).astype(np.float32),
+    }
+    if kind == "4d":
+        img = sitk.JoinSeries([sitk.GetImageFromArray(ct.astype(np.float32))] * 3)
+        path = tmp_path / "4d.nii.gz"
+        sitk.WriteImage(img, str(path))
+    else:
+        path = _write(tmp_path, f"{kind}.nii.gz", arrays[kind])
+    code, _, err = _run(capsys, "segment", path, "-o", tmp_path / "o.nii.gz")
+    _assert_clean_error(code, err, *words)
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_corrupt_or_mismatched_model_folder(ct_file, tmp_path, capsys):
+    liver, tumor = model_files("phantom-small")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "liver.ltsm").write_bytes(liver.read_bytes()[:20000])
+    shutil.copy(tumor, folder / "tumor.ltsm")
+    code, _, err = _run(capsys, "segment", ct_file, "-o", tmp_path / "o.nii.gz", "--model", folder)
+    _assert_clean_error(code, err, "truncated or corrupt")
+    shutil.copy(tumor, folder / "liver.ltsm")  # a tumor model where the liver model belongs
+    code, _, err = _run(capsys, "segment", ct_file, "-o", tmp_path / "o.nii.gz", "--model", folder)
+    _assert_clean_error(code, err, "'tumor' model")
+
+
+def test_unknown_output_type_and_missing_input(ct_file, tmp_path, capsys):
+    _assert_clean_error(*_run(capsys, "segment", ct_file, "-o", tmp_path / "o.png")[::2], "output type")
+    _assert_clean_error(*_run(capsys, "segment", tmp_path / "nope.nii.gz", "-o", tmp_path / "o.nii.gz")[::2], "not found")
+
+
+def test_folder_of_cases(ct_file, tmp_path, capsys):
+    src = tmp_path / "cases"
+    src.mkdir()
+    shutil.copy(ct_file, src / "a.nii.gz")
+    vol = read_volume(ct_file)
+    write_volume(Volume(np.flip(vol.array, 0).copy(), vol.spacing, vol.origin, vol.direction), src / "b.nrrd")
+    code, _, err = _run(capsys, "segment", src, "-o", tmp_path / "out", "--fast", "--format", ".nii.gz")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.nii.gz", "b.nii.gz"]
+
+
+def test_phantom_and_train_commands(tmp_path, capsys):
+    assert _run(capsys, "phantom", "-o", tmp_path / "ph", "--cases", "2", "--seed", "3100")[0] == 0
+    assert len(list((tmp_path / "ph").glob("*_ct.nii.gz"))) == 2
+    code, out, err = _run(capsys, "train", "--stage", "tumor", "--data", tmp_path / "ph", "--steps", "2", "-o", tmp_path / "t.ltsm")
+    assert code == 0, err
+    card = read_card(tmp_path / "t.ltsm")
+    assert card["stage"] == "tumor" and "NOT FOR CLINICAL USE" in card["intended_use"]
+
+
+def test_models_lists_bundled(capsys):
+    code, out, _ = _run(capsys, "models")
+    assert code == 0 and "phantom-small" in out and "liver" in out

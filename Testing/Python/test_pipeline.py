@@ -1,0 +1,102 @@
+"""Two-stage inference with the bundled models: accuracy on a fresh phantom, geometry, cache, cancel."""
+
+import threading
+
+import numpy as np
+import pytest
+
+from LiverTumorSegLib.errors import Cancelled, InputError
+from LiverTumorSegLib.metrics import dice
+from LiverTumorSegLib.modelfile import load_model
+from LiverTumorSegLib.phantom import generate_case
+from LiverTumorSegLib.pipeline import Probabilities, segment
+from LiverTumorSegLib.registry import model_files
+from LiverTumorSegLib.volume import Volume
+
+EVAL_SEED = 2024  # not a training seed (1000-1059)
+
+
+@pytest.fixture(scope="module")
+def models():
+    liver, tumor = model_files("phantom-small")
+    return load_model(liver, stage="liver"), load_model(tumor, stage="tumor")
+
+
+@pytest.fixture(scope="module")
+def case():
+    return generate_case(EVAL_SEED, spacing=(1.2, 1.2, 4.0), matrix=300, orientation=False)
+
+
+@pytest.fixture(scope="module")
+def result(models, case):
+    return segment(case[0], *models, fast=True)
+
+
+def test_liver_found_on_fresh_phantom(result, case):
+    assert result.labels.shape == case[0].array.shape
+    assert set(np.unique(result.labels)) <= {0, 1, 2}
+    assert dice(result.labels > 0, case[1].array > 0) > 0.9
+
+
+def _flip(vol: Volume, axis: int) -> Volume:
+    """The same physical image stored with voxel axis ``axis`` (0 = i) reversed."""
+    d = vol.direction.copy()
+    n = vol.array.shape[2 - axis]
+    origin = np.asarray(vol.origin) + d[:, axis] * vol.spacing[axis] * (n - 1)
+    d[:, axis] *= -1
+    return Volume(np.flip(vol.array, 2 - axis).copy(), vol.spacing, origin, d)
+
+
+def _swap_ik(vol: Volume) -> Volume:
+    """The same physical image stored with voxel axes i and k exchanged."""
+    d = vol.direction[:, [2, 1, 0]]
+    s = vol.spacing[::-1]
+    return Volume(vol.array.transpose(2, 1, 0).copy(), s, vol.origin, d)
+
+
+@pytest.mark.parametrize("axes", [(0,), (1,), (2,), (0, 1, 2)])
+def test_flipped_storage_gives_flipped_labels(models, case, result, axes):
+    vol, expected = case[0], result.labels
+    for a in axes:
+        vol, expected = _flip(vol, a), np.flip(expected, 2 - a)
+    assert np.array_equal(segment(vol, *models, fast=True).labels, expected)
+
+
+def test_permuted_and_oblique_storage(models, case, result):
+    swapped = _swap_ik(case[0])
+    assert np.array_equal(segment(swapped, *models, fast=True).labels, result.labels.transpose(2, 1, 0))
+    c, s = np.cos(np.radians(8)), np.sin(np.radians(8))
+    oblique = Volume(case[0].array, case[0].spacing, case[0].origin, np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]))
+    assert np.array_equal(segment(oblique, *models, fast=True).labels, result.labels)
+
+
+def test_probability_cache_reproduces_labels(result, tmp_path):
+    path = tmp_path / "probs.npz"
+    result.probabilities.save(path)
+    probs = Probabilities.load(path)
+    assert probs.liver.dtype == np.uint8 and probs.box == result.probabilities.box
+    tumor = probs.tumor_full() >= 128
+    disagree = np.logical_xor(tumor, result.labels == 2).sum()
+    assert disagree <= 0.001 * max(int(tumor.sum()), 1000)  # rounding at exactly p = 0.5 only
+    liver = result.labels == 1
+    assert (probs.liver[liver] < 128).mean() < 0.01  # only holes filled inside the largest component
+
+
+def test_cancel_mid_run(models, case):
+    event = threading.Event()
+    calls = []
+
+    def progress(fraction, message):
+        calls.append(message)
+        if "tile" in message:
+            event.set()
+
+    with pytest.raises(Cancelled):
+        segment(case[0], *models, fast=True, progress=progress, cancel=event)
+    assert any("Liver" in m for m in calls)
+
+
+def test_not_a_ct_is_refused(models, case):
+    mr_like = case[0].with_array((case[0].array.astype(np.float32) + 1024) * 2)
+    with pytest.raises(InputError, match="Hounsfield"):
+        segment(mr_like, *models)
