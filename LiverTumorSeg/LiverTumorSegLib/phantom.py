@@ -168,8 +168,12 @@ def _put(view: _View, mask, hu, label: int | None = None) -> None:
         np.copyto(view.lab, label, where=mask)
 
 
-def _paint_tube(canvas: _Canvas, points, radii, hu, *, label: int | None = None, within: int | None = None):
-    """A tube along a polyline; ``radii`` is one value or one per point; ``hu`` a value or f(view)."""
+def _paint_tube(canvas: _Canvas, points, radii, hu, *, label: int | None = None, within: int | None = None,
+                clip: Callable | None = None):
+    """A tube along a polyline; ``radii`` is one value or one per point; ``hu`` a value or f(view).
+
+    ``within`` restricts it to voxels of that label, ``clip(x, y, z)`` to where that is true.
+    """
     points = np.asarray(points, float)
     radii = np.broadcast_to(np.asarray(radii, float), len(points))
     for a, b, ra, rb in zip(points[:-1], points[1:], radii[:-1], radii[1:]):
@@ -179,6 +183,8 @@ def _paint_tube(canvas: _Canvas, points, radii, hu, *, label: int | None = None,
             mask = dist < ra + (rb - ra) * t
             if within is not None:
                 mask &= v.lab == within
+            if clip is not None:
+                mask &= clip(v.x, v.y, v.z)
             _put(v, mask, hu(v) if callable(hu) else hu, label)
 
 
@@ -469,8 +475,9 @@ class _Phantom:
                              np.array([rng.uniform(18, 24), rng.uniform(16, 22), rng.uniform(30, 40)]),
                              _random_rotation(rng, 15))
         self.lobes = [right, left, caudate]
-        self.liver_waves = [(rng.uniform(4, 8), np.multiply(_random_unit(rng), 2 * math.pi / rng.uniform(90, 160)).tolist(),
-                             _random_unit(rng).tolist(), rng.uniform(0, 2 * math.pi)) for _ in range(3)]
+        self.liver_waves = [  # (amplitude mm, wave vector, displacement direction, phase)
+            (rng.uniform(4, 8), np.multiply(_random_unit(rng), 2 * math.pi / rng.uniform(90, 160)).tolist(),
+             _random_unit(rng).tolist(), rng.uniform(0, 2 * math.pi)) for _ in range(3)]
         self.top0 = math.sqrt(((right.rot[2] * right.axes) ** 2).sum())  # the right lobe's top, unscaled
         self.dome_drop = rng.uniform(5, 15)
         self.dome_curv = rng.uniform(90, 120)
@@ -551,12 +558,13 @@ class _Phantom:
         return points[np.argmin(((points - p) ** 2).sum(1))]
 
     def _vessel_tree(self, start, direction, radius, length, depth):
+        """A segment and, while it stays in the liver, two narrower branches from its end."""
         end = start + direction * length
-        stop = self.coarse.depth_at(end) <= 0
-        if stop:
-            end = start + direction * length / 2
+        if self.coarse.depth_at(end) <= 0:  # leaving the liver: a last, shorter segment
+            self.liver_vessels.append((start, start + direction * length / 2, radius))
+            return
         self.liver_vessels.append((start, end, radius))
-        if depth == 0 or stop or self.coarse.depth_at(end) <= 0:
+        if depth == 0:
             return
         axis = np.cross(direction, _random_unit(self.rng))
         axis /= np.linalg.norm(axis)
@@ -569,7 +577,7 @@ class _Phantom:
 
     def _draw_lesions(self):
         rng = self.rng
-        kind = rng.random()
+        kind = rng.random()  # < 0.15: no lesion; < 0.3: cysts only; else tumours, sometimes cysts too
         n_tumours = 0 if kind < 0.3 else int(rng.choice([1, 2, 3, 4], p=[0.4, 0.3, 0.2, 0.1]))
         n_cysts = int(rng.integers(1, 4)) if 0.15 <= kind < 0.3 or (kind >= 0.3 and rng.random() < 0.35) else 0
         self.lesions = []
@@ -606,7 +614,7 @@ class _Phantom:
 
     def _draw_upper_organs(self):
         rng, s, am, bm, yc = self.rng, self.scale, self.am, self.bm, self.yc
-        (_, _, z_right), (xl, yl, z_left) = self.domes
+        z_left = self.domes[1][2]
         right = np.array([-rng.uniform(55, 75), self.y_vb + rng.uniform(0, 10), -s * rng.uniform(55, 75)])
         left = np.array([rng.uniform(55, 75), self.y_vb + rng.uniform(0, 10), right[2] + rng.uniform(15, 25)])
         self.kidneys = []
@@ -617,15 +625,11 @@ class _Phantom:
         self.hu_cortex_k = rng.uniform(150, 200)
         self.hu_medulla = self.hu_cortex_k - rng.uniform(20, 50)
         self.spleen = _Ellipsoid(np.array([rng.uniform(0.55, 0.65) * am, yc + rng.uniform(0.2, 0.35) * bm,
-                                           z_left - rng.uniform(50, 65)]),
+                                           z_left - rng.uniform(35, 50)]),
                                  np.array([rng.uniform(18, 26), rng.uniform(45, 60), rng.uniform(45, 60)]),
                                  _rot(2, rng.uniform(25, 45)) @ _random_rotation(rng, 10))
         self.hu_spleen = rng.uniform(100, 130)
-        self.stomach = _Ellipsoid(np.array([rng.uniform(0.3, 0.4) * am, yc - rng.uniform(0.3, 0.4) * bm,
-                                            z_left - rng.uniform(50, 70)]),
-                                  np.array([rng.uniform(35, 45), rng.uniform(28, 35), rng.uniform(40, 55)]),
-                                  _rot(2, -rng.uniform(20, 40)) @ _random_rotation(rng, 10))
-        self.stomach_level = self.stomach.centre[1] + rng.uniform(-0.9, 0.3) * self.stomach.axes[1]
+        self._draw_stomach()
         self.hu_fluid = rng.uniform(0, 25)
         heart_base = float(self._diaphragm(20.0, yc - 0.45 * bm))
         self.heart = _Ellipsoid(np.array([rng.uniform(15, 30), yc - rng.uniform(0.4, 0.5) * bm,
@@ -646,7 +650,23 @@ class _Phantom:
         if rng.random() < 0.85:
             self.gallbladder = self._draw_gallbladder()
 
+    def _draw_stomach(self):
+        """A J-shaped tube: the fundus under the left dome, the body, the antrum and the pylorus."""
+        rng, bm, yc = self.rng, self.bm, self.yc
+        xl, yl, _ = self.domes[1]
+        r = [rng.uniform(28, 38), rng.uniform(22, 30), rng.uniform(14, 20), rng.uniform(8, 11)]
+        fx, fy = xl + rng.uniform(-10, 5), yl + rng.uniform(-10, 5)
+        fz = float(self._diaphragm(fx, fy)) - self.t_dia - 0.5 * r[0]  # clipped by the dome
+        bz = fz - rng.uniform(35, 50)
+        az = bz - rng.uniform(15, 30)
+        self.stomach = np.array([[fx, fy, fz], [xl - rng.uniform(5, 15), yc - 0.45 * bm, bz],
+                                 [rng.uniform(0, 15), yc - 0.6 * bm, az],
+                                 [-rng.uniform(20, 30), yc - 0.5 * bm, az + rng.uniform(0, 10)]])
+        self.stomach_r = np.array(r)
+        self.stomach_level = yc - rng.uniform(0.2, 0.6) * bm  # gas rises to the anterior antrum and body
+
     def _draw_gallbladder(self) -> _Ellipsoid | None:
+        """Straddling the liver's lowest anterior surface right of the hilum (the gallbladder fossa)."""
         rng, s, c = self.rng, self.scale, self.liver_c
         points = self.coarse.points()
         near = points[(np.abs(points[:, 0] - c[0] - 40 * s) < 15) & (points[:, 1] < c[1] - 15 * s)]
@@ -667,13 +687,15 @@ class _Phantom:
             _paint_ellipsoid(canvas, sinus.scaled(0.45), self.hu_fluid)
 
     def _paint_upper_organs(self, canvas: _Canvas):
-        abdomen = self._abdomen
-        _paint_ellipsoid(canvas, self.stomach, self.hu_muscle, clip=abdomen)
-        level = float(self.stomach_level)
-        _paint_ellipsoid(canvas, self.stomach.scaled(1.0, -4), lambda v: np.where(v.y < level, _GAS, self.hu_fluid),
-                         clip=abdomen)
+        def lumen(x, y, z):
+            return self._cavity(x, y, z) & (z < self._diaphragm(x, y) - self.t_dia - 4)
+
+        _paint_tube(canvas, self.stomach, self.stomach_r, self.hu_muscle, clip=self._abdomen)
+        level = self.stomach_level
+        _paint_tube(canvas, self.stomach, self.stomach_r - 4, lambda v: np.where(v.y < level, _GAS, self.hu_fluid),
+                    clip=lumen)
         self._paint_kidneys(canvas)
-        _paint_ellipsoid(canvas, self.spleen, self.hu_spleen, clip=abdomen)
+        _paint_ellipsoid(canvas, self.spleen, self.hu_spleen, clip=self._abdomen)
         _paint_tube(canvas, self.pancreas, self.pancreas_r, self.hu_pancreas)
         for path, r in ((self.splenic_vein, 4.5), (self.smv, 5.5)):
             _paint_tube(canvas, path, r, self.hu_ivc)
@@ -689,6 +711,7 @@ class _Phantom:
     # ---- bowel
 
     def _draw_bowel(self):
+        """Small-bowel loops (random walks; fluid, gas or an air-fluid level) and the colon frame."""
         rng, s = self.rng, self.scale
         self.loops = []
         for _ in range(rng.integers(10, 16)):
@@ -709,29 +732,32 @@ class _Phantom:
                 level = np.inf if kind < 0.2 else -np.inf if kind < 0.7 else points[0][1] + rng.uniform(-r, r)
                 self.loops.append((np.array(points), r, rng.uniform(2, 3), float(level), rng.uniform(0, 30)))
         self.hu_bowel_wall = rng.uniform(40, 70)
-        am, bm, yc, c = self.am, self.bm, self.yc, self.liver_c
-        self.colon = np.array([[-0.62 * am, yc + 0.05 * bm, -400], [-0.55 * am, yc - 0.1 * bm, -s * rng.uniform(60, 80)],
+        am, bm, yc = self.am, self.bm, self.yc
+        self.colon = np.array([[-0.62 * am, yc + 0.05 * bm, -400],  # ascending, transverse, descending
+                               [-0.55 * am, yc - 0.1 * bm, -s * rng.uniform(60, 80)],
                                [-0.2 * am, yc - 0.55 * bm, -s * rng.uniform(85, 110)],
                                [0.25 * am, yc - 0.5 * bm, -s * rng.uniform(75, 100)],
                                [0.6 * am, yc - 0.05 * bm, -s * rng.uniform(30, 50)],
                                [0.65 * am, yc + 0.1 * bm, -400]])
         self.colon[:, 0] += rng.uniform(-8, 8, len(self.colon))
         self.colon_r = rng.uniform(16, 22)
-        self.stool = (rng.random() < 0.5, rng.uniform(6, 12), [rng.uniform(0, 2 * math.pi) for _ in range(3)],
-                      rng.uniform(-40, 30))
+        waves = [(np.multiply(_random_unit(rng), 2 * math.pi / rng.uniform(12, 25)).tolist(),
+                  rng.uniform(0, 2 * math.pi)) for _ in range(3)]
+        self.stool = (rng.random() < 0.5, waves, rng.uniform(-40, 30))  # (mottled?, gas texture, HU)
 
     def _bowel_fits(self, p, r) -> bool:
+        """Whether a loop of radius r centred at p stays in the lower abdomen, clear of the wall and spine."""
         margin = (r + 10) / self.bm
         return (self._r2(p[0], p[1], p[2], self.inset_muscle) < (1 - margin) ** 2
                 and p[1] < self.y_vb - self.vb[1] - r - 10 and -400 < p[2] < -self.scale * 40)
 
     def _colon_content(self, v: _View):
-        mottled, wavelength, phase, hu = self.stool
+        """Gas, or stool mottled with gas bubbles."""
+        mottled, waves, hu = self.stool
         if not mottled:
             return _GAS
-        k = 1.0 / wavelength
-        bubbles = np.sin(v.x * k + phase[0]) * np.sin(v.y * k + phase[1]) * np.sin(v.z * k + phase[2]) > 0.1
-        return np.where(bubbles, _GAS, hu)
+        texture = sum(np.sin(v.x * k[0] + v.y * k[1] + v.z * k[2] + phase) for k, phase in waves)
+        return np.where(texture > 0.8, _GAS, hu)
 
     def _paint_bowel(self, canvas: _Canvas):
         _paint_tube(canvas, self.colon, self.colon_r, self.hu_bowel_wall)
@@ -743,6 +769,7 @@ class _Phantom:
     # ---- ribs
 
     def _draw_ribs(self):
+        """Pairs of ribs from the spine along the body wall, sloping down anteriorly; the lowest float."""
         rng = self.rng
         self.ribs = []
         z_head = self.domes[0][2] + 120
