@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-import threading
 import traceback
 from pathlib import Path
 
@@ -49,6 +48,13 @@ def _output_kind(path: Path) -> str:
     return ext
 
 
+def _probabilities_path(output: Path, args) -> Path:
+    """Where the probability cache of one case goes (the given name for a single case)."""
+    if not Path(args.input).is_dir() or _is_dicom_folder(Path(args.input)):
+        return Path(args.probabilities)
+    return output.with_name(_case_name(output) + "_probabilities.npz")
+
+
 def _plan(args) -> list[tuple[Path, Path]]:
     """(input, output) pairs; refuses existing outputs before any work unless --overwrite."""
     src, dst = Path(args.input), Path(args.output)
@@ -64,8 +70,16 @@ def _plan(args) -> list[tuple[Path, Path]]:
     else:
         _output_kind(dst)
         pairs = [(src, dst)]
+    outputs = [o for _, o in pairs]
+    dupes = sorted({o.name for o in outputs if outputs.count(o) > 1})
+    if dupes:
+        raise InputError(f"Several inputs would write the same output ({', '.join(dupes)}): rename them or split the folder.")
+    if args.probabilities:
+        outputs += [_probabilities_path(o, args) for o in outputs]
+    if args.report:
+        outputs.append(Path(args.report))
     if not args.overwrite:
-        existing = [str(o) for _, o in pairs if o.exists()]
+        existing = [str(o) for o in outputs if o.exists()]
         if existing:
             raise OutputError(f"Output exists: {', '.join(existing[:3])}{' ...' if len(existing) > 3 else ''}. Use --overwrite to replace.")
     return pairs
@@ -89,44 +103,58 @@ class _Bar:
 
 
 def cmd_segment(args) -> int:
-    from .imageio import ct_warnings, read_volume, write_labels, write_seg_nrrd
+    from .devices import resolve_device
+    from .imageio import write_json
     from .modelfile import load_model
-    from .pipeline import segment
     from .registry import model_files
 
     pairs = _plan(args)
     liver_path, tumor_path = model_files(args.model)
-    from .devices import resolve_device
-
     dev = resolve_device(args.device)
     liver, tumor = load_model(liver_path, stage="liver", device=dev), load_model(tumor_path, stage="tumor", device=dev)
-    reports = []
+    reports, failed = [], 0
     for src, dst in pairs:
-        volume = read_volume(src)
-        for w in ct_warnings(volume):
-            logging.warning("%s: %s", src.name, w)
-        bar = _Bar(_case_name(src))
         try:
-            result = segment(volume, liver, tumor, device=str(dev), fast=args.fast, progress=bar, cancel=args.cancel)
-        finally:
-            bar.close()
-        if _output_kind(dst) == ".seg.nrrd":
-            write_seg_nrrd(result.labels, volume, dst, overwrite=args.overwrite)
-        else:
-            write_labels(result.labels, volume, dst, overwrite=args.overwrite)
-        if args.probabilities:
-            result.probabilities.save(Path(args.probabilities) if len(pairs) == 1 else dst.with_name(_case_name(dst) + "_probabilities.npz"))
-        report = dict(result.report, input=str(src), output=str(dst), warnings=ct_warnings(volume), version=__version__,
-                      intended_use=liver.card["intended_use"])
-        reports.append(report)
-        t = report["timings"]
-        print(f"{src.name} -> {dst}: liver {report['voxels']['liver'] * report['voxel_volume_ml']:.0f} mL, "
-              f"tumor {report['voxels']['tumor'] * report['voxel_volume_ml']:.1f} mL "
-              f"({t['liver_s']:.1f} s + {t['tumor_s']:.1f} s on {report['device']})")
+            reports.append(_segment_one(src, dst, liver, tumor, dev, args))
+        except LiverTumorSegError as err:
+            if len(pairs) == 1:
+                raise
+            failed += 1
+            print(f"error: {src.name}: {err}", file=sys.stderr)
+            reports.append({"input": str(src), "error": str(err)})
     if args.report:
-        Path(args.report).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.report).write_text(json.dumps(reports[0] if len(reports) == 1 else reports, indent=2))
+        write_json(reports[0] if len(reports) == 1 else reports, args.report, overwrite=args.overwrite)
+    if failed:
+        print(f"{failed} of {len(pairs)} cases failed; the others were written.", file=sys.stderr)
+        return 2
     return 0
+
+
+def _segment_one(src: Path, dst: Path, liver, tumor, dev, args) -> dict:
+    from .imageio import ct_warnings, read_volume, write_labels, write_seg_nrrd
+    from .pipeline import segment
+
+    volume = read_volume(src)
+    warnings = ct_warnings(volume)
+    for w in warnings:
+        logging.warning("%s: %s", src.name, w)
+    bar = _Bar(_case_name(src))
+    try:
+        result = segment(volume, liver, tumor, device=str(dev), fast=args.fast, progress=bar)
+    finally:
+        bar.close()
+    if _output_kind(dst) == ".seg.nrrd":
+        write_seg_nrrd(result.labels, volume, dst, overwrite=args.overwrite)
+    else:
+        write_labels(result.labels, volume, dst, overwrite=args.overwrite)
+    if args.probabilities:
+        result.probabilities.save(_probabilities_path(dst, args), overwrite=args.overwrite)
+    report = dict(result.report, input=str(src), output=str(dst), warnings=warnings, version=__version__,
+                  intended_use=liver.card["intended_use"])
+    t, ml = report["timings"], report["voxel_volume_ml"]
+    print(f"{src.name} -> {dst}: liver {report['voxels']['liver'] * ml:.0f} mL, tumor {report['voxels']['tumor'] * ml:.1f} mL "
+          f"({t['liver_s']:.1f} s + {t['tumor_s']:.1f} s on {report['device']})")
+    return report
 
 
 def cmd_phantom(args) -> int:
@@ -148,7 +176,7 @@ DEMO_SEED = 7  # not among the training seeds (1000+) nor the evaluation seeds (
 def cmd_demo(args) -> int:
     """Segment a phantom (or --ct) with the bundled models and write every output kind."""
     from .devices import resolve_device
-    from .imageio import read_volume, write_labels, write_seg_nrrd, write_volume
+    from .imageio import read_volume, write_json, write_labels, write_seg_nrrd, write_volume
     from .metrics import dice
     from .modelfile import load_model
     from .overlay import save_overlay_png
@@ -183,7 +211,7 @@ def cmd_demo(args) -> int:
             "liver": round(dice(result.labels > 0, truth.array > 0), 4),
             "lesion": round(dice(result.labels >= 2, truth.array >= 2), 4),
         }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_json(report, out / "report.json", overwrite=True)
     save_overlay_png(volume, result.labels, out / "overlay.png", title=f"LiverTumorSeg demo ({liver.card['name']}; not for clinical use)")
     print(f"wrote {out}/: {', '.join(names if truth is not None else names[2:])}")
     print(json.dumps({k: report[k] for k in ("device", "timings") + (("dice_vs_phantom_truth",) if truth is not None else ())}))
@@ -227,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--probabilities", help="cache the network output (.npz) for later post-processing")
     s.add_argument("--format", default=".seg.nrrd", choices=[".seg.nrrd", *LABEL_EXTS], help="output type for a folder of cases")
     s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    s.set_defaults(func=cmd_segment, cancel=None)
+    s.set_defaults(func=cmd_segment)
 
     s = sub.add_parser("demo", help="segment a phantom (or --ct) and write all outputs and an overlay PNG")
     s.add_argument("-o", "--out", default="demo-output", type=Path)
@@ -264,15 +292,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
-    if getattr(args, "cancel", 1) is None:
-        args.cancel = threading.Event()
     try:
         return args.func(args)
     except Cancelled as err:
         print(f"cancelled: {err}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("cancelled by the user; no output was written.", file=sys.stderr)
+        print("cancelled by the user; outputs already finished are kept, none is half-written.", file=sys.stderr)
         return 130
     except LiverTumorSegError as err:
         if args.debug:

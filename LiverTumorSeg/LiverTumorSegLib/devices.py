@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 from pathlib import Path
 
@@ -38,6 +39,16 @@ def amp_dtype(device: torch.device, fast: bool) -> torch.dtype | None:
     if fast and cpu_has_bf16():
         return torch.bfloat16
     return None
+
+
+def peak_ram_mb() -> float | None:
+    """Peak resident memory of this process so far (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)
 
 
 def describe(device: torch.device) -> str:

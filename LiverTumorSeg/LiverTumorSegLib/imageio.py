@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import json
 import os
 import secrets
 import struct
@@ -360,3 +361,23 @@ def _write_atomically(path: Path, suffix: str, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_json(obj, path, *, overwrite: bool = False) -> Path:
+    """Write a JSON document atomically (a report, a table)."""
+    path, suffix = _output_path(path, (".json",), overwrite)
+    text = json.dumps(obj, indent=2)
+    _write_atomically(path, suffix, lambda tmp: tmp.write_text(text))
+    return path
+
+
+def write_npz(arrays: dict, path, *, overwrite: bool = False) -> Path:
+    """Write compressed numpy arrays atomically, under exactly the given ``.npz`` name."""
+    path, suffix = _output_path(path, (".npz",), overwrite)
+
+    def write(tmp: Path):
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, **arrays)
+
+    _write_atomically(path, suffix, write)
+    return path

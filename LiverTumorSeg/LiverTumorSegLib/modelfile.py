@@ -101,6 +101,22 @@ def _open(path: Path) -> tuple[dict, dict, dict]:
     return card, meta, state
 
 
+def _check_card(card: dict, path: Path) -> None:
+    """Refuse cards whose preprocessing or labels the engine could not follow."""
+    from .preprocess import model_shape
+
+    pre = card["preprocessing"]
+    try:
+        model_shape((8, 8, 8), (1.0, 1.0, 1.0), pre["resample"])
+        lo, hi = pre.get("hu_window", (-250, 250))
+        if not lo < hi:
+            raise ValueError(f"empty HU window {lo}..{hi}")
+        if len(card["labels"]) != card["net"].get("classes", 2):
+            raise ValueError(f"{len(card['labels'])} labels for {card['net'].get('classes', 2)} classes")
+    except (KeyError, TypeError, ValueError) as err:
+        raise ModelFileError(f"{path}: the model card's preprocessing or labels are invalid ({err}).") from None
+
+
 def load_model(path: Path, *, stage: str | None = None, device: str | torch.device = "cpu") -> StageModel:
     """Load and verify a model file; ``stage`` if given must match the card's."""
     path = Path(path)
@@ -112,6 +128,7 @@ def load_model(path: Path, *, stage: str | None = None, device: str | torch.devi
         raise ModelFileError(f"{path} is a '{card['stage']}' model, but a '{stage}' model is needed here.")
     if weights_sha256(state) != meta.get("weights_sha256"):
         raise ModelFileError(f"{path}: weights do not match their checksum (file damaged or edited).")
+    _check_card(card, path)
     try:
         cfg = NetConfig.from_dict(card["net"])
         net = GUNETRpp(cfg, deep_supervision=False)

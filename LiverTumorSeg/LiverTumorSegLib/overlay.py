@@ -52,7 +52,7 @@ def save_overlay_png(ct: Volume, labels: np.ndarray, path: Path, *, n_slices: in
         for s in SEGMENTS:
             if (lab[z] == s["label"]).any():
                 ax.contour(lab[z] == s["label"], levels=[0.5], colors=[np.array(s["color"]) / 255], linewidths=0.8)
-        ax.set_title(f"axial slice {z} (z = {z * spacing[0]:.0f} mm)", fontsize=9)
+        ax.set_title(f"axial slice {z + 1} of {hu.shape[0]}", fontsize=9)
         ax.axis("off")
     handles = [Patch(color=np.array(s["color"]) / 255, label=s["name"]) for s in SEGMENTS]
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)

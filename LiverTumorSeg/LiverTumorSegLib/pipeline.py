@@ -12,7 +12,7 @@ from scipy import ndimage
 
 from . import devices
 from .errors import InputError
-from .imageio import check_ct
+from .imageio import check_ct, write_npz
 from .modelfile import StageModel
 from .orientation import to_canonical
 from .preprocess import model_shape, model_spacing, resize, scale_hu
@@ -38,9 +38,10 @@ class Probabilities:
         out[self.box] = self.tumor
         return out
 
-    def save(self, path) -> None:
+    def save(self, path, *, overwrite: bool = False) -> None:
+        """Write an ``.npz`` (atomically; refuses to replace a file unless ``overwrite``)."""
         starts = [s.start for s in self.box] + [s.stop for s in self.box]
-        np.savez_compressed(path, liver=self.liver, tumor=self.tumor, box=np.array(starts))
+        write_npz({"liver": self.liver, "tumor": self.tumor, "box": np.array(starts)}, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path) -> "Probabilities":
@@ -54,10 +55,6 @@ class Result:
     labels: np.ndarray
     probabilities: Probabilities
     report: dict = field(default_factory=dict)
-
-
-def _to_u8(p: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(p * 255), 0, 255).astype(np.uint8)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -74,30 +71,31 @@ def bounding_box(mask: np.ndarray, margin_vox) -> tuple[slice, ...]:
 
 
 class _Progress:
-    """Maps per-stage tile counts onto one 0..1 fraction."""
+    """Maps each stage's tile count onto its share of one 0..1 fraction that never goes back."""
 
-    def __init__(self, callback, total_tiles: int):
-        self.callback, self.total, self.done = callback, max(total_tiles, 1), 0
+    SHARES = {"Liver": (0.02, 0.45), "Tumors": (0.45, 0.95)}
 
-    def stage(self, name: str, tiles: int):
-        base = self.done
+    def __init__(self, callback):
+        self.callback, self.last = callback, 0.0
+
+    def stage(self, name: str):
+        lo, hi = self.SHARES[name]
 
         def report(done: int, total: int):
-            self.done = base + done
-            if self.callback:
-                self.callback(0.02 + 0.93 * self.done / self.total, f"{name}: tile {done}/{total}")
+            self.message(lo + (hi - lo) * done / max(total, 1), f"{name}: tile {done}/{total}")
 
         return report
 
     def message(self, fraction: float, text: str):
+        self.last = max(self.last, fraction)
         if self.callback:
-            self.callback(fraction, text)
+            self.callback(self.last, text)
 
 
 def liver_stage_input(hu: np.ndarray, spacing, pre: dict) -> np.ndarray:
     """Stage-1 network input: the CT resampled to the model grid, clipped and scaled."""
     shape = model_shape(hu.shape, spacing, pre["resample"])
-    return scale_hu(resize(hu.astype(np.float32, copy=False), shape), pre.get("hu_window", (-250, 250)))
+    return scale_hu(resize(hu, shape), pre.get("hu_window", (-250, 250)))
 
 
 def tumor_stage_input(hu: np.ndarray, liver: np.ndarray, spacing, pre: dict):
@@ -111,9 +109,9 @@ def tumor_stage_input(hu: np.ndarray, liver: np.ndarray, spacing, pre: dict):
     box = bounding_box(liver, [int(np.ceil(margin_mm / s)) for s in spacing])
     crop = hu[box]
     shape = model_shape(crop.shape, spacing, pre["resample"], full_shape=hu.shape)
-    small = resize(liver[box].astype(np.float32), shape) >= 0.5
+    small = resize(liver[box], shape) >= 0.5
     mask = ndimage.distance_transform_edt(~small, sampling=model_spacing(crop.shape, spacing, shape)) <= margin_mm
-    img = scale_hu(resize(crop.astype(np.float32, copy=False), shape), pre.get("hu_window", (-250, 250)))
+    img = scale_hu(resize(crop, shape), pre.get("hu_window", (-250, 250)))
     img[~mask] = 0.0
     return img, mask, box
 
@@ -124,6 +122,7 @@ def stage_step(model: StageModel, fast: bool) -> float:
 
 
 def stage_probability(model: StageModel, img, out_shape, device, fast, batch, progress, cancel, mask=None) -> np.ndarray:
+    """Foreground probability of ``model`` on ``img``, resized to ``out_shape`` as uint8 (0-255 for 0-1)."""
     probs = sliding_window_probabilities(
         model.net, img, step=stage_step(model, fast), batch=batch, device=device,
         amp_dtype=devices.amp_dtype(device, fast), progress=progress, cancel=cancel,
@@ -131,10 +130,16 @@ def stage_probability(model: StageModel, img, out_shape, device, fast, batch, pr
     fg = probs[1]
     if mask is not None:
         fg[~mask] = 0.0
-    return resize(fg, out_shape)
+    return resize(fg, out_shape, dtype=np.uint8, scale=255.0)
+
+
+def uint8_threshold(model: StageModel) -> int:
+    """The card's probability threshold (default 0.5) on the uint8 scale: p >= t <=> u8 >= this."""
+    return int(np.ceil(float(model.card["inference"].get("threshold", 0.5)) * 255))
 
 
 def planned_tiles(model: StageModel, shape, spacing, fast: bool) -> int:
+    """Tiles a stage will run on an image of ``shape`` voxels of ``spacing`` mm."""
     grid = model_shape(shape, spacing, model.card["preprocessing"]["resample"])
     return count_tiles(grid, model.cfg.tile, stage_step(model, fast))
 
@@ -161,34 +166,34 @@ def segment(
     batch = batch or (8 if dev.type == "cuda" else 2)
     for m in (liver_model, tumor_model):
         m.net.to(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
     hu, spacing, reorient = to_canonical(volume)
     timings = {}
-    est = planned_tiles(liver_model, hu.shape, spacing, fast)
-    prog = _Progress(progress, est * 2)
+    prog = _Progress(progress)
     prog.message(0.01, "Stage 1: liver")
 
     t = time.perf_counter()
     img = liver_stage_input(hu, spacing, liver_model.card["preprocessing"])
-    liver_p = stage_probability(liver_model, img, hu.shape, dev, fast, batch, prog.stage("Liver", est), cancel)
-    liver = largest_component(liver_p >= 0.5)
+    tiles1 = count_tiles(img.shape, liver_model.cfg.tile, stage_step(liver_model, fast))
+    liver_u8 = stage_probability(liver_model, img, hu.shape, dev, fast, batch, prog.stage("Liver"), cancel)
+    liver = largest_component(liver_u8 >= uint8_threshold(liver_model))
     timings["liver_s"] = time.perf_counter() - t
     if not liver.any():
         raise InputError("No liver found in this CT: check that it is an abdominal CT covering the liver.")
 
     t = time.perf_counter()
+    prog.message(0.45, "Stage 2: tumors")
     img, mask, box = tumor_stage_input(hu, liver, spacing, tumor_model.card["preprocessing"])
     tiles2 = count_tiles(img.shape, tumor_model.cfg.tile, stage_step(tumor_model, fast))
-    prog.total = prog.done + tiles2
-    prog.message(0.02 + 0.93 * prog.done / prog.total, "Stage 2: tumors")
-    tumor_p = stage_probability(tumor_model, img, hu[box].shape, dev, fast, batch, prog.stage("Tumors", tiles2), cancel, mask)
+    tumor_box_u8 = stage_probability(tumor_model, img, hu[box].shape, dev, fast, batch, prog.stage("Tumors"), cancel, mask)
     timings["tumor_s"] = time.perf_counter() - t
 
     labels = np.zeros(hu.shape, np.uint8)
     labels[liver] = LABEL_LIVER
-    labels[box][tumor_p >= 0.5] = LABEL_TUMOR
-    liver_u8 = _to_u8(liver_p)
+    labels[box][tumor_box_u8 >= uint8_threshold(tumor_model)] = LABEL_TUMOR
     tumor_u8 = np.zeros(hu.shape, np.uint8)
-    tumor_u8[box] = _to_u8(tumor_p)
+    tumor_u8[box] = tumor_box_u8
 
     labels = reorient.from_canonical(labels)
     tumor_full = reorient.from_canonical(tumor_u8)
@@ -202,9 +207,10 @@ def segment(
         "amp_dtype": str(devices.amp_dtype(dev, fast)).replace("torch.", ""),
         "batch": batch,
         "timings": {k: round(v, 3) for k, v in timings.items()},
-        "tiles": {"liver": est, "tumor": tiles2},
+        "tiles": {"liver": tiles1, "tumor": tiles2},
         "steps": {"liver": stage_step(liver_model, fast), "tumor": stage_step(tumor_model, fast)},
         "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if dev.type == "cuda" else None,
+        "peak_process_ram_mb": devices.peak_ram_mb(),
         "models": {m.card["stage"]: {"name": m.card["name"], "file": m.path.name, "sha256": m.sha256} for m in (liver_model, tumor_model)},
         "voxels": {"liver": int((labels == LABEL_LIVER).sum() + (labels == LABEL_TUMOR).sum()), "tumor": int((labels == LABEL_TUMOR).sum())},
         "voxel_volume_ml": float(np.prod(volume.spacing)) / 1000.0,

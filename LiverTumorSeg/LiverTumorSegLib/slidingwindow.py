@@ -62,14 +62,14 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
 def _predict(net, image, tile, step, batch, device, accum_device, amp_dtype, progress, cancel) -> torch.Tensor:
     origins = tile_origins(tuple(image.shape), tile, step)
     classes = net.cfg.classes
+    image = image.to(device)
     probs = torch.zeros((classes, *image.shape), dtype=torch.float32, device=accum_device)
     weights = torch.zeros(image.shape, dtype=torch.float32, device=accum_device)
     gauss = torch.from_numpy(gaussian_importance(tuple(tile))).to(accum_device)
     for done in range(0, len(origins), batch):
         _check_cancel(cancel)
-        chunk = origins[done : done + batch]
-        slices = [tuple(slice(o, o + t) for o, t in zip(origin, tile)) for origin in chunk]
-        x = torch.stack([image[s] for s in slices]).unsqueeze(1).to(device, non_blocking=True)
+        slices = [tuple(slice(o, o + t) for o, t in zip(origin, tile)) for origin in origins[done : done + batch]]
+        x = torch.stack([image[s] for s in slices]).unsqueeze(1)
         with _autocast(device, amp_dtype):
             out = net(x)
         out = torch.softmax(out.float(), dim=1).to(accum_device)
@@ -83,7 +83,8 @@ def _predict(net, image, tile, step, batch, device, accum_device, amp_dtype, pro
 
 
 def _is_oom(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 @torch.inference_mode()
@@ -101,21 +102,19 @@ def sliding_window_probabilities(
     """Class probabilities (C, Z, Y, X) float32 of ``net`` over ``image`` (Z, Y, X), normalised.
 
     Volumes smaller than a tile are padded with 0 (the normalised background) and cropped back.
-    On GPU out-of-memory the accumulators move to the CPU, then the batch halves down to 1.
+    On out-of-memory the accumulators move to the CPU, then the batch halves down to 1.
     """
     device = torch.device(device)
     tile = tuple(net.cfg.tile)
     shape = image.shape
     pad = [(0, max(t - s, 0)) for s, t in zip(shape, tile)]
     img = torch.from_numpy(np.pad(np.asarray(image, np.float32), pad, constant_values=0))
-    if device.type == "cuda":
-        img = img.pin_memory()
     attempts = [(device, batch)] if device.type == "cpu" else [(device, batch), (torch.device("cpu"), batch)]
     b = batch
     while b > 1:
         b //= 2
         attempts.append((torch.device("cpu"), b))
-    last_err = None
+    failure = ""
     for accum_device, b in attempts:
         try:
             probs = _predict(net, img, tile, step, b, device, accum_device, amp_dtype, progress, cancel)
@@ -123,10 +122,10 @@ def sliding_window_probabilities(
         except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
             if not _is_oom(err):
                 raise
-            last_err = err
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            failure = str(err).splitlines()[0]  # keep no reference to the failed attempt's tensors
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     raise LiverTumorSegError(
-        f"Out of memory on {device} even with batch 1 and CPU accumulators ({last_err}). "
-        "Close other GPU programs or run with --device cpu."
+        f"Out of memory on {device} even with batch 1 and CPU accumulators ({failure}). "
+        "Close other programs using the GPU, or run with --device cpu."
     )

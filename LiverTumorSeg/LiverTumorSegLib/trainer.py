@@ -122,12 +122,13 @@ def train(samples, cfg: TrainConfig, progress=None, checkpoint=None, checkpoint_
         torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
         opt.step()
         sched.step()
-        running.append(loss.item())
+        value = loss.item()
+        running.append(value)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             cfg.history.append({"step": step + 1, "loss": float(np.mean(running)), "seconds": round(time.perf_counter() - t0, 1)})
             running = []
         if progress is not None:
-            progress(step + 1, cfg.steps, running[-1])
+            progress(step + 1, cfg.steps, value)
         if checkpoint is not None and (step + 1) % checkpoint_every == 0:
             checkpoint(net.eval(), step + 1)
             net.train()

@@ -55,12 +55,21 @@ def test_segment_writes_seg_nrrd_and_labelmap_on_input_grid(ct_file, tmp_path, c
     assert (labels == 1).sum() > 1000 and '"timings"' in rep.read_text()
 
 
-def test_existing_output_is_not_overwritten(ct_file, tmp_path, capsys):
-    out = tmp_path / "labels.nii.gz"
-    out.write_bytes(b"precious")
-    code, _, err = _run(capsys, "segment", ct_file, "-o", out)
+@pytest.mark.parametrize("which", ["output", "report", "probabilities"])
+def test_existing_output_is_not_overwritten(ct_file, tmp_path, capsys, which):
+    paths = {"output": tmp_path / "labels.nii.gz", "report": tmp_path / "r.json", "probabilities": tmp_path / "p.npz"}
+    paths[which].write_bytes(b"precious")
+    code, _, err = _run(capsys, "segment", ct_file, "-o", paths["output"], "--report", paths["report"],
+                        "--probabilities", paths["probabilities"], "--fast")
     _assert_clean_error(code, err, "exists", "--overwrite")
-    assert out.read_bytes() == b"precious"
+    assert paths[which].read_bytes() == b"precious"
+    assert not any(p.exists() for k, p in paths.items() if k != which)
+
+
+def test_probabilities_cache_written_under_the_given_name(ct_file, tmp_path, capsys):
+    cache = tmp_path / "cache.npz"
+    assert _run(capsys, "segment", ct_file, "-o", tmp_path / "l.nii.gz", "--probabilities", cache, "--fast")[0] == 0
+    assert cache.exists() and not list(tmp_path.glob("*.tmp*"))
 
 
 def _write(tmp_path, name, arr, spacing=(1.0, 1.0, 1.0)):
@@ -89,7 +98,8 @@ def test_bad_inputs_are_refused_clearly(kind, words, tmp_path, capsys):
         path = tmp_path / "4d.nii.gz"
         sitk.WriteImage(img, str(path))
     else:
-        path = _write(tmp_path, f"{kind}.nii.gz", arrays[kind])
+        ext = ".mha" if kind == "nan" else ".nii.gz"  # ITK's NIfTI I/O turns NaN into 0
+        path = _write(tmp_path, f"{kind}{ext}", arrays[kind])
     code, _, err = _run(capsys, "segment", path, "-o", tmp_path / "o.nii.gz")
     _assert_clean_error(code, err, *words)
     assert not (tmp_path / "o.nii.gz").exists()
@@ -119,8 +129,9 @@ def test_folder_of_cases(ct_file, tmp_path, capsys):
     shutil.copy(ct_file, src / "a.nii.gz")
     vol = read_volume(ct_file)
     write_volume(Volume(np.flip(vol.array, 0).copy(), vol.spacing, vol.origin, vol.direction), src / "b.nrrd")
+    (src / "notes.nii.gz").write_bytes(b"not an image")  # one bad case must not stop the others
     code, _, err = _run(capsys, "segment", src, "-o", tmp_path / "out", "--fast", "--format", ".nii.gz")
-    assert code == 0, err
+    assert code == 2 and "notes.nii.gz" in err and "1 of 3 cases failed" in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.nii.gz", "b.nii.gz"]
 
 
@@ -135,4 +146,5 @@ def test_phantom_and_train_commands(tmp_path, capsys):
 
 def test_models_lists_bundled(capsys):
     code, out, _ = _run(capsys, "models")
-    assert code == 0 and "phantom-small" in out and "liver" in out
+    assert code == 0 and "phantom-small" in out
+    assert "not available" not in out and out.count("metrics:") == 2

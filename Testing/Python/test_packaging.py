@@ -18,7 +18,9 @@ def test_every_core_python_file_is_listed_in_module_cmake():
 
 def test_bundled_weights_are_listed_and_small():
     cmake = (REPO / "LiverTumorSeg" / "CMakeLists.txt").read_text()
-    for f in (LIB / "weights").rglob("*.ltsm"):
+    files = sorted((LIB / "weights").rglob("*.ltsm"))
+    assert [f.name for f in files] == ["liver.ltsm", "tumor.ltsm"]
+    for f in files:
         assert f.relative_to(REPO / "LiverTumorSeg").as_posix() in cmake
         assert f.stat().st_size <= 10e6
 
