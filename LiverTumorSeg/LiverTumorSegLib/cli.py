@@ -149,6 +149,9 @@ def _segment_one(src: Path, dst: Path, liver, tumor, dev, args) -> dict:
         write_labels(result.labels, volume, dst, overwrite=args.overwrite)
     if args.probabilities:
         result.probabilities.save(_probabilities_path(dst, args), overwrite=args.overwrite)
+    warnings += result.report["warnings"]
+    for w in result.report["warnings"]:
+        logging.warning("%s: %s", src.name, w)
     report = dict(result.report, input=str(src), output=str(dst), warnings=warnings, version=__version__,
                   intended_use=liver.card["intended_use"])
     t, ml = report["timings"], report["voxel_volume_ml"]

@@ -11,7 +11,6 @@ import torch
 from scipy import ndimage
 
 from . import devices
-from .errors import InputError
 from .imageio import check_ct, write_npz
 from .modelfile import StageModel
 from .orientation import to_canonical
@@ -20,6 +19,7 @@ from .slidingwindow import count_tiles, sliding_window_probabilities
 from .volume import Volume
 
 LABEL_LIVER, LABEL_TUMOR, LABEL_CYST = 1, 2, 3
+NO_LIVER = "No liver found in this CT (is it an abdominal CT covering the liver?): the segments are empty."
 
 
 @dataclass
@@ -157,6 +157,9 @@ def segment(
 ) -> Result:
     """Run both stages on a CT volume; labels (0 bg, 1 liver, 2 tumor) on the input's grid.
 
+    A CT where stage 1 finds no liver is a result, not an error: the labels are empty and the
+    report says so (``liver_found`` false, a warning), so batch runs go on.
+
     ``progress(fraction, message)`` is called as tiles complete; ``cancel`` (an Event or a
     callable returning True) is checked between tile batches and raises ``Cancelled``.
     """
@@ -179,14 +182,14 @@ def segment(
     liver_u8 = stage_probability(liver_model, img, hu.shape, dev, fast, batch, prog.stage("Liver"), cancel)
     liver = largest_component(liver_u8 >= uint8_threshold(liver_model))
     timings["liver_s"] = time.perf_counter() - t
-    if not liver.any():
-        raise InputError("No liver found in this CT: check that it is an abdominal CT covering the liver.")
 
     t = time.perf_counter()
-    prog.message(0.45, "Stage 2: tumors")
-    img, mask, box = tumor_stage_input(hu, liver, spacing, tumor_model.card["preprocessing"])
-    tiles2 = count_tiles(img.shape, tumor_model.cfg.tile, stage_step(tumor_model, fast))
-    tumor_box_u8 = stage_probability(tumor_model, img, hu[box].shape, dev, fast, batch, prog.stage("Tumors"), cancel, mask)
+    tiles2, box, tumor_box_u8 = 0, (slice(0, 0),) * 3, np.zeros((0, 0, 0), np.uint8)
+    if liver.any():
+        prog.message(0.45, "Stage 2: tumors")
+        img, mask, box = tumor_stage_input(hu, liver, spacing, tumor_model.card["preprocessing"])
+        tiles2 = count_tiles(img.shape, tumor_model.cfg.tile, stage_step(tumor_model, fast))
+        tumor_box_u8 = stage_probability(tumor_model, img, hu[box].shape, dev, fast, batch, prog.stage("Tumors"), cancel, mask)
     timings["tumor_s"] = time.perf_counter() - t
 
     labels = np.zeros(hu.shape, np.uint8)
@@ -214,5 +217,7 @@ def segment(
         "models": {m.card["stage"]: {"name": m.card["name"], "file": m.path.name, "sha256": m.sha256} for m in (liver_model, tumor_model)},
         "voxels": {"liver": int((labels == LABEL_LIVER).sum() + (labels == LABEL_TUMOR).sum()), "tumor": int((labels == LABEL_TUMOR).sum())},
         "voxel_volume_ml": float(np.prod(volume.spacing)) / 1000.0,
+        "liver_found": bool(liver.any()),
+        "warnings": [] if liver.any() else [NO_LIVER],
     }
     return Result(labels, probs, report)

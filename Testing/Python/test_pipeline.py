@@ -1,9 +1,11 @@
 """Two-stage inference with the bundled models: accuracy on a fresh phantom, geometry, cache, cancel."""
 
+import copy
 import threading
 
 import numpy as np
 import pytest
+import torch
 
 from LiverTumorSegLib.errors import Cancelled, InputError
 from LiverTumorSegLib.metrics import dice
@@ -111,3 +113,13 @@ def test_not_a_ct_is_refused(models, case):
     mr_like = case[0].with_array((case[0].array.astype(np.float32) + 1024) * 2)
     with pytest.raises(InputError, match="Hounsfield"):
         segment(mr_like, *models)
+
+
+def test_no_liver_is_a_result_not_a_crash(models, case):
+    """Stage 1 finding nothing gives empty labels and a warning, and skips stage 2."""
+    blind = copy.deepcopy(models[0])
+    with torch.no_grad():  # a liver network that always answers "background"
+        blind.net.head.conv.conv.bias.copy_(torch.tensor([50.0, -50.0]))
+    res = segment(case[0], blind, models[1], fast=True)
+    assert not res.labels.any() and res.report["liver_found"] is False
+    assert res.report["tiles"]["tumor"] == 0 and "No liver found" in res.report["warnings"][0]
