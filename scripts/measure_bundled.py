@@ -77,7 +77,9 @@ def main(argv=None):
     for seed in tqdm(range(EVAL_SEED0, EVAL_SEED0 + args.cases), desc="phantoms", file=sys.stderr):
         ct, lab = generate_case(seed)
         r = segment(ct, *models, fast=args.fast)
-        rows.append(dict(_scores(r.labels, lab.array), seed=seed))
+        ml = float(np.prod(ct.spacing)) / 1000
+        rows.append(dict(_scores(r.labels, lab.array), seed=seed, truth_lesion_ml=float(np.isin(lab.array, (2, 3)).sum() * ml),
+                         pred_lesion_ml=float((r.labels == 2).sum() * ml)))
         seconds.append(r.report["timings"]["total_s"])
     phantom = dict(summarize(rows), seeds=f"{EVAL_SEED0}-{EVAL_SEED0 + args.cases - 1}", mode="fast" if args.fast else "normal",
                    mean_seconds=round(float(np.mean(seconds)), 1),
@@ -92,7 +94,8 @@ def main(argv=None):
                                "note": "real CT, held out; phantom-trained weights are not expected to transfer"}
     print(json.dumps(result, indent=2))
     for row in rows:
-        print(f"seed {row['seed']}: liver {row['liver']:.4f} lesion {row['lesion']:.4f} tumor-only {row['tumor_only']:.4f}")
+        print(f"seed {row['seed']}: liver {row['liver']:.4f} lesion {row['lesion']:.4f} tumor-only {row['tumor_only']:.4f} "
+              f"(lesion mL truth {row['truth_lesion_ml']:.1f}, predicted {row['pred_lesion_ml']:.1f})")
     if not args.no_write:
         update_card(liver_path, metrics={"fresh_phantoms": {k: v for k, v in phantom.items() if k.startswith(("liver", "cases", "seeds", "mode"))},
                                          **({"ircad_1_1": {"liver_dice": result["ircad_1_1"]["liver_dice"]}} if ct is not None else {})})

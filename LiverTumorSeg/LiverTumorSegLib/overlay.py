@@ -63,3 +63,26 @@ def save_overlay_png(ct: Volume, labels: np.ndarray, path: Path, *, n_slices: in
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_loss_curve_png(histories: dict[str, list[dict]], path: Path, title: str = "training loss") -> Path:
+    """Loss against step for one or more runs (``{name: [{"step", "loss"}, ...]}``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for name, hist in histories.items():
+        ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("Dice + CE (deep supervision)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

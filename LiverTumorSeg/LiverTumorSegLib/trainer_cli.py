@@ -10,6 +10,7 @@ from .errors import InputError, OutputError
 from .imageio import read_labels, read_volume
 from .modelfile import save_model
 from .netconfig import CONFIGS
+from .overlay import save_loss_curve_png
 from .trainer import DEFAULT_PREPROCESSING, TrainConfig, build_sample, make_card, train
 
 
@@ -51,5 +52,6 @@ def run_train(args) -> int:
     data = f"{len(pairs)} CT/label pairs from {args.data.name}"
     card = make_card(f"{args.output.stem}-{args.stage}", cfg, data, time.perf_counter() - t0, "livertumorseg " + " ".join(sys.argv[1:]))
     save_model(net, card, args.output)
-    print(f"wrote {args.output} (final loss {cfg.history[-1]['loss']:.4f})")
+    curve = save_loss_curve_png({args.stage: cfg.history}, args.output.with_suffix(".loss.png"), f"{card['name']} training loss")
+    print(f"wrote {args.output} and {curve} (final loss {cfg.history[-1]['loss']:.4f})")
     return 0

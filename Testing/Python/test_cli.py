@@ -141,6 +141,7 @@ def test_phantom_and_train_commands(tmp_path, capsys):
     code, out, err = _run(capsys, "train", "--stage", "tumor", "--data", tmp_path / "ph", "--steps", "2", "-o", tmp_path / "t.ltsm")
     assert code == 0, err
     card = read_card(tmp_path / "t.ltsm")
+    assert (tmp_path / "t.loss.png").stat().st_size > 1000
     assert card["stage"] == "tumor" and "NOT FOR CLINICAL USE" in card["intended_use"]
 
 
