@@ -8,6 +8,16 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+# Every real CT in shared/data (files and DICOM folders), relative to it.
+REAL_CTS = [
+    "ircad-1.1/ct.nii.gz",
+    "hcc-tace-seg-hcc048/ct.nii.gz",
+    "lits-117-128cube/image.nii.gz",
+    "lits-volume0-ct/ct.nii.gz",
+    "totalseg-example/example_ct_sm.nii.gz",
+    "totalseg-example/example_ct_dicom",
+    "dcmqi-ct3slice-liver/ct-3slice",
+]
 DATA_ROOTS = [REPO / "shared" / "data", REPO.parent / "shared" / "data"]
 
 

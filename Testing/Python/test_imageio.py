@@ -12,6 +12,7 @@ from LiverTumorSegLib.errors import InputError, OutputError
 from LiverTumorSegLib.imageio import (check_ct, ct_warnings, read_labels, read_volume, write_labels,
                                       write_seg_nrrd, write_volume)
 from LiverTumorSegLib.terminology import SEGMENTS
+from conftest import REAL_CTS
 from LiverTumorSegLib.volume import Volume
 
 
@@ -300,15 +301,6 @@ def test_seg_nrrd_keeps_empty_segments(tmp_path):
 
 # ---------------------------------------------------------------- real data
 
-REAL_CTS = [
-    "ircad-1.1/ct.nii.gz",
-    "hcc-tace-seg-hcc048/ct.nii.gz",
-    "lits-117-128cube/image.nii.gz",
-    "lits-volume0-ct/ct.nii.gz",
-    "totalseg-example/example_ct_sm.nii.gz",
-    "totalseg-example/example_ct_dicom",
-    "dcmqi-ct3slice-liver/ct-3slice",
-]
 REAL_LABELS = [
     "ircad-1.1/masks/liver.nii.gz",
     "ircad-1.1/masks/livertumor01.nii.gz",

@@ -11,16 +11,8 @@ import SimpleITK as sitk
 
 from LiverTumorSegLib.cli import main
 from LiverTumorSegLib.imageio import read_volume
+from conftest import REAL_CTS
 
-REAL_CTS = [
-    "ircad-1.1/ct.nii.gz",
-    "hcc-tace-seg-hcc048/ct.nii.gz",
-    "lits-117-128cube/image.nii.gz",
-    "lits-volume0-ct/ct.nii.gz",
-    "totalseg-example/example_ct_sm.nii.gz",
-    "totalseg-example/example_ct_dicom",
-    "dcmqi-ct3slice-liver/ct-3slice",
-]
 
 
 @pytest.mark.parametrize("relpath", REAL_CTS)
