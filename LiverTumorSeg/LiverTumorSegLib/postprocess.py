@@ -1,0 +1,328 @@
+"""Post-processing a clinician tunes live: HU Gaussian cyst filter, then small-tumor dilation.
+
+Order of operations (fixed):
+
+1. candidates: labels 2 and 3 of the input, or, when a tumor probability map (uint8 0-255) is
+   given, voxels with probability >= 0.5 (>= 128) inside the liver (labels 1, 2, 3);
+2. 3-D regions: 26-connected components of the candidates (cc3d); a region's id is its cc3d
+   label (raster order, so stable for a given input);
+3. per-region HU fit on the original unclipped CT (cached per (bin width, smoothing));
+4. decision: a manual override, else cyst iff the fitted mean M < threshold (filter on);
+5. relabel: tumor 2, cyst 3 (cysts are set aside, never deleted); other input lesion voxels -> 1;
+6. small-tumor dilation of kept tumors, per axial slice (array axis 0), inside the liver.
+
+The Gaussian model is f(HU) = A / sqrt(2 pi S^2) * exp(-(HU - M)^2 / (2 S^2)), fitted to the
+smoothed histogram in voxels per HU, so A is the fitted voxel count. Ill-posed fits fall back to
+the median (M), 1.4826 * MAD (S) and the voxel count (A); the row then says "fallback: <reason>".
+
+Dilation: each 2-D component (connectivity 4 or 8) of a kept tumor in one slice whose area is
+below ``dilate_max_area_px`` grows by one pixel per iteration with the 3x3 cross (4) or the
+3x3 square (8). Each iteration is confined to liver voxels that belong to no other lesion
+region, so dilation never leaves the liver and never overwrites a cyst (or another region).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import cc3d
+import numpy as np
+from scipy import ndimage, optimize
+
+from .volume import Volume
+
+MAX_DILATE_ITERATIONS = 3
+MIN_R2 = 0.8  # below this a single Gaussian does not describe the histogram (e.g. bimodal)
+_MAD_TO_SD = 1.4826
+# 3x3 cross (4) or 3x3 square (8) in the middle plane of a 3x3x3 element: every slice on its own
+_IN_PLANE = {c: np.pad(ndimage.generate_binary_structure(2, r)[None], ((1, 1), (0, 0), (0, 0)))
+             for c, r in ((4, 1), (8, 2))}
+
+
+@dataclass(frozen=True)
+class PostParams:
+    """Every knob of the post-processing; bin width and smoothing changes trigger a (cached) refit."""
+
+    cyst_filter: bool = True
+    cyst_threshold_hu: float = 45.0
+    min_region_voxels: int = 20
+    bin_width_hu: float = 5.0
+    smoothing_bins: float = 1.0
+    dilate_iterations: int = 2
+    dilate_max_area_px: int = 100
+    dilate_connectivity: int = 8
+
+    def __post_init__(self):
+        if not 0 <= self.dilate_iterations <= MAX_DILATE_ITERATIONS:
+            raise ValueError(f"dilate_iterations must be 0-{MAX_DILATE_ITERATIONS}, not {self.dilate_iterations}")
+        if self.dilate_connectivity not in _IN_PLANE:
+            raise ValueError(f"dilate_connectivity must be 4 or 8, not {self.dilate_connectivity}")
+        if self.bin_width_hu <= 0 or self.smoothing_bins < 0:
+            raise ValueError("bin_width_hu must be > 0 and smoothing_bins >= 0")
+
+
+@dataclass
+class Fit:
+    """A region's histogram and Gaussian fit; ``failure`` names why the fit is unusable, else None."""
+
+    centers: np.ndarray
+    counts: np.ndarray
+    smoothed: np.ndarray
+    A: float = math.nan
+    M: float = math.nan
+    S: float = math.nan
+    r2: float = math.nan
+    failure: str | None = None
+
+
+@dataclass
+class _Region:
+    id: int
+    crop: tuple[slice, slice, slice]  # bounding box, padded in-plane for dilation
+    own: np.ndarray  # bool, the region inside crop
+    allowed: np.ndarray  # bool, liver voxels of no other region inside crop
+    index: np.ndarray  # flat indices into the full volume
+    hu: np.ndarray  # float64 HU values
+    centroid: tuple[float, float, float]  # (k, j, i)
+
+
+def gaussian(x, A, M, S):
+    """The fitted model: A voxels spread as a normal density of mean M and sd S (per HU)."""
+    return A / math.sqrt(2 * math.pi) / S * np.exp(-((x - M) ** 2) / (2 * S * S))
+
+
+def histogram(hu: np.ndarray, bin_width: float, smoothing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bin centres, raw counts and Gaussian-smoothed counts, padded so smoothing keeps the mass."""
+    pad = int(math.ceil(4 * smoothing)) + 1
+    lo = math.floor(hu.min() / bin_width) * bin_width - pad * bin_width
+    bins = np.floor((hu - lo) / bin_width).astype(np.int64)
+    counts = np.bincount(bins, minlength=int(bins.max()) + 1 + pad).astype(float)
+    smoothed = ndimage.gaussian_filter1d(counts, smoothing, mode="constant") if smoothing > 0 else counts
+    centers = lo + bin_width * (np.arange(counts.size) + 0.5)
+    return centers, counts, smoothed
+
+
+def fit_region(hu: np.ndarray, bin_width: float, smoothing: float) -> Fit:
+    """Histogram, smoothing and bounded Gaussian fit of one region's HU values."""
+    centers, counts, smoothed = histogram(hu, bin_width, smoothing)
+    fit = Fit(centers, counts, smoothed)
+    if np.count_nonzero(counts) < 3:
+        fit.failure = "fewer than 3 occupied bins"
+        return fit
+    y = smoothed / bin_width
+    span = float(hu.max() - hu.min()) + bin_width
+    p0 = (hu.size, float(hu.mean()), max(float(hu.std()), bin_width))
+    bounds = ((0.0, hu.min() - span, bin_width * 1e-3), (10.0 * hu.size, hu.max() + span, 10 * span))
+    try:
+        (A, M, S), _ = optimize.curve_fit(gaussian, centers, y, p0=p0, bounds=bounds, maxfev=2000)
+    except (RuntimeError, ValueError) as exc:
+        fit.failure = f"fit failed ({type(exc).__name__})"
+        return fit
+    fit.A, fit.M, fit.S = float(A), float(M), float(S)
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    fit.r2 = 1.0 - float(((y - gaussian(centers, A, M, S)) ** 2).sum()) / ss_tot
+    fit.failure = _implausible(fit, hu, bin_width, span)
+    return fit
+
+
+def _implausible(fit: Fit, hu: np.ndarray, bin_width: float, span: float) -> str | None:
+    if not all(map(math.isfinite, (fit.A, fit.M, fit.S, fit.r2))):
+        return "fit not finite"
+    if not hu.min() <= fit.M <= hu.max():
+        return f"fitted mean {fit.M:.1f} HU outside the data range"
+    if not 0.25 * bin_width <= fit.S <= span:
+        return f"fitted sd {fit.S:.1f} HU absurd"
+    if fit.r2 < MIN_R2:
+        return f"poor fit (R^2 {fit.r2:.2f} < {MIN_R2})"
+    return None
+
+
+class PostProcessor:
+    """Components, histograms and fits computed once; ``apply`` re-derives labels from the cache."""
+
+    def __init__(self, ct: Volume, labels: np.ndarray, tumor_probability: np.ndarray | None = None):
+        if labels.shape != ct.array.shape:
+            raise ValueError(f"labels shape {labels.shape} differs from CT {ct.array.shape}")
+        if tumor_probability is not None and tumor_probability.shape != ct.array.shape:
+            raise ValueError(f"probability shape {tumor_probability.shape} differs from CT {ct.array.shape}")
+        self.ct = ct
+        self._labels = np.asarray(labels, dtype=np.uint8)
+        liver = self._labels > 0
+        if tumor_probability is None:
+            candidates = self._labels >= 2
+        else:
+            candidates = liver & (np.asarray(tumor_probability) >= 128)
+        self._regions = _find_regions(ct.array, liver, candidates)
+        self._by_id = {r.id: r for r in self._regions}
+        self._base = liver.astype(np.uint8)  # lesion voxels that are no candidate become liver
+        self._fits: dict[tuple[float, float], list[Fit]] = {}
+        self._grown: dict[tuple[int, int, int, int], np.ndarray] = {}
+
+    @property
+    def region_ids(self) -> list[int]:
+        return [r.id for r in self._regions]
+
+    def fit(self, region_id: int, bin_width: float, smoothing: float) -> Fit:
+        """The cached fit of one region for a histogram setting."""
+        return self._fits_for(bin_width, smoothing)[self._regions.index(self._by_id[region_id])]
+
+    def apply(self, params: PostParams, overrides: dict[int, str] | None = None) -> tuple[np.ndarray, list[dict]]:
+        """New labels (uint8, 0 bg 1 liver 2 tumor 3 cyst) and the region table for ``params``."""
+        overrides = self._checked(overrides or {})
+        if not self._regions:
+            return self._labels.copy(), []
+        out = self._base.copy()
+        flat = out.reshape(-1)
+        rows = []
+        for region, fit in zip(self._regions, self._fits_for(params.bin_width_hu, params.smoothing_bins)):
+            row = self._row(region, fit, params, overrides.get(region.id))
+            flat[region.index] = 2 if row["decision"] == "tumor" else 3
+            rows.append(row)
+        for region, row in zip(self._regions, rows):
+            if row["decision"] == "tumor":
+                grown = self._grown_for(region, params)
+                flat[grown] = 2
+                row["dilated"] = bool(grown.size)
+        return out, rows
+
+    def _checked(self, overrides: dict[int, str]) -> dict[int, str]:
+        for rid, value in overrides.items():
+            if rid not in self._by_id:
+                raise ValueError(f"no region {rid}")
+            if value not in ("tumor", "cyst"):
+                raise ValueError(f"override for region {rid} must be 'tumor' or 'cyst', not {value!r}")
+        return overrides
+
+    def _fits_for(self, bin_width: float, smoothing: float) -> list[Fit]:
+        key = (float(bin_width), float(smoothing))
+        if key not in self._fits:
+            self._fits[key] = [fit_region(r.hu, *key) for r in self._regions]
+        return self._fits[key]
+
+    def _grown_for(self, region: _Region, params: PostParams) -> np.ndarray:
+        key = (region.id, params.dilate_iterations, params.dilate_max_area_px, params.dilate_connectivity)
+        if key not in self._grown:
+            self._grown[key] = _grow_small(region, self._base.shape, *key[1:])
+        return self._grown[key]
+
+    def _row(self, region: _Region, fit: Fit, params: PostParams, override: str | None) -> dict:
+        A, M, S, quality, fallback = _estimate(region.hu, fit, params.min_region_voxels)
+        threshold = params.cyst_threshold_hu
+        if override:
+            decision, reason = override, "manual override"
+        elif not params.cyst_filter:
+            decision, reason = "tumor", "cyst filter off"
+        else:
+            decision = "cyst" if M < threshold else "tumor"
+            what = f"fallback median {M:.1f} HU ({fallback})" if fallback else f"fitted mean {M:.1f} HU"
+            reason = f"{what} {'<' if decision == 'cyst' else '>='} {threshold:g} HU threshold"
+        k, j, i = region.centroid
+        lps = self.ct.ijk_to_lps() @ (i, j, k, 1.0)
+        return {
+            "id": region.id,
+            "centroid_voxel": [round(k, 2), round(j, 2), round(i, 2)],
+            "centroid_lps_mm": [round(float(v), 2) for v in lps[:3]],
+            "centroid_ras_mm": [round(float(v), 2) for v in (-lps[0], -lps[1], lps[2])],
+            "voxels": int(region.hu.size),
+            "volume_ml": round(region.hu.size * float(np.prod(self.ct.spacing)) / 1000.0, 4),
+            "fit_A": round(A, 2), "fit_M": round(M, 2), "fit_S": round(S, 2),
+            "fit_quality": quality,
+            "decision": decision,
+            "reason": reason,
+            "dilated": False,
+            "override": override,
+        }
+
+
+def _estimate(hu: np.ndarray, fit: Fit, min_voxels: int) -> tuple[float, float, float, float | str, str | None]:
+    """(A, M, S, fit quality, fallback reason): the fit, or median/MAD when the fit is ill-posed."""
+    reason = f"fewer than {min_voxels} voxels" if hu.size < min_voxels else fit.failure
+    if reason is None:
+        return fit.A, fit.M, fit.S, round(fit.r2, 4), None
+    median = float(np.median(hu))
+    mad = float(np.median(np.abs(hu - median)))
+    return float(hu.size), median, _MAD_TO_SD * mad, f"fallback: {reason}", reason
+
+
+def _find_regions(ct: np.ndarray, liver: np.ndarray, candidates: np.ndarray) -> list[_Region]:
+    """3-D regions of the candidates, each with its crops, flat indices and HU values."""
+    box = _bounding_box(candidates, pad=MAX_DILATE_ITERATIONS)
+    if box is None:
+        return []
+    components = cc3d.connected_components(candidates[box], connectivity=26)
+    offset = np.array([s.start for s in box])
+    regions = []
+    for rid, found in enumerate(ndimage.find_objects(components), start=1):
+        if found is None:
+            continue
+        local = _padded(found, components.shape)
+        comp = components[local]
+        own = comp == rid
+        crop = tuple(slice(s.start + o, s.stop + o) for s, o in zip(local, offset))
+        coords = np.nonzero(own)
+        full = tuple(c + s.start for c, s in zip(coords, crop))
+        regions.append(_Region(
+            id=rid, crop=crop, own=own,
+            allowed=liver[crop] & ((comp == 0) | own),
+            index=np.ravel_multi_index(full, ct.shape),
+            hu=ct[full].astype(np.float64),
+            centroid=tuple(float(c.mean()) for c in full),
+        ))
+    return regions
+
+
+def _bounding_box(mask: np.ndarray, pad: int) -> tuple[slice, ...] | None:
+    """Bounding box of ``mask``, padded in-plane (axes 1, 2) by ``pad``; None when empty."""
+    box = []
+    for axis in range(3):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        if hit.size == 0:
+            return None
+        margin = pad if axis else 0
+        box.append(slice(max(hit[0] - margin, 0), min(hit[-1] + 1 + margin, mask.shape[axis])))
+    return tuple(box)
+
+
+def _padded(found: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+    pad = (0, MAX_DILATE_ITERATIONS, MAX_DILATE_ITERATIONS)
+    return tuple(slice(max(s.start - p, 0), min(s.stop + p, n)) for s, p, n in zip(found, pad, shape))
+
+
+def _grow_small(region: _Region, shape, iterations: int, max_area: int, connectivity: int) -> np.ndarray:
+    """Flat indices added by dilating the region's small 2-D components (per slice) inside ``allowed``."""
+    if iterations == 0:
+        return np.empty(0, dtype=np.int64)
+    struct = _IN_PLANE[connectivity]
+    components, _ = ndimage.label(region.own, structure=struct)
+    small = np.bincount(components.ravel()) < max_area
+    small[0] = False
+    seeds = small[components]
+    if not seeds.any():
+        return np.empty(0, dtype=np.int64)
+    grown = ndimage.binary_dilation(seeds, structure=struct, iterations=iterations, mask=region.allowed)
+    coords = np.nonzero(grown & ~region.own)
+    return np.ravel_multi_index(tuple(c + s.start for c, s in zip(coords, region.crop)), shape)
+
+
+def save_region_histogram_png(processor: PostProcessor, region_id: int, path, params: PostParams) -> None:
+    """The region's HU histogram (bars), smoothed curve, fitted Gaussian and threshold line, as PNG."""
+    from matplotlib.figure import Figure  # no pyplot: renders with Agg, no global backend change
+
+    fit = processor.fit(region_id, params.bin_width_hu, params.smoothing_bins)
+    bw = params.bin_width_hu
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    ax.bar(fit.centers, fit.counts / bw, width=bw, color="0.75", label="histogram")
+    ax.plot(fit.centers, fit.smoothed / bw, color="tab:blue", label="smoothed")
+    if fit.failure is None:
+        x = np.linspace(fit.centers[0], fit.centers[-1], 400)
+        ax.plot(x, gaussian(x, fit.A, fit.M, fit.S), color="tab:red", label="Gaussian fit")
+        title = f"region {region_id}: A={fit.A:.0f} M={fit.M:.1f} HU S={fit.S:.1f} HU (R^2 {fit.r2:.3f})"
+    else:
+        title = f"region {region_id}: fallback ({fit.failure})"
+    ax.axvline(params.cyst_threshold_hu, color="k", linestyle="--", label=f"threshold {params.cyst_threshold_hu:g} HU")
+    ax.set(title=title, xlabel="HU", ylabel="voxels per HU")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=8)
+    fig.savefig(path)

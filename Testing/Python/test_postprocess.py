@@ -1,0 +1,195 @@
+"""Post-processing: HU Gaussian cyst filter, small-tumor dilation, cache and overrides."""
+
+from __future__ import annotations
+
+import json
+
+import cc3d
+import numpy as np
+import pytest
+
+from LiverTumorSegLib.phantom import generate_case
+from LiverTumorSegLib.postprocess import PostParams, PostProcessor, save_region_histogram_png
+from LiverTumorSegLib.volume import Volume
+
+SEED = 8  # a phantom with both tumors (2) and cysts (3)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    ct, labels = generate_case(SEED, spacing=(1.5, 1.5, 4.0), matrix=240, orientation=False)
+    assert {2, 3} <= set(np.unique(labels.array))
+    merged = np.where(labels.array >= 2, 2, labels.array).astype(np.uint8)
+    return ct, labels.array, merged
+
+
+def _regions(merged):
+    return cc3d.connected_components(merged >= 2, connectivity=26)
+
+
+def test_cysts_set_aside_and_tumors_kept(phantom):
+    ct, truth, merged = phantom
+    out, rows = PostProcessor(ct, merged).apply(PostParams())
+    components = _regions(merged)
+    assert {r["decision"] for r in rows} == {"tumor", "cyst"}
+    for row in rows:
+        region = components == row["id"]
+        expected = np.bincount(truth[region]).argmax()
+        assert expected == (3 if row["decision"] == "cyst" else 2)
+        assert np.all(out[region] == expected)
+    assert np.array_equal(out == 0, merged == 0)  # nothing deleted, nothing outside the liver
+    json.dumps(rows)
+
+
+@pytest.mark.parametrize("threshold", [20, 45, 80])
+def test_threshold_moves_regions_by_fitted_mean(phantom, threshold):
+    ct, _, merged = phantom
+    params = PostParams(cyst_threshold_hu=threshold, dilate_iterations=0)
+    out, rows = PostProcessor(ct, merged).apply(params)
+    components = _regions(merged)
+    for row in rows:
+        assert isinstance(row["fit_quality"], float)  # a real fit, no fallback, on this phantom
+        assert (row["decision"] == "cyst") == (row["fit_M"] < threshold)
+        assert np.all(out[components == row["id"]] == (3 if row["decision"] == "cyst" else 2))
+
+
+def _square(z, y0, x0, size):
+    return (z, slice(y0, y0 + size), slice(x0, x0 + size))
+
+
+def _dilation_case():
+    """Liver box with a small 3x3 tumor, one at the liver edge, a large tumor, and a cyst beside."""
+    labels = np.zeros((3, 48, 48), np.uint8)
+    labels[:, 4:44, 4:44] = 1
+    small, edge, large, cyst = (np.zeros(labels.shape, bool) for _ in range(4))
+    small[_square(slice(0, 3), 10, 10, 3)] = True
+    edge[_square(slice(0, 3), 5, 30, 3)] = True  # 1 px from the liver edge (row 4 is liver, 3 is not)
+    large[_square(slice(1, 3), 26, 8, 12)] = True  # 144 px on slices 1-2 ...
+    large[_square(0, 30, 12, 3)] = True  # ... but 9 px on slice 0
+    cyst[_square(slice(0, 3), 10, 14, 4)] = True  # one column gap from the small tumor
+    ct = np.full(labels.shape, 100, np.int16)
+    for mask in (small, edge, large):
+        labels[mask] = 2
+    labels[cyst] = 2
+    ct[cyst] = 10
+    return Volume(ct, (1.0, 1.0, 1.0)), labels, small, edge, large, cyst
+
+
+def _within(mask2d, n, connectivity):
+    """Pixels within n steps of mask2d: L-inf distance for 8-connectivity, L1 for 4."""
+    ys, xs = np.nonzero(mask2d)
+    yy, xx = np.mgrid[: mask2d.shape[0], : mask2d.shape[1]]
+    dy = np.abs(yy[..., None] - ys)
+    dx = np.abs(xx[..., None] - xs)
+    dist = np.maximum(dy, dx) if connectivity == 8 else dy + dx
+    return (dist <= n).any(axis=-1)
+
+
+@pytest.mark.parametrize("connectivity", [4, 8])
+@pytest.mark.parametrize("iterations", [0, 1, 2, 3])
+def test_dilation_exact_shapes_inside_liver(connectivity, iterations):
+    ct, labels, small, edge, large, cyst = _dilation_case()
+    params = PostParams(dilate_iterations=iterations, dilate_connectivity=connectivity, min_region_voxels=1)
+    out, rows = PostProcessor(ct, labels).apply(params)
+    liver = labels > 0
+    assert np.array_equal(out[~liver], labels[~liver])
+    assert np.all(out[cyst] == 3)
+    expected = np.zeros(labels.shape, bool)
+    for z in range(3):
+        for lesion in (small, edge):
+            expected[z] |= _within(lesion[z], iterations, connectivity)
+    expected[0] |= _within(large[0], iterations, connectivity)
+    expected |= large
+    expected &= liver & ~cyst
+    assert np.array_equal(out == 2, expected)
+    dilated = {r["id"]: r["dilated"] for r in rows if r["decision"] == "tumor"}
+    assert set(dilated.values()) == {iterations > 0}
+
+
+def test_dilation_area_threshold_is_strict():
+    ct, labels, small, *_ = _dilation_case()
+    ring = _within(small[0], 1, 8) & ~small[0]
+    for max_area, grows in ((9, False), (10, True)):
+        out, _ = PostProcessor(ct, labels).apply(PostParams(dilate_max_area_px=max_area, min_region_voxels=1))
+        assert np.any(out[0][ring] == 2) == grows
+
+
+def test_cache_after_changes_equals_fresh_run(phantom):
+    ct, _, merged = phantom
+    processor = PostProcessor(ct, merged)
+    steps = [PostParams(cyst_threshold_hu=30), PostParams(bin_width_hu=2, smoothing_bins=2),
+             PostParams(dilate_iterations=3, dilate_connectivity=4), PostParams(cyst_filter=False),
+             PostParams(cyst_threshold_hu=60, dilate_max_area_px=40, bin_width_hu=4)]
+    for params in steps:
+        cached = processor.apply(params)
+    fresh = PostProcessor(ct, merged).apply(steps[-1])
+    assert np.array_equal(cached[0], fresh[0])
+    assert cached[1] == fresh[1]
+
+
+def test_overrides_survive_parameter_changes(phantom):
+    ct, _, merged = phantom
+    processor = PostProcessor(ct, merged)
+    _, rows = processor.apply(PostParams())
+    cyst = next(r["id"] for r in rows if r["decision"] == "cyst")
+    tumor = next(r["id"] for r in rows if r["decision"] == "tumor")
+    overrides = {cyst: "tumor", tumor: "cyst"}
+    components = _regions(merged)
+    for params in (PostParams(), PostParams(cyst_threshold_hu=200), PostParams(cyst_filter=False),
+                   PostParams(bin_width_hu=3, dilate_iterations=0)):
+        out, rows = processor.apply(params, overrides)
+        by_id = {r["id"]: r for r in rows}
+        for rid, value in overrides.items():
+            assert by_id[rid]["decision"] == by_id[rid]["override"] == value
+            assert by_id[rid]["reason"] == "manual override"
+        assert np.all(out[components == tumor] == 3)
+    with pytest.raises(ValueError):
+        processor.apply(PostParams(), {999: "cyst"})
+
+
+def test_ill_posed_fits_fall_back():
+    labels = np.zeros((6, 40, 40), np.uint8)
+    labels[:, 2:38, 2:38] = 1
+    labels[2, 5:6, 5:10] = 2  # 5 voxels
+    labels[:, 15:35, 15:35] = 2  # bimodal: half 0 HU, half 160 HU
+    rng = np.random.default_rng(0)
+    ct = np.full(labels.shape, 100.0) + rng.normal(0, 8, labels.shape)
+    ct[:, 15:35, 15:25] -= 100
+    ct[:, 15:35, 25:35] += 60
+    ct = Volume(np.round(ct).astype(np.int16), (1.0, 1.0, 2.0))
+    _, rows = PostProcessor(ct, labels).apply(PostParams())
+    assert len(rows) == 2
+    tiny, bimodal = sorted(rows, key=lambda r: r["voxels"])
+    assert tiny["voxels"] == 5 and tiny["fit_quality"] == "fallback: fewer than 20 voxels"
+    assert bimodal["fit_quality"].startswith("fallback:")
+    for row in rows:
+        assert "fallback median" in row["reason"]
+        assert row["decision"] == ("cyst" if row["fit_M"] < 45 else "tumor")
+
+
+def test_empty_input_is_unchanged():
+    labels = np.zeros((4, 20, 20), np.uint8)
+    labels[:, 5:15, 5:15] = 1
+    ct = Volume(np.zeros(labels.shape, np.int16), (1.0, 1.0, 1.0))
+    out, rows = PostProcessor(ct, labels).apply(PostParams())
+    assert rows == [] and np.array_equal(out, labels)
+
+
+def test_probability_map_candidates_stay_in_liver():
+    ct, labels, *_ = _dilation_case()
+    liver = np.where(labels > 0, 1, 0).astype(np.uint8)
+    prob = np.zeros(labels.shape, np.uint8)
+    prob[:, 20:25, 20:25] = 200  # inside the liver
+    prob[:, 0:3, 0:3] = 255  # outside the liver: ignored
+    prob[:, 30:35, 30:35] = 127  # below 0.5
+    out, rows = PostProcessor(ct, liver, prob).apply(PostParams(dilate_iterations=0))
+    assert len(rows) == 1 and rows[0]["voxels"] == 75
+    assert np.array_equal(out >= 2, (prob >= 128) & (liver > 0))
+
+
+def test_histogram_png(phantom, tmp_path):
+    ct, _, merged = phantom
+    processor = PostProcessor(ct, merged)
+    path = tmp_path / "h.png"
+    save_region_histogram_png(processor, processor.region_ids[0], path, PostParams())
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
