@@ -16,7 +16,7 @@ LABEL_EXTS = (".nii.gz", ".nii", ".nrrd", ".mha")
 INPUT_EXTS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
-def _ext(path: Path, exts) -> str | None:
+def extension_of(path: Path, exts) -> str | None:
     name = path.name.lower()
     if name.endswith(".seg.nrrd"):
         return ".seg.nrrd"
@@ -24,7 +24,7 @@ def _ext(path: Path, exts) -> str | None:
 
 
 def _case_name(path: Path) -> str:
-    ext = _ext(path, INPUT_EXTS)
+    ext = extension_of(path, INPUT_EXTS)
     return path.name[: -len(ext)] if ext else path.name
 
 
@@ -36,23 +36,23 @@ def _is_dicom_folder(folder: Path) -> bool:
 
 def list_cases(folder: Path) -> list[Path]:
     """Image files and DICOM sub-folders of a folder of cases."""
-    cases = [p for p in sorted(folder.iterdir()) if p.is_file() and _ext(p, INPUT_EXTS) and not p.name.endswith(".seg.nrrd")]
+    cases = [p for p in sorted(folder.iterdir()) if p.is_file() and extension_of(p, INPUT_EXTS) and not p.name.endswith(".seg.nrrd")]
     cases += [p for p in sorted(folder.iterdir()) if p.is_dir() and _is_dicom_folder(p)]
     return cases
 
 
-def _output_kind(path: Path) -> str:
-    ext = _ext(path, LABEL_EXTS)
+def output_kind(path: Path) -> str:
+    ext = extension_of(path, LABEL_EXTS)
     if ext is None:
         raise OutputError(f"Unknown output type '{path.name}': use .seg.nrrd (Slicer segmentation) or a labelmap .nii.gz, .nii, .nrrd or .mha.")
     return ext
 
 
-def _probabilities_path(output: Path, args) -> Path:
-    """Where the probability cache of one case goes (the given name for a single case)."""
+def _side_path(output: Path, given, suffix: str, args) -> Path:
+    """Where a per-case side output goes: the given name for one case, else beside each output."""
     if not Path(args.input).is_dir() or _is_dicom_folder(Path(args.input)):
-        return Path(args.probabilities)
-    return output.with_name(_case_name(output) + "_probabilities.npz")
+        return Path(given)
+    return output.with_name(_case_name(output) + suffix)
 
 
 def _plan(args) -> list[tuple[Path, Path]]:
@@ -68,14 +68,15 @@ def _plan(args) -> list[tuple[Path, Path]]:
             raise OutputError(f"For a folder of cases the output must be a folder; {dst} is a file.")
         pairs = [(c, dst / f"{_case_name(c)}{args.format}") for c in cases]
     else:
-        _output_kind(dst)
+        output_kind(dst)
         pairs = [(src, dst)]
     outputs = [o for _, o in pairs]
     dupes = sorted({o.name for o in outputs if outputs.count(o) > 1})
     if dupes:
         raise InputError(f"Several inputs would write the same output ({', '.join(dupes)}): rename them or split the folder.")
-    if args.probabilities:
-        outputs += [_probabilities_path(o, args) for o in outputs]
+    for given, suffix in ((args.probabilities, "_probabilities.npz"), (args.table, "_regions.csv")):
+        if given:
+            outputs += [_side_path(o, given, suffix, args) for _, o in pairs]
     if args.report:
         outputs.append(Path(args.report))
     if not args.overwrite:
@@ -83,6 +84,23 @@ def _plan(args) -> list[tuple[Path, Path]]:
         if existing:
             raise OutputError(f"Output exists: {', '.join(existing[:3])}{' ...' if len(existing) > 3 else ''}. Use --overwrite to replace.")
     return pairs
+
+
+def post_params(args):
+    """PostParams from the shared post-processing flags."""
+    from .postprocess import PostParams
+
+    return PostParams(cyst_filter=not args.no_cyst_filter, cyst_threshold_hu=args.cyst_threshold,
+                      dilate_iterations=args.dilate_iterations, dilate_max_area_px=args.dilate_max_area)
+
+
+def add_post_arguments(p: argparse.ArgumentParser) -> None:
+    """The post-processing flags shared by segment and postprocess (defaults: DESIGN.md section 4)."""
+    g = p.add_argument_group("post-processing")
+    g.add_argument("--dilate-iterations", type=int, default=2, choices=range(4), metavar="N", help="small-tumor dilation, 0-3 (default 2)")
+    g.add_argument("--dilate-max-area", type=int, default=100, metavar="PX", help="dilate 2-D tumor regions smaller than this, in pixels (default 100)")
+    g.add_argument("--cyst-threshold", type=float, default=45.0, metavar="HU", help="fitted mean below this -> Liver cyst (default 45)")
+    g.add_argument("--no-cyst-filter", action="store_true", help="keep every lesion as tumor")
 
 
 class _Bar:
@@ -131,8 +149,9 @@ def cmd_segment(args) -> int:
 
 
 def _segment_one(src: Path, dst: Path, liver, tumor, dev, args) -> dict:
-    from .imageio import ct_warnings, read_volume, write_labels, write_seg_nrrd
+    from .imageio import ct_warnings, read_volume, write_labels, write_seg_nrrd, write_text
     from .pipeline import segment
+    from .postprocess import PostProcessor, table_csv
 
     volume = read_volume(src)
     warnings = ct_warnings(volume)
@@ -143,17 +162,24 @@ def _segment_one(src: Path, dst: Path, liver, tumor, dev, args) -> dict:
         result = segment(volume, liver, tumor, device=str(dev), fast=args.fast, progress=bar)
     finally:
         bar.close()
-    if _output_kind(dst) == ".seg.nrrd":
-        write_seg_nrrd(result.labels, volume, dst, overwrite=args.overwrite)
+    labels, rows = result.labels, []
+    if not args.no_postprocess:
+        labels, rows = PostProcessor(volume, result.labels, result.probabilities.tumor_full()).apply(post_params(args))
+    if output_kind(dst) == ".seg.nrrd":
+        write_seg_nrrd(labels, volume, dst, overwrite=args.overwrite)
     else:
-        write_labels(result.labels, volume, dst, overwrite=args.overwrite)
+        write_labels(labels, volume, dst, overwrite=args.overwrite)
+    if args.table:
+        write_text(table_csv(rows), _side_path(dst, args.table, "_regions.csv", args), overwrite=args.overwrite)
     if args.probabilities:
-        result.probabilities.save(_probabilities_path(dst, args), overwrite=args.overwrite)
+        result.probabilities.save(_side_path(dst, args.probabilities, "_probabilities.npz", args), overwrite=args.overwrite)
     warnings += result.report["warnings"]
     for w in result.report["warnings"]:
         logging.warning("%s: %s", src.name, w)
     report = dict(result.report, input=str(src), output=str(dst), warnings=warnings, version=__version__,
-                  intended_use=liver.card["intended_use"])
+                  intended_use=liver.card["intended_use"], postprocessing=None if args.no_postprocess else vars(post_params(args)),
+                  regions=rows)
+    report["voxels"] = dict(report["voxels"], tumor=int((labels == 2).sum()), cyst=int((labels == 3).sum()))
     t, ml = report["timings"], report["voxel_volume_ml"]
     print(f"{src.name} -> {dst}: liver {report['voxels']['liver'] * ml:.0f} mL, tumor {report['voxels']['tumor'] * ml:.1f} mL "
           f"({t['liver_s']:.1f} s + {t['tumor_s']:.1f} s on {report['device']})")
@@ -179,16 +205,17 @@ DEMO_SEED = 7  # not among the training seeds (1000+) nor the evaluation seeds (
 def cmd_demo(args) -> int:
     """Segment a phantom (or --ct) with the bundled models and write every output kind."""
     from .devices import resolve_device
-    from .imageio import read_volume, write_json, write_labels, write_seg_nrrd, write_volume
+    from .imageio import read_volume, write_json, write_labels, write_seg_nrrd, write_text, write_volume
     from .metrics import dice
     from .modelfile import load_model
     from .overlay import save_overlay_png
     from .phantom import generate_case
     from .pipeline import segment
+    from .postprocess import PostParams, PostProcessor, table_csv
     from .registry import model_files
 
     out = Path(args.out)
-    names = ["ct.nii.gz", "truth.nii.gz", "segmentation.seg.nrrd", "labels.nii.gz", "report.json", "overlay.png"]
+    names = ["ct.nii.gz", "truth.nii.gz", "segmentation.seg.nrrd", "labels.nii.gz", "regions.csv", "report.json", "overlay.png"]
     if not args.overwrite and any((out / n).exists() for n in names):
         raise OutputError(f"{out} already holds demo output. Use --overwrite to replace it.")
     truth = None
@@ -206,16 +233,21 @@ def cmd_demo(args) -> int:
         result = segment(volume, liver, tumor, device=str(dev), fast=args.fast, progress=bar)
     finally:
         bar.close()
-    write_seg_nrrd(result.labels, volume, out / "segmentation.seg.nrrd", overwrite=True)
-    write_labels(result.labels, volume, out / "labels.nii.gz", overwrite=True)
-    report = dict(result.report, input=str(args.ct or f"phantom seed {DEMO_SEED}"), version=__version__, intended_use=liver.card["intended_use"])
+    labels, rows = PostProcessor(volume, result.labels, result.probabilities.tumor_full()).apply(PostParams())
+    write_seg_nrrd(labels, volume, out / "segmentation.seg.nrrd", overwrite=True)
+    write_labels(labels, volume, out / "labels.nii.gz", overwrite=True)
+    write_text(table_csv(rows), out / "regions.csv", overwrite=True)
+    report = dict(result.report, input=str(args.ct or f"phantom seed {DEMO_SEED}"), version=__version__,
+                  intended_use=liver.card["intended_use"], regions=rows)
     if truth is not None:
         report["dice_vs_phantom_truth"] = {
-            "liver": round(dice(result.labels > 0, truth.array > 0), 4),
-            "lesion": round(dice(result.labels >= 2, truth.array >= 2), 4),
+            "liver": round(dice(labels > 0, truth.array > 0), 4),
+            "lesion": round(dice(labels >= 2, truth.array >= 2), 4),
+            "tumor": round(dice(labels == 2, truth.array == 2), 4),
+            "cyst": round(dice(labels == 3, truth.array == 3), 4),
         }
     write_json(report, out / "report.json", overwrite=True)
-    save_overlay_png(volume, result.labels, out / "overlay.png", title=f"LiverTumorSeg demo ({liver.card['name']}; not for clinical use)")
+    save_overlay_png(volume, labels, out / "overlay.png", title=f"LiverTumorSeg demo ({liver.card['name']}; not for clinical use)")
     print(f"wrote {out}/: {', '.join(names if truth is not None else names[2:])}")
     print(json.dumps({k: report[k] for k in ("device", "timings") + (("dice_vs_phantom_truth",) if truth is not None else ())}))
     return 0
@@ -225,6 +257,18 @@ def cmd_train(args) -> int:
     from .trainer_cli import run_train
 
     return run_train(args)
+
+
+def cmd_postprocess(args) -> int:
+    from .postprocess_cli import run_postprocess
+
+    return run_postprocess(args)
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate_cli import run_evaluate
+
+    return run_evaluate(args)
 
 
 def cmd_models(args) -> int:
@@ -257,8 +301,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--report", help="write a JSON report (device, timings, tiles, models)")
     s.add_argument("--probabilities", help="cache the network output (.npz) for later post-processing")
     s.add_argument("--format", default=".seg.nrrd", choices=[".seg.nrrd", *LABEL_EXTS], help="output type for a folder of cases")
+    s.add_argument("--table", help="write the region table (CSV: volume, fitted HU Gaussian, decision and why)")
+    s.add_argument("--no-postprocess", action="store_true", help="write the thresholded network output as it is")
     s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    add_post_arguments(s)
     s.set_defaults(func=cmd_segment)
+
+    s = sub.add_parser("postprocess", help="re-run only the post-processing on an existing result (no network)")
+    s.add_argument("--ct", required=True, help="the CT (file or DICOM folder)")
+    s.add_argument("--labels", required=True, help="labelmap on the CT grid: 1 liver; 2 (and 3 if present) are the candidate lesions")
+    s.add_argument("-o", "--output", required=True, help="output .seg.nrrd or labelmap .nii.gz/.nrrd/.mha")
+    s.add_argument("--table", help="write the region table (.csv)")
+    s.add_argument("--plots", type=Path, help="folder for one HU histogram PNG per region")
+    s.add_argument("--overwrite", action="store_true")
+    add_post_arguments(s)
+    s.set_defaults(func=cmd_postprocess)
+
+    s = sub.add_parser("evaluate", help="compare predictions with ground truth (DSC, VOE, RAVD, ASSD, HD95, detection)")
+    s.add_argument("--pred", required=True, type=Path, help="a labelmap/.seg.nrrd or a folder of them")
+    s.add_argument("--truth", required=True, type=Path, help="a labelmap or a folder of them, matched by case name")
+    s.add_argument("-o", "--out", required=True, type=Path, help="folder for metrics.csv, summary.md and boxplot.png")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_evaluate)
 
     s = sub.add_parser("demo", help="segment a phantom (or --ct) and write all outputs and an overlay PNG")
     s.add_argument("-o", "--out", default="demo-output", type=Path)

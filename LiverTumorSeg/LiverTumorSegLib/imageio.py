@@ -49,7 +49,42 @@ def read_volume(path) -> Volume:
 
 
 def read_labels(path, reference: Volume | None = None) -> Volume:
-    """Read a label volume as integers; with ``reference``, require the same voxel grid."""
+    """Read a label volume as integers; with ``reference``, require the same voxel grid.
+
+    A Slicer ``.seg.nrrd`` gives our labels from its segments named Liver (1), Liver tumor (2)
+    and Liver cyst (3), whatever their IDs; other segments are ignored.
+    """
+    if str(path).lower().endswith(".seg.nrrd"):
+        volume = _read_seg_nrrd(Path(path))
+    else:
+        volume = _read_integer_volume(path)
+    if reference is not None and not same_grid(volume, reference):
+        raise InputError(f"The labels in '{path}' are not on the voxel grid of the image; "
+                         "resample them onto the image first.")
+    return volume
+
+
+def _read_seg_nrrd(path: Path) -> Volume:
+    if not path.exists():
+        raise InputError(f"'{path}' does not exist; check the path.")
+    try:
+        segmentation = slicerio.read_segmentation(str(path))
+    except Exception as exc:  # noqa: BLE001 - slicerio/pynrrd raise many types for a bad file
+        raise InputError(f"'{path.name}' could not be read as a Slicer segmentation ({type(exc).__name__}).") from exc
+    by_name = {s["name"].lower(): s["label"] for s in SEGMENTS}
+    names = [s.get("name", "") for s in segmentation["segments"]]
+    wanted = [(n, by_name[n.strip().lower()]) for n in names if n.strip().lower() in by_name]
+    if not wanted:
+        raise InputError(f"'{path.name}' has no segment named Liver, Liver tumor or Liver cyst; "
+                         f"found: {', '.join(names) or 'none'}.")
+    voxels = slicerio.extract_segments(segmentation, wanted, minimalExtent=False)["voxels"]
+    ijk_to_lps = np.asarray(segmentation["ijkToLPS"], float)
+    spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
+    return Volume(np.asarray(voxels).transpose(2, 1, 0).astype(np.uint8), spacing,
+                  ijk_to_lps[:3, 3], ijk_to_lps[:3, :3] / spacing)
+
+
+def _read_integer_volume(path) -> Volume:
     volume = read_volume(path)
     labels = volume.array
     if not np.issubdtype(labels.dtype, np.integer):
@@ -57,11 +92,7 @@ def read_labels(path, reference: Volume | None = None) -> Volume:
             raise InputError(f"'{path}' has non-integer values, so it is not a label map.")
     low, high = labels.min(), labels.max()
     dtype = np.uint8 if 0 <= low and high <= 255 else np.int32
-    volume = volume.with_array(labels.astype(dtype, copy=False))
-    if reference is not None and not same_grid(volume, reference):
-        raise InputError(f"The labels in '{path}' are not on the voxel grid of the image; "
-                         "resample them onto the image first.")
-    return volume
+    return volume.with_array(labels.astype(dtype, copy=False))
 
 
 def same_grid(a: Volume, b: Volume, tol: float = 1e-4) -> bool:
@@ -367,6 +398,13 @@ def write_json(obj, path, *, overwrite: bool = False) -> Path:
     """Write a JSON document atomically (a report, a table)."""
     path, suffix = _output_path(path, (".json",), overwrite)
     text = json.dumps(obj, indent=2)
+    _write_atomically(path, suffix, lambda tmp: tmp.write_text(text))
+    return path
+
+
+def write_text(text: str, path, suffixes=(".csv", ".md", ".txt"), *, overwrite: bool = False) -> Path:
+    """Write a text file (a CSV table, a Markdown report) atomically."""
+    path, suffix = _output_path(path, suffixes, overwrite)
     _write_atomically(path, suffix, lambda tmp: tmp.write_text(text))
     return path
 

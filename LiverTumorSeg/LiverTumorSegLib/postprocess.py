@@ -326,3 +326,21 @@ def save_region_histogram_png(processor: PostProcessor, region_id: int, path, pa
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
     fig.savefig(path)
+
+
+TABLE_COLUMNS = ("id", "decision", "reason", "override", "voxels", "volume_ml", "fit_A", "fit_M", "fit_S", "fit_quality",
+                 "dilated", "centroid_voxel", "centroid_lps_mm", "centroid_ras_mm")
+
+
+def table_csv(rows: list[dict]) -> str:
+    """The region table as CSV text (vectors as space-separated numbers)."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(TABLE_COLUMNS)
+    for row in rows:
+        writer.writerow([" ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in row[c]) if isinstance(row[c], (list, tuple))
+                         else (f"{row[c]:.4g}" if isinstance(row[c], float) else row[c]) for c in TABLE_COLUMNS])
+    return out.getvalue()

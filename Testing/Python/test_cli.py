@@ -51,8 +51,20 @@ def test_segment_writes_seg_nrrd_and_labelmap_on_input_grid(ct_file, tmp_path, c
     assert [x["name"] for x in s["segments"]] == ["Liver", "Liver tumor", "Liver cyst"]
     assert np.allclose(s["ijkToLPS"], read_volume(ct_file).ijk_to_lps())
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(lab)))
-    assert np.array_equal(slicerio.extract_segments(s, [("Liver", 1), ("Liver tumor", 2)])["voxels"].transpose(2, 1, 0), labels)
+    extracted = slicerio.extract_segments(s, [("Liver", 1), ("Liver tumor", 2), ("Liver cyst", 3)])["voxels"]
+    assert np.array_equal(extracted.transpose(2, 1, 0), labels)
     assert (labels == 1).sum() > 1000 and '"timings"' in rep.read_text()
+
+
+def test_segment_applies_postprocessing_and_writes_the_table(ct_file, tmp_path, capsys):
+    raw, post, table = tmp_path / "raw.nii.gz", tmp_path / "post.nii.gz", tmp_path / "regions.csv"
+    assert _run(capsys, "segment", ct_file, "-o", raw, "--fast", "--no-postprocess")[0] == 0
+    assert _run(capsys, "segment", ct_file, "-o", post, "--fast", "--table", table, "--cyst-threshold", "200")[0] == 0
+    raw_l, post_l = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in (raw, post))
+    assert set(np.unique(raw_l)) <= {0, 1, 2} and (raw_l == 2).any()
+    assert not (post_l == 2).any() and (post_l == 3).sum() >= (raw_l == 2).sum()  # every lesion below 200 HU -> cyst
+    rows = table.read_text().splitlines()
+    assert rows[0].startswith("id,decision,reason") and len(rows) > 1 and all(",cyst," in r for r in rows[1:])
 
 
 @pytest.mark.parametrize("which", ["output", "report", "probabilities"])

@@ -1,0 +1,196 @@
+"""The ``evaluate`` command: predicted label maps against ground truth, per case and summarised.
+
+Labels: 0 background, 1 liver, 2 tumor, 3 cyst. Structures: liver = labels >= 1, tumor = label 2,
+lesion = labels 2 or 3. Metrics and their conventions for empty masks: ``metrics.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .cli import LABEL_EXTS, extension_of
+from .errors import InputError, OutputError
+from .imageio import read_labels, write_json, write_text
+from .metrics import case_metrics, summarize
+
+STRUCTURES = {
+    "liver": lambda labels: labels >= 1,
+    "tumor": lambda labels: labels == 2,
+    "lesion": lambda labels: (labels == 2) | (labels == 3),
+}
+NAME_SUFFIXES = ("_segmentation", "_labels", "_label", "_seg", ".seg")
+OUTPUTS = ("metrics.csv", "summary.md", "summary.json", "boxplot.png")
+SPACING_TOL = 1e-4
+AUTHORS_LABEL = "G-UNETR++ authors' protocol, not comparable with the LiTS leaderboard"
+TABLE_ROWS = (  # (label, metrics key)
+    ("DSC", "dsc"), ("VOE", "voe"), ("RAVD", "ravd"), ("ASSD (mm)", "assd_mm"), ("HD95 (mm)", "hd95_mm"),
+    ("precision", "precision"), ("recall", "recall"), ("lesion recall", "lesion_recall"),
+    ("false positives per case", "lesion_false_positives"),
+)
+BOX_METRICS = (("DSC", "dsc"), ("ASSD (mm)", "assd_mm"), ("HD95 (mm)", "hd95_mm"))
+
+
+def run_evaluate(args) -> int:
+    """Evaluate ``args.pred`` against ``args.truth`` and write the tables and plot into ``args.out``."""
+    from tqdm import tqdm
+
+    out = Path(args.out)
+    _refuse_existing(out, args.overwrite)
+    cases = match_cases(Path(args.pred), Path(args.truth))
+    rows = []
+    for name, pred, truth in tqdm(cases, desc="evaluate", unit="case", disable=None, file=sys.stderr):
+        rows += evaluate_case(name, pred, truth)
+    summary = summarize_structures(rows)
+    markdown = summary_markdown(summary)
+    write_text(metrics_csv(rows), out / "metrics.csv", overwrite=args.overwrite)
+    write_text(markdown, out / "summary.md", overwrite=args.overwrite)
+    write_json(summary, out / "summary.json", overwrite=args.overwrite)
+    save_boxplot(rows, out / "boxplot.png")
+    print(markdown)
+    return 0
+
+
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"The output must be a folder; {out} is a file.")
+    existing = [str(out / name) for name in OUTPUTS if (out / name).exists()]
+    if existing and not overwrite:
+        raise OutputError(f"Output exists: {', '.join(existing)}. Use --overwrite to replace.")
+
+
+# ---------------------------------------------------------------- cases
+
+
+def case_name(path: Path) -> str:
+    """File name without its extension and without a trailing ``_label``-like suffix."""
+    stem = path.name[: -len(extension_of(path, LABEL_EXTS))]
+    suffix = next((s for s in NAME_SUFFIXES if stem.lower().endswith(s) and len(stem) > len(s)), "")
+    return stem[: len(stem) - len(suffix)]
+
+
+def _label_files(folder: Path) -> dict[str, Path]:
+    """Label files of a folder by case name; two files for one case is an error."""
+    files: dict[str, Path] = {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and extension_of(p, LABEL_EXTS)):
+        name = case_name(path)
+        if name in files:
+            raise InputError(f"Two files in {folder} are case '{name}': {files[name].name} and {path.name}.")
+        files[name] = path
+    return files
+
+
+def match_cases(pred: Path, truth: Path) -> list[tuple[str, Path, Path]]:
+    """(case, prediction, truth) for two files, or for two folders matched by case name."""
+    for path in (pred, truth):
+        if not path.exists():
+            raise InputError(f"Not found: {path}")
+    if pred.is_file() and truth.is_file():
+        return [(case_name(truth), pred, truth)]
+    if not (pred.is_dir() and truth.is_dir()):
+        raise InputError("--pred and --truth must both be files or both be folders.")
+    preds, truths = _label_files(pred), _label_files(truth)
+    common = sorted(preds.keys() & truths.keys())
+    unmatched = {"prediction": sorted(preds.keys() - truths.keys()), "truth": sorted(truths.keys() - preds.keys())}
+    if not common:
+        raise InputError(f"No case of {pred} matches one of {truth} by name (predictions: "
+                         f"{', '.join(preds) or 'none'}; truths: {', '.join(truths) or 'none'}).")
+    for side, names in unmatched.items():
+        if names:
+            print(f"warning: {len(names)} {side} case(s) without a match, not evaluated: {', '.join(names)}",
+                  file=sys.stderr)
+    return [(name, preds[name], truths[name]) for name in common]
+
+
+def evaluate_case(name: str, pred_path: Path, truth_path: Path) -> list[dict]:
+    """One row per structure: case, structure and every ``case_metrics`` value."""
+    pred, truth = read_labels(pred_path), read_labels(truth_path)
+    if pred.array.shape != truth.array.shape or not np.allclose(pred.spacing, truth.spacing, atol=SPACING_TOL):
+        raise InputError(f"Case '{name}': prediction and truth are on different grids (shape "
+                         f"{pred.shape_ijk} vs {truth.shape_ijk}, spacing {pred.spacing} vs {truth.spacing}).")
+    spacing_zyx = truth.spacing[::-1]
+    return [{"case": name, "structure": structure, **case_metrics(mask(pred.array), mask(truth.array), spacing_zyx)}
+            for structure, mask in STRUCTURES.items()]
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def _mean_sd(values) -> dict:
+    """Mean and population sd of the finite values, with how many were used and skipped (nan, inf)."""
+    values = np.asarray(list(values), float)
+    finite = values[np.isfinite(values)]
+    mean, sd = (float(finite.mean()), float(finite.std())) if finite.size else (math.nan, math.nan)
+    return {"mean": mean, "sd": sd, "cases": int(finite.size), "skipped": int(values.size - finite.size)}
+
+
+def summarize_structures(rows: list[dict]) -> dict:
+    """Per structure: per-case mean ± sd of each table metric, global Dice and the authors' protocol DSC."""
+    summary = {}
+    for structure in STRUCTURES:
+        subset = [row for row in rows if row["structure"] == structure]
+        dsc = summarize(subset, "dsc")
+        summary[structure] = {
+            "cases": len(subset),
+            "metrics": {key: _mean_sd(row[key] for row in subset) for _, key in TABLE_ROWS},
+            "global_dice": dsc["global_dice"],
+            "authors_protocol": {"label": AUTHORS_LABEL, "definition": dsc["authors_protocol"],
+                                 "dsc": dsc["authors_protocol_mean"], "excluded": dsc["authors_protocol_excluded"]},
+        }
+    return summary
+
+
+def summary_markdown(summary: dict) -> str:
+    """A Markdown table per structure, with the authors' protocol DSC below it, labelled."""
+    parts = []
+    for structure, s in summary.items():
+        lines = [f"## {structure} ({s['cases']} cases)", "", "| metric | per-case mean ± sd | cases (skipped) |",
+                 "|---|---|---|"]
+        for label, key in TABLE_ROWS:
+            m = s["metrics"][key]
+            lines.append(f"| {label} | {m['mean']:.4f} ± {m['sd']:.4f} | {m['cases']} ({m['skipped']}) |")
+        lines.append(f"| global Dice (pooled voxels) | {s['global_dice']:.4f} | {s['cases']} (0) |")
+        a = s["authors_protocol"]
+        lines += ["", f"{a['label']}: DSC {a['dsc']:.4f} ({a['excluded']} zero-Dice or both-empty cases excluded).", ""]
+        parts.append("\n".join(lines))
+    note = "Per-case means count a missed structure as DSC 0; distances skip cases where one mask is empty.\n"
+    return "# Evaluation\n\n" + note + "\n" + "\n".join(parts)
+
+
+def metrics_csv(rows: list[dict]) -> str:
+    """All rows as CSV, one per case and structure."""
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def save_boxplot(rows: list[dict], path: Path) -> Path:
+    """Box plots of per-case DSC, ASSD and HD95 per structure, each case overlaid as a point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(BOX_METRICS), figsize=(4 * len(BOX_METRICS), 4))
+    jitter = np.random.default_rng(0)
+    for ax, (label, key) in zip(axes, BOX_METRICS):
+        data = [np.array([r[key] for r in rows if r["structure"] == s and math.isfinite(r[key])]) for s in STRUCTURES]
+        ax.boxplot(data, showfliers=False)
+        ax.set_xticks(range(1, len(STRUCTURES) + 1), list(STRUCTURES))
+        for x, values in enumerate(data, start=1):
+            ax.scatter(x + jitter.uniform(-0.12, 0.12, values.size), values, s=14, alpha=0.7, zorder=3)
+        ax.set_title(label, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"per-case metrics ({len({r['case'] for r in rows})} cases)", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -1,0 +1,60 @@
+"""The ``postprocess`` command: re-run only the post-processing on an existing result (no network)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+from .errors import OutputError
+
+# Slicer segment names (compared case-insensitively) -> our label values
+
+
+def run_postprocess(args) -> int:
+    """Read the CT and labels, apply the post-processing flags, write labels, table and plots."""
+    from .cli import output_kind, post_params
+    from .imageio import read_labels, read_volume, write_labels, write_seg_nrrd, write_text
+    from .postprocess import PostProcessor, table_csv
+
+    params = post_params(args)
+    kind = output_kind(Path(args.output))
+    _refuse_existing(args)
+    ct = read_volume(args.ct)
+    processor = PostProcessor(ct, read_labels(Path(args.labels), ct).array)
+    labels, rows = processor.apply(params)
+    write = write_seg_nrrd if kind == ".seg.nrrd" else write_labels
+    write(labels, ct, args.output, overwrite=args.overwrite)
+    if args.table:
+        write_text(table_csv(rows), args.table, overwrite=args.overwrite)
+    if args.plots:
+        _save_plots(processor, rows, Path(args.plots), params)
+    _print_summary(rows)
+    return 0
+
+
+def _refuse_existing(args) -> None:
+    """Refuse, before any work, outputs that exist (plots: any region_*.png in the folder) without --overwrite."""
+    if args.overwrite:
+        return
+    existing = [Path(p) for p in (args.output, args.table) if p and Path(p).exists()]
+    if args.plots and Path(args.plots).is_dir():
+        existing += sorted(Path(args.plots).glob("region_*.png"))
+    if existing:
+        raise OutputError(f"Output exists: {', '.join(map(str, existing[:3]))}{' ...' if len(existing) > 3 else ''}. "
+                          "Use --overwrite to replace.")
+
+
+def _save_plots(processor, rows: list[dict], folder: Path, params) -> None:
+    from .postprocess import save_region_histogram_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for row in rows:
+        save_region_histogram_png(processor, row["id"], folder / f"region_{row['id']}.png", params)
+
+
+def _print_summary(rows: list[dict]) -> None:
+    for r in rows:
+        print(f"region {r['id']}: {r['volume_ml']:.2f} mL, mean {r['fit_M']:.1f} HU -> {r['decision']} ({r['reason']})")
+    ml = {d: sum(r["volume_ml"] for r in rows if r["decision"] == d) for d in ("tumor", "cyst")}
+    counts = {d: sum(r["decision"] == d for r in rows) for d in ("tumor", "cyst")}
+    print(f"total: {len(rows)} regions; {counts['tumor']} tumor ({ml['tumor']:.2f} mL), {counts['cyst']} cyst ({ml['cyst']:.2f} mL)")

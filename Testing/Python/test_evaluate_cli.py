@@ -1,0 +1,131 @@
+"""The evaluate command: hand-computed metrics, summaries, plot, case matching and refusals."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from LiverTumorSegLib.cli import main
+from LiverTumorSegLib.imageio import write_seg_nrrd
+from LiverTumorSegLib.volume import Volume
+
+SHAPE = (20, 40, 40)  # (z, y, x)
+SPACING_IJK = (1.0, 1.0, 2.0)
+TUMOR = (slice(5, 15), slice(10, 20), slice(10, 20))  # 1000 voxels
+SHIFTED = (slice(5, 15), slice(10, 20), slice(12, 22))  # overlaps TUMOR in 800 voxels
+CYST = (slice(2, 5), slice(25, 28), slice(25, 28))  # 27 voxels
+
+
+def _labels(tumor=None, cyst=True):
+    labels = np.zeros(SHAPE, np.uint8)
+    labels[1:19, 5:35, 5:35] = 1
+    if tumor is not None:
+        labels[tumor] = 2
+    if cyst:
+        labels[CYST] = 3
+    return labels
+
+
+def _write(labels, path, spacing=SPACING_IJK):
+    img = sitk.GetImageFromArray(labels)
+    img.SetSpacing(spacing)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path))
+    return path
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(code, err, *words):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for word in words:
+        assert word.lower() in lines[0].lower(), lines[0]
+
+
+def _metrics(out):
+    with open(out / "metrics.csv") as f:
+        return {(r["case"], r["structure"]): r for r in csv.DictReader(f)}
+
+
+@pytest.fixture
+def folders(tmp_path):
+    """Case a: tumor shifted (DSC 0.8); case b: tumor missed (labelled liver); an unmatched prediction."""
+    pred, truth = tmp_path / "pred", tmp_path / "truth"
+    _write(_labels(SHIFTED), pred / "a.nii.gz")
+    _write(_labels(TUMOR), truth / "a_label.nii.gz")
+    _write(_labels(None), pred / "b_seg.nii.gz")
+    _write(_labels(TUMOR), truth / "b_segmentation.nii.gz")
+    _write(_labels(TUMOR), pred / "extra.nii.gz")
+    return pred, truth
+
+
+def test_folders_hand_computed_metrics_and_summaries(folders, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, "evaluate", "--pred", folders[0], "--truth", folders[1], "-o", out)
+    assert code == 0, err
+    assert "extra" in err
+    rows = _metrics(out)
+    assert sorted(rows) == [(c, s) for c in "ab" for s in ("lesion", "liver", "tumor")]
+    assert float(rows["a", "tumor"]["dsc"]) == pytest.approx(0.8)
+    assert int(rows["a", "tumor"]["intersection"]) == 800
+    assert float(rows["a", "lesion"]["dsc"]) == pytest.approx(2 * 827 / 2054)
+    assert float(rows["a", "liver"]["dsc"]) == 1.0 and float(rows["b", "liver"]["dsc"]) == 1.0
+    assert float(rows["b", "tumor"]["dsc"]) == 0.0 and rows["b", "tumor"]["assd_mm"] == "nan"
+    assert float(rows["a", "tumor"]["assd_mm"]) > 0
+    summary = json.loads((out / "summary.json").read_text())["tumor"]
+    assert summary["metrics"]["dsc"]["mean"] == pytest.approx(0.4)
+    assert summary["authors_protocol"]["dsc"] == pytest.approx(0.8)
+    assert summary["authors_protocol"]["excluded"] == 1
+    assert summary["global_dice"] == pytest.approx(1600 / 3000)
+    markdown = (out / "summary.md").read_text()
+    assert "0.4000 ±" in markdown and "0.5333" in markdown
+    assert "G-UNETR++ authors' protocol, not comparable with the LiTS leaderboard: DSC 0.8000" in markdown
+    assert "0.4000 ±" in stdout
+    png = (out / "boxplot.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+
+
+def test_single_files_with_seg_nrrd_prediction(tmp_path, capsys):
+    pred = write_seg_nrrd(_labels(SHIFTED), Volume(np.zeros(SHAPE), SPACING_IJK), tmp_path / "case.seg.nrrd")
+    truth = _write(_labels(TUMOR), tmp_path / "case_labels.nii.gz")
+    code, _, err = _run(capsys, "evaluate", "--pred", pred, "--truth", truth, "-o", tmp_path / "out")
+    assert code == 0, err
+    rows = _metrics(tmp_path / "out")
+    assert list({c for c, _ in rows}) == ["case"]
+    assert float(rows["case", "tumor"]["dsc"]) == pytest.approx(0.8)
+    assert float(rows["case", "lesion"]["dsc"]) == pytest.approx(2 * 827 / 2054)
+    assert float(rows["case", "liver"]["dsc"]) == 1.0
+
+
+def test_grid_mismatch_names_the_case(folders, tmp_path, capsys):
+    _write(_labels(TUMOR), folders[1] / "a_label.nii.gz", spacing=(1.0, 1.0, 3.0))
+    code, _, err = _run(capsys, "evaluate", "--pred", folders[0], "--truth", folders[1], "-o", tmp_path / "out")
+    _one_error_line(code, err, "'a'", "grid")
+    assert not (tmp_path / "out" / "metrics.csv").exists()
+
+
+def test_no_matching_case_is_an_error(tmp_path, capsys):
+    _write(_labels(TUMOR), tmp_path / "pred" / "x.nii.gz")
+    _write(_labels(TUMOR), tmp_path / "truth" / "y_label.nii.gz")
+    code, _, err = _run(capsys, "evaluate", "--pred", tmp_path / "pred", "--truth", tmp_path / "truth", "-o", tmp_path / "out")
+    _one_error_line(code, err, "no case", "x", "y")
+
+
+def test_existing_outputs_kept_without_overwrite(folders, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.md").write_text("precious")
+    argv = ["evaluate", "--pred", folders[0], "--truth", folders[1], "-o", out]
+    code, _, err = _run(capsys, *argv)
+    _one_error_line(code, err, "exists", "--overwrite")
+    assert (out / "summary.md").read_text() == "precious" and not (out / "metrics.csv").exists()
+    assert _run(capsys, *argv, "--overwrite")[0] == 0
+    assert "DSC" in (out / "summary.md").read_text()

@@ -1,0 +1,136 @@
+"""``livertumorseg postprocess``: re-run the cyst filter on a labelmap or .seg.nrrd; refusals; real CT."""
+
+import csv
+import importlib.util
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import slicerio
+
+from conftest import REPO
+from LiverTumorSegLib.imageio import write_labels, write_seg_nrrd, write_volume
+from LiverTumorSegLib.metrics import dice
+from LiverTumorSegLib.phantom import generate_case
+from LiverTumorSegLib.postprocess import PostParams, PostProcessor
+from test_cli import _assert_clean_error, _run
+
+
+@pytest.fixture(scope="module")
+def case(tmp_path_factory):
+    """Phantom CT and labels (cysts merged into 2) on disk, and the true labels."""
+    ct, truth = generate_case(8, spacing=(1.5, 1.5, 4.0), matrix=240, orientation=False)
+    assert (truth.array == 2).any() and (truth.array == 3).any()
+    folder = tmp_path_factory.mktemp("case")
+    merged = np.where(truth.array == 3, 2, truth.array)
+    write_volume(ct, folder / "ct.nii.gz")
+    write_labels(merged, ct, folder / "labels.nii.gz")
+    write_seg_nrrd(merged, ct, folder / "labels.seg.nrrd")
+    return folder, ct, truth.array
+
+
+def _labels(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _decisions(table):
+    with open(table, newline="") as f:
+        return [row["decision"] for row in csv.DictReader(f)]
+
+
+def _postprocess(capsys, case, out, *flags, labels="labels.nii.gz"):
+    folder = case[0]
+    return _run(capsys, "postprocess", "--ct", folder / "ct.nii.gz", "--labels", folder / labels, "-o", out, *flags)
+
+
+def test_cysts_and_tumors_separated_with_table_and_plots(case, tmp_path, capsys):
+    out, table, plots = tmp_path / "out.nii.gz", tmp_path / "regions.csv", tmp_path / "plots"
+    code, stdout, err = _postprocess(capsys, case, out, "--table", table, "--plots", plots, "--dilate-iterations", "0")
+    assert code == 0, err
+    truth, labels = case[2], _labels(out)
+    assert dice(labels == 3, truth == 3) > 0.9
+    assert dice(labels == 2, truth == 2) > 0.9
+    decisions = _decisions(table)
+    assert sorted(set(decisions)) == ["cyst", "tumor"]
+    assert sorted(p.name for p in plots.iterdir()) == sorted(f"region_{i}.png" for i in range(1, len(decisions) + 1))
+    assert len(stdout.strip().splitlines()) == len(decisions) + 1 and stdout.startswith("region 1:")
+
+
+def test_no_cyst_filter_keeps_every_lesion_as_tumor(case, tmp_path, capsys):
+    out, table = tmp_path / "out.nii.gz", tmp_path / "t.csv"
+    assert _postprocess(capsys, case, out, "--table", table, "--no-cyst-filter")[0] == 0
+    labels = _labels(out)
+    assert not (labels == 3).any() and (labels == 2).sum() >= (case[2] >= 2).sum()
+    assert set(_decisions(table)) == {"tumor"}
+
+
+def test_high_threshold_turns_everything_into_cysts(case, tmp_path, capsys):
+    out, table = tmp_path / "out.nii.gz", tmp_path / "t.csv"
+    assert _postprocess(capsys, case, out, "--table", table, "--cyst-threshold", "200")[0] == 0
+    assert set(_decisions(table)) == {"cyst"}
+    assert not (_labels(out) == 2).any()
+
+
+def test_seg_nrrd_input_and_output_match_the_labelmap_run(case, tmp_path, capsys):
+    assert _postprocess(capsys, case, tmp_path / "a.nii.gz")[0] == 0
+    code, _, err = _postprocess(capsys, case, tmp_path / "b.seg.nrrd", labels="labels.seg.nrrd")
+    assert code == 0, err
+    seg = slicerio.read_segmentation(str(tmp_path / "b.seg.nrrd"))
+    voxels = slicerio.extract_segments(seg, [("Liver", 1), ("Liver tumor", 2), ("Liver cyst", 3)])["voxels"]
+    assert np.array_equal(voxels.transpose(2, 1, 0), _labels(tmp_path / "a.nii.gz"))
+
+
+@pytest.mark.parametrize("which", ["output", "table", "plot"])
+def test_existing_output_is_not_overwritten(case, tmp_path, capsys, which):
+    paths = {"output": tmp_path / "out.nii.gz", "table": tmp_path / "t.csv", "plot": tmp_path / "plots" / "region_1.png"}
+    paths[which].parent.mkdir(exist_ok=True)
+    paths[which].write_bytes(b"precious")
+    code, _, err = _postprocess(capsys, case, paths["output"], "--table", paths["table"], "--plots", paths["plot"].parent)
+    _assert_clean_error(code, err, "exists", "--overwrite", paths[which].name)
+    assert paths[which].read_bytes() == b"precious"
+    assert not any(p.exists() for k, p in paths.items() if k != which)
+    assert _postprocess(capsys, case, paths["output"], "--table", paths["table"], "--plots", paths["plot"].parent, "--overwrite")[0] == 0
+    assert paths[which].read_bytes() != b"precious"
+
+
+@pytest.mark.parametrize("name", ["shifted.nii.gz", "shifted.seg.nrrd"])
+def test_labels_on_another_grid_are_refused(case, tmp_path, capsys, name):
+    folder, ct, truth = case
+    shifted = ct.with_array(ct.array)
+    shifted.origin = tuple(o + 5.0 for o in ct.origin)
+    (write_seg_nrrd if name.endswith(".seg.nrrd") else write_labels)(truth, shifted, folder / name, overwrite=True)
+    code, _, err = _postprocess(capsys, case, tmp_path / "out.nii.gz", labels=name)
+    _assert_clean_error(code, err, "grid", name)
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_seg_nrrd_without_liver_segments_is_refused_naming_what_it_has(case, tmp_path, capsys):
+    folder, ct, truth = case
+    seg = slicerio.create_segmentation(truth.transpose(2, 1, 0).shape, ct.ijk_to_lps())
+    slicerio.add_segment(seg, truth.transpose(2, 1, 0) == 1, {"name": "Spleen"})
+    slicerio.write_segmentation(str(tmp_path / "other.seg.nrrd"), seg)
+    code, _, err = _run(capsys, "postprocess", "--ct", folder / "ct.nii.gz", "--labels", tmp_path / "other.seg.nrrd",
+                        "-o", tmp_path / "out.nii.gz")
+    _assert_clean_error(code, err, "Liver tumor", "found: Spleen")
+
+
+def _ircad_script():
+    spec = importlib.util.spec_from_file_location("ircad_cyst_filter", REPO / "scripts" / "ircad_cyst_filter.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_real_ct_filter_keeps_every_ircad_tumor(shared_data):
+    """3D-IRCADb 1.1, expert masks as candidates (merged in memory only; the data is CC BY-NC-ND)."""
+    script = _ircad_script()
+    ct, labels, truth = script.load_case(shared_data("ircad-1.1/ct.nii.gz").parent)
+    _, rows = PostProcessor(ct, labels).apply(PostParams())
+    names = script.truth_of_regions(labels, rows, truth)
+    for name in script.LESIONS[:-1]:
+        hits = [r for r in rows if name in names[r["id"]]]
+        assert hits, name
+        for r in hits:
+            assert r["decision"] == "tumor" and 70 <= r["fit_M"] <= 135, (name, r)
+    cyst = [r for r in rows if "liverkyst" in names[r["id"]]]
+    assert len(cyst) == 1 and cyst[0]["reason"]
