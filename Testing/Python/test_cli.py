@@ -1,5 +1,6 @@
 """The livertumorseg command: outputs, geometry, refusals with one clear message and exit code."""
 
+import json
 import shutil
 
 import numpy as np
@@ -161,3 +162,16 @@ def test_models_lists_bundled(capsys):
     code, out, _ = _run(capsys, "models")
     assert code == 0 and "phantom-small" in out
     assert "not available" not in out and out.count("metrics:") == 2
+
+
+def test_demo_writes_every_output(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, err = _run(capsys, "demo", "-o", out, "--fast")
+    assert code == 0, err
+    names = {"ct.nii.gz", "truth.nii.gz", "segmentation.seg.nrrd", "labels.nii.gz", "regions.csv", "report.json", "overlay.png"}
+    assert names <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "report.json").read_text())
+    assert report["dice_vs_phantom_truth"]["liver"] > 0.9 and "NOT FOR CLINICAL USE" in report["intended_use"]
+    assert _geometry(out / "labels.nii.gz") == _geometry(out / "ct.nii.gz")
+    code, _, err = _run(capsys, "demo", "-o", out, "--fast")  # a second run must not replace it silently
+    _assert_clean_error(code, err, "--overwrite")
