@@ -7,8 +7,10 @@ Order of operations (fixed):
 2. 3-D regions: 26-connected components of the candidates (cc3d); a region's id is its cc3d
    label (raster order, so stable for a given input);
 3. per-region HU fit on the original unclipped CT (cached per (bin width, smoothing));
-4. decision: a manual override, else cyst iff the fitted mean M < threshold (filter on);
-5. relabel: tumor 2, cyst 3 (cysts are set aside, never deleted); other input lesion voxels -> 1;
+4. decision: a manual override; else, with the filter on, "not tissue" iff the fitted mean M is
+   below ``min_tissue_hu`` (gas or fat: no lesion has such HU), cyst iff M < threshold, else tumor;
+5. relabel: tumor 2, cyst 3 (cysts are set aside, never deleted), not tissue 0 (kept in the table,
+   removed from the labels); other input lesion voxels -> 1;
 6. small-tumor dilation of kept tumors, per axial slice (array axis 0), inside the liver.
 
 The Gaussian model is f(HU) = A / sqrt(2 pi S^2) * exp(-(HU - M)^2 / (2 S^2)), fitted to the
@@ -33,6 +35,7 @@ from scipy import ndimage, optimize
 from .volume import Volume
 
 MAX_DILATE_ITERATIONS = 3
+DECISION_LABELS = {"tumor": 2, "cyst": 3, "not tissue": 0}
 MIN_R2 = 0.8  # below this a single Gaussian does not describe the histogram (e.g. bimodal)
 _MAD_TO_SD = 1.4826
 # 3x3 cross (4) or 3x3 square (8) in the middle plane of a 3x3x3 element: every slice on its own
@@ -46,6 +49,7 @@ class PostParams:
 
     cyst_filter: bool = True
     cyst_threshold_hu: float = 45.0
+    min_tissue_hu: float = -100.0
     min_region_voxels: int = 20
     bin_width_hu: float = 5.0
     smoothing_bins: float = 1.0
@@ -177,7 +181,7 @@ class PostProcessor:
         rows = []
         for region, fit in zip(self._regions, self._fits_for(params.bin_width_hu, params.smoothing_bins)):
             row = self._row(region, fit, params, overrides.get(region.id))
-            flat[region.index] = 2 if row["decision"] == "tumor" else 3
+            flat[region.index] = DECISION_LABELS[row["decision"]]
             rows.append(row)
         for region, row in zip(self._regions, rows):
             if row["decision"] == "tumor":
@@ -214,9 +218,12 @@ class PostProcessor:
         elif not params.cyst_filter:
             decision, reason = "tumor", "cyst filter off"
         else:
-            decision = "cyst" if M < threshold else "tumor"
             what = f"fallback median {M:.1f} HU ({fallback})" if fallback else f"fitted mean {M:.1f} HU"
-            reason = f"{what} {'<' if decision == 'cyst' else '>='} {threshold:g} HU threshold"
+            if M < params.min_tissue_hu:
+                decision, reason = "not tissue", f"{what} < {params.min_tissue_hu:g} HU: gas or fat, not a lesion (removed)"
+            else:
+                decision = "cyst" if M < threshold else "tumor"
+                reason = f"{what} {'<' if decision == 'cyst' else '>='} {threshold:g} HU threshold"
         k, j, i = region.centroid
         lps = self.ct.ijk_to_lps() @ (i, j, k, 1.0)
         return {

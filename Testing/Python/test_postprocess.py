@@ -167,6 +167,25 @@ def test_ill_posed_fits_fall_back():
         assert row["decision"] == ("cyst" if row["fit_M"] < 45 else "tumor")
 
 
+def test_gas_region_is_not_tissue_and_removed():
+    """A 'lesion' of gas (e.g. a false positive in bowel next to the liver) is no cyst."""
+    labels = np.zeros((6, 40, 40), np.uint8)
+    labels[:, 2:38, 2:38] = 1
+    labels[:, 5:12, 5:12] = 2  # gas
+    labels[:, 20:30, 20:30] = 2  # a real tumor
+    rng = np.random.default_rng(1)
+    ct = np.full(labels.shape, 100.0) + rng.normal(0, 8, labels.shape)
+    ct[:, 5:12, 5:12] = -900 + rng.normal(0, 20, (6, 7, 7))
+    ct[:, 20:30, 20:30] -= 15
+    proc = PostProcessor(Volume(np.round(ct).astype(np.int16), (1.0, 1.0, 2.0)), labels)
+    out, rows = proc.apply(PostParams(dilate_iterations=0))
+    gas, tumor = sorted(rows, key=lambda r: r["fit_M"])
+    assert gas["decision"] == "not tissue" and "gas or fat" in gas["reason"] and tumor["decision"] == "tumor"
+    assert not out[:, 5:12, 5:12].any() and (out[:, 20:30, 20:30] == 2).all()
+    assert (proc.apply(PostParams(dilate_iterations=0), {gas["id"]: "cyst"})[0][:, 5:12, 5:12] == 3).all()
+    assert (proc.apply(PostParams(cyst_filter=False, dilate_iterations=0))[0][:, 5:12, 5:12] == 2).all()
+
+
 def test_empty_input_is_unchanged():
     labels = np.zeros((4, 20, 20), np.uint8)
     labels[:, 5:15, 5:15] = 1
