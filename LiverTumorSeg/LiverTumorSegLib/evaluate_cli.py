@@ -130,7 +130,7 @@ def _mean_sd(values) -> dict:
 
 
 def summarize_structures(rows: list[dict]) -> dict:
-    """Per structure: per-case mean ± sd of each table metric, global Dice and the authors' protocol DSC."""
+    """Per structure: per-case mean +/- sd of each table metric, global Dice and the authors' protocol DSC."""
     summary = {}
     for structure in STRUCTURES:
         subset = [row for row in rows if row["structure"] == structure]
@@ -149,11 +149,11 @@ def summary_markdown(summary: dict) -> str:
     """A Markdown table per structure, with the authors' protocol DSC below it, labelled."""
     parts = []
     for structure, s in summary.items():
-        lines = [f"## {structure} ({s['cases']} cases)", "", "| metric | per-case mean ± sd | cases (skipped) |",
+        lines = [f"## {structure} ({s['cases']} cases)", "", "| metric | per-case mean +/- sd | cases (skipped) |",
                  "|---|---|---|"]
         for label, key in TABLE_ROWS:
             m = s["metrics"][key]
-            lines.append(f"| {label} | {m['mean']:.4f} ± {m['sd']:.4f} | {m['cases']} ({m['skipped']}) |")
+            lines.append(f"| {label} | {m['mean']:.4f} +/- {m['sd']:.4f} | {m['cases']} ({m['skipped']}) |")
         lines.append(f"| global Dice (pooled voxels) | {s['global_dice']:.4f} | {s['cases']} (0) |")
         a = s["authors_protocol"]
         lines += ["", f"{a['label']}: DSC {a['dsc']:.4f} ({a['excluded']} zero-Dice or both-empty cases excluded).", ""]

@@ -398,14 +398,14 @@ def write_json(obj, path, *, overwrite: bool = False) -> Path:
     """Write a JSON document atomically (a report, a table)."""
     path, suffix = _output_path(path, (".json",), overwrite)
     text = json.dumps(obj, indent=2)
-    _write_atomically(path, suffix, lambda tmp: tmp.write_text(text))
+    _write_atomically(path, suffix, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
 
 def write_text(text: str, path, suffixes=(".csv", ".md", ".txt"), *, overwrite: bool = False) -> Path:
     """Write a text file (a CSV table, a Markdown report) atomically."""
     path, suffix = _output_path(path, suffixes, overwrite)
-    _write_atomically(path, suffix, lambda tmp: tmp.write_text(text))
+    _write_atomically(path, suffix, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
 
 

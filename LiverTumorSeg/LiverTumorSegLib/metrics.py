@@ -40,7 +40,7 @@ def dice(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 def overlap_metrics(n_pred: int, n_truth: int, n_inter: int) -> dict:
-    """DSC, VOE, RAVD (signed and absolute), precision and recall from voxel counts |A|, |B|, |A∩B|."""
+    """DSC, VOE, RAVD (signed and absolute), precision and recall from voxel counts |A|, |B|, |A and B|."""
     if n_pred == 0 and n_truth == 0:
         return {"dsc": 1.0, "voe": 0.0, "ravd": 0.0, "abs_ravd": 0.0, "precision": 1.0, "recall": 1.0}
     ravd = (n_pred - n_truth) / n_truth if n_truth else math.inf
@@ -134,7 +134,7 @@ def summarize(rows: Sequence[dict], key: str = "dsc") -> dict:
 
     * ``mean``/``sd`` of ``key`` over all cases (a missed case counts with its value, e.g. DSC 0;
       sd is the population sd, ddof=0);
-    * ``global_dice``: 2 * sum |A∩B| / sum (|A| + |B|) over the pooled voxels (1.0 if all empty);
+    * ``global_dice``: 2 * sum |A and B| / sum (|A| + |B|) over the pooled voxels (1.0 if all empty);
     * ``authors_protocol_mean``: mean of ``key`` excluding cases with DSC 0 and cases with both
       masks empty, as the G-UNETR++ authors reported; ``authors_protocol_excluded`` counts them;
     * ``voe``, ``ravd``, ``abs_ravd``, ``assd_mm``, ``hd95_mm``: means skipping nan/inf, with counts.

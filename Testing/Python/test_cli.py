@@ -54,7 +54,7 @@ def test_segment_writes_seg_nrrd_and_labelmap_on_input_grid(ct_file, tmp_path, c
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(lab)))
     extracted = slicerio.extract_segments(s, [("Liver", 1), ("Liver tumor", 2), ("Liver cyst", 3)])["voxels"]
     assert np.array_equal(extracted.transpose(2, 1, 0), labels)
-    assert (labels == 1).sum() > 1000 and '"timings"' in rep.read_text()
+    assert (labels == 1).sum() > 1000 and '"timings"' in rep.read_text(encoding="utf-8")
 
 
 def test_segment_applies_postprocessing_and_writes_the_table(ct_file, tmp_path, capsys):
@@ -64,7 +64,7 @@ def test_segment_applies_postprocessing_and_writes_the_table(ct_file, tmp_path, 
     raw_l, post_l = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in (raw, post))
     assert set(np.unique(raw_l)) <= {0, 1, 2} and (raw_l == 2).any()
     assert not (post_l == 2).any() and (post_l == 3).sum() >= (raw_l == 2).sum()  # every lesion below 200 HU -> cyst
-    rows = table.read_text().splitlines()
+    rows = table.read_text(encoding="utf-8").splitlines()
     assert rows[0].startswith("id,decision,reason") and len(rows) > 1 and all(",cyst," in r for r in rows[1:])
 
 
@@ -170,7 +170,7 @@ def test_demo_writes_every_output(tmp_path, capsys):
     assert code == 0, err
     names = {"ct.nii.gz", "truth.nii.gz", "segmentation.seg.nrrd", "labels.nii.gz", "regions.csv", "report.json", "overlay.png"}
     assert names <= {p.name for p in out.iterdir()}
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["dice_vs_phantom_truth"]["liver"] > 0.9 and "NOT FOR CLINICAL USE" in report["intended_use"]
     assert _geometry(out / "labels.nii.gz") == _geometry(out / "ct.nii.gz")
     code, _, err = _run(capsys, "demo", "-o", out, "--fast")  # a second run must not replace it silently

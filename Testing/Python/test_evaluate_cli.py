@@ -80,15 +80,15 @@ def test_folders_hand_computed_metrics_and_summaries(folders, tmp_path, capsys):
     assert float(rows["a", "liver"]["dsc"]) == 1.0 and float(rows["b", "liver"]["dsc"]) == 1.0
     assert float(rows["b", "tumor"]["dsc"]) == 0.0 and rows["b", "tumor"]["assd_mm"] == "nan"
     assert float(rows["a", "tumor"]["assd_mm"]) > 0
-    summary = json.loads((out / "summary.json").read_text())["tumor"]
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))["tumor"]
     assert summary["metrics"]["dsc"]["mean"] == pytest.approx(0.4)
     assert summary["authors_protocol"]["dsc"] == pytest.approx(0.8)
     assert summary["authors_protocol"]["excluded"] == 1
     assert summary["global_dice"] == pytest.approx(1600 / 3000)
-    markdown = (out / "summary.md").read_text()
-    assert "0.4000 ±" in markdown and "0.5333" in markdown
+    markdown = (out / "summary.md").read_text(encoding="utf-8")
+    assert "0.4000 +/-" in markdown and "0.5333" in markdown
     assert "G-UNETR++ authors' protocol, not comparable with the LiTS leaderboard: DSC 0.8000" in markdown
-    assert "0.4000 ±" in stdout
+    assert "0.4000 +/-" in stdout
     png = (out / "boxplot.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
 
@@ -126,6 +126,6 @@ def test_existing_outputs_kept_without_overwrite(folders, tmp_path, capsys):
     argv = ["evaluate", "--pred", folders[0], "--truth", folders[1], "-o", out]
     code, _, err = _run(capsys, *argv)
     _one_error_line(code, err, "exists", "--overwrite")
-    assert (out / "summary.md").read_text() == "precious" and not (out / "metrics.csv").exists()
+    assert (out / "summary.md").read_text(encoding="utf-8") == "precious" and not (out / "metrics.csv").exists()
     assert _run(capsys, *argv, "--overwrite")[0] == 0
-    assert "DSC" in (out / "summary.md").read_text()
+    assert "DSC" in (out / "summary.md").read_text(encoding="utf-8")

@@ -10,14 +10,14 @@ FORBIDDEN = {"slicer", "qt", "ctk", "vtk", "PythonQt"}
 
 
 def test_every_core_python_file_is_listed_in_module_cmake():
-    cmake = (REPO / "LiverTumorSeg" / "CMakeLists.txt").read_text()
+    cmake = (REPO / "LiverTumorSeg" / "CMakeLists.txt").read_text(encoding="utf-8")
     listed = set(re.findall(r"LiverTumorSegLib/[\w/]+\.py", cmake))
     on_disk = {p.relative_to(REPO / "LiverTumorSeg").as_posix() for p in LIB.rglob("*.py")}
     assert on_disk == listed
 
 
 def test_bundled_weights_are_listed_and_small():
-    cmake = (REPO / "LiverTumorSeg" / "CMakeLists.txt").read_text()
+    cmake = (REPO / "LiverTumorSeg" / "CMakeLists.txt").read_text(encoding="utf-8")
     files = sorted((LIB / "weights").rglob("*.ltsm"))
     assert [f.name for f in files] == ["liver.ltsm", "tumor.ltsm"]
     for f in files:
@@ -27,14 +27,14 @@ def test_bundled_weights_are_listed_and_small():
 
 def test_core_does_not_import_slicer_or_qt():
     for path in LIB.rglob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert name.split(".")[0] not in FORBIDDEN, f"{path.name} imports {name}"
 
 
 def test_extension_metadata():
-    s4ext = (REPO / "LiverTumorSeg.s4ext").read_text()
+    s4ext = (REPO / "LiverTumorSeg.s4ext").read_text(encoding="utf-8")
     assert "category Segmentation" in s4ext and "depends PyTorch" in s4ext
-    top = (REPO / "CMakeLists.txt").read_text()
+    top = (REPO / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "find_package(Slicer REQUIRED)" in top and "add_subdirectory(LiverTumorSeg)" in top

@@ -29,4 +29,4 @@ def test_segment_real_ct(relpath, shared_data, tmp_path, capsys):
     assert np.allclose(img.GetSpacing(), ref.spacing, atol=1e-6)
     assert np.allclose(img.GetOrigin(), ref.origin, atol=1e-5)
     assert np.allclose(np.reshape(img.GetDirection(), (3, 3)), ref.direction, atol=1e-6)
-    assert json.loads(report.read_text())["input"] == str(src)
+    assert json.loads(report.read_text(encoding="utf-8"))["input"] == str(src)
