@@ -95,13 +95,29 @@ def paper_models(folder: Path) -> tuple[Path, Path]:
     return tuple(paths)
 
 
-def run_child(spec: dict) -> dict:
+def run_child(spec: dict, code: Path | None = None) -> dict:
+    """Run CHILD on ``spec``; ``code`` is another checkout's LiverTumorSeg folder to measure instead."""
     env = dict(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = str(code)
     proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(spec)], capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(proc.stderr[-2000:])
     return json.loads(lines[-1][7:])
+
+
+def ram_run(code: Path | None) -> dict:
+    """Small config --fast on a 512x512x500 phantom (seed 12): time and peak RSS."""
+    from LiverTumorSegLib.registry import model_files
+
+    liver, tumor = model_files("phantom-small")
+    with tempfile.TemporaryDirectory() as tmp:
+        ct500, lab500 = phantom_with_slices(12, 500, Path(tmp))
+        spec = {"ct": str(ct500), "truth": str(lab500), "liver": str(liver), "tumor": str(tumor), "fast": True, "truth_liver": False}
+        r = run_child(spec, code)
+    print(f"\n512x512x500 phantom, small --fast ({code or 'this checkout'}): {r['liver_s'] + r['tumor_s']:.1f} s, peak RAM {r['peak_rss_gb']:.2f} GB")
+    return r
 
 
 def tile_latency(cfg, amp, repeats=5) -> float:
@@ -129,7 +145,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="skip the paper two-stage runs and the 500-slice RAM run")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--ram-only", action="store_true", help="only the 512x512x500 peak-RAM run")
+    ap.add_argument("--code", type=Path, help="for --ram-only: the LiverTumorSeg folder of another checkout (before/after)")
     args = ap.parse_args(argv)
+    if args.ram_only:
+        ram_run(args.code)
+        return
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"}
     print(f"# machine: {results['machine']}\n")
 
@@ -155,11 +176,8 @@ def main(argv=None):
             results[f"two_stage_{cfg_name}_{mode}"] = r
             print(f"| {cfg_name} | {mode} | {r['liver_s']:.1f} | {r['tumor_s']:.1f} | {r['liver_s'] + r['tumor_s']:.1f} | "
                   f"{r['tiles']['liver']} + {r['tiles']['tumor']} | {r['peak_rss_gb']:.2f} |")
-        if not args.quick:
-            ct500, lab500 = phantom_with_slices(12, 500, tmp)
-            r = run_child({"ct": str(ct500), "truth": str(lab500), "liver": str(liver), "tumor": str(tumor), "fast": True, "truth_liver": False})
-            results["ram_512x512x500_small_fast"] = r
-            print(f"\n512x512x500 phantom, small --fast: {r['liver_s'] + r['tumor_s']:.1f} s, peak RAM {r['peak_rss_gb']:.2f} GB")
+    if not args.quick:
+        results["ram_512x512x500_small_fast"] = ram_run(None)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 
