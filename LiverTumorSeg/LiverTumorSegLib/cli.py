@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import Cancelled, InputError, LiverTumorSegError, OutputError
+from .imageio import check_suffix
 
 LABEL_EXTS = (".nii.gz", ".nii", ".nrrd", ".mha")
 INPUT_EXTS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -70,6 +71,12 @@ def _plan(args) -> list[tuple[Path, Path]]:
     else:
         output_kind(dst)
         pairs = [(src, dst)]
+    for given, suffix, what in ((args.table, ".csv", "--table"), (args.probabilities, ".npz", "--probabilities"),
+                                (args.report, ".json", "--report")):
+        check_suffix(given, suffix, what)
+    inputs = {c.resolve() for c, _ in pairs}
+    if any(o.resolve() in inputs for _, o in pairs):
+        raise OutputError("An output would replace its own input: choose another output folder or format.")
     outputs = [o for _, o in pairs]
     dupes = sorted({o.name for o in outputs if outputs.count(o) > 1})
     if dupes:
@@ -134,10 +141,12 @@ def cmd_segment(args) -> int:
     for src, dst in pairs:
         try:
             reports.append(_segment_one(src, dst, liver, tumor, dev, args))
-        except LiverTumorSegError as err:
+        except Exception as err:  # noqa: BLE001 - one bad case must not stop a batch
             if len(pairs) == 1:
                 raise
             failed += 1
+            if not isinstance(err, LiverTumorSegError):
+                err = f"unexpected failure: {type(err).__name__}: {err}"
             print(f"error: {src.name}: {err}", file=sys.stderr)
             reports.append({"input": str(src), "error": str(err)})
     if args.report:

@@ -16,7 +16,7 @@ import numpy as np
 
 from .cli import LABEL_EXTS, extension_of
 from .errors import InputError, OutputError
-from .imageio import read_labels, write_json, write_text
+from .imageio import read_labels, same_grid, write_json, write_text
 from .metrics import case_metrics, summarize
 
 STRUCTURES = {
@@ -69,7 +69,10 @@ def _refuse_existing(out: Path, overwrite: bool) -> None:
 
 def case_name(path: Path) -> str:
     """File name without its extension and without a trailing ``_label``-like suffix."""
-    stem = path.name[: -len(extension_of(path, LABEL_EXTS))]
+    ext = extension_of(path, LABEL_EXTS)
+    if ext is None:
+        raise InputError(f"'{path.name}' is not a label map (.seg.nrrd, {', '.join(LABEL_EXTS)}).")
+    stem = path.name[: -len(ext)]
     suffix = next((s for s in NAME_SUFFIXES if stem.lower().endswith(s) and len(stem) > len(s)), "")
     return stem[: len(stem) - len(suffix)]
 
@@ -110,9 +113,10 @@ def match_cases(pred: Path, truth: Path) -> list[tuple[str, Path, Path]]:
 def evaluate_case(name: str, pred_path: Path, truth_path: Path) -> list[dict]:
     """One row per structure: case, structure and every ``case_metrics`` value."""
     pred, truth = read_labels(pred_path), read_labels(truth_path)
-    if pred.array.shape != truth.array.shape or not np.allclose(pred.spacing, truth.spacing, atol=SPACING_TOL):
+    if not same_grid(pred, truth, SPACING_TOL):
         raise InputError(f"Case '{name}': prediction and truth are on different grids (shape "
-                         f"{pred.shape_ijk} vs {truth.shape_ijk}, spacing {pred.spacing} vs {truth.spacing}).")
+                         f"{pred.shape_ijk} vs {truth.shape_ijk}, spacing {pred.spacing} vs {truth.spacing}, "
+                         "or another origin or direction).")
     spacing_zyx = truth.spacing[::-1]
     return [{"case": name, "structure": structure, **case_metrics(mask(pred.array), mask(truth.array), spacing_zyx)}
             for structure, mask in STRUCTURES.items()]

@@ -378,6 +378,12 @@ def _output_path(path, suffixes, overwrite: bool) -> tuple[Path, str]:
     return path, suffix
 
 
+def check_suffix(path, suffix: str, what: str) -> None:
+    """Refuse, before any work, an output name without the ending its writer needs."""
+    if path and not str(path).lower().endswith(suffix):
+        raise OutputError(f"{what} must end with {suffix}: '{path}'.")
+
+
 def _write_atomically(path: Path, suffix: str, write) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then move it into place."""
     tmp = path.with_name(f".{path.name[:-len(suffix)]}.{secrets.token_hex(4)}.tmp{suffix}")

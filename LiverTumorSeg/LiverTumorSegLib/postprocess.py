@@ -175,7 +175,7 @@ class PostProcessor:
         """New labels (uint8, 0 bg 1 liver 2 tumor 3 cyst) and the region table for ``params``."""
         overrides = self._checked(overrides or {})
         if not self._regions:
-            return self._labels.copy(), []
+            return self._base.copy(), []
         out = self._base.copy()
         flat = out.reshape(-1)
         rows = []

@@ -6,6 +6,7 @@ from pathlib import Path
 
 
 from .errors import OutputError
+from .imageio import check_suffix
 
 # Slicer segment names (compared case-insensitively) -> our label values
 
@@ -34,6 +35,9 @@ def run_postprocess(args) -> int:
 
 def _refuse_existing(args) -> None:
     """Refuse, before any work, outputs that exist (plots: any region_*.png in the folder) without --overwrite."""
+    if args.plots and Path(args.plots).exists() and not Path(args.plots).is_dir():
+        raise OutputError(f"--plots must name a folder; {args.plots} is a file.")
+    check_suffix(args.table, ".csv", "--table")
     if args.overwrite:
         return
     existing = [Path(p) for p in (args.output, args.table) if p and Path(p).exists()]

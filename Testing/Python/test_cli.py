@@ -175,3 +175,23 @@ def test_demo_writes_every_output(tmp_path, capsys):
     assert _geometry(out / "labels.nii.gz") == _geometry(out / "ct.nii.gz")
     code, _, err = _run(capsys, "demo", "-o", out, "--fast")  # a second run must not replace it silently
     _assert_clean_error(code, err, "--overwrite")
+
+
+@pytest.mark.parametrize("flag,value,words", [("--table", "regions.txt", ["--table", ".csv"]),
+                                              ("--probabilities", "p.cache", ["--probabilities", ".npz"]),
+                                              ("--report", "r.txt", ["--report", ".json"])])
+def test_side_output_names_checked_before_any_work(ct_file, tmp_path, capsys, flag, value, words):
+    out = tmp_path / "l.nii.gz"
+    code, _, err = _run(capsys, "segment", ct_file, "-o", out, flag, tmp_path / value)
+    _assert_clean_error(code, err, *words)
+    assert not out.exists()
+
+
+def test_output_never_replaces_its_input(ct_file, tmp_path, capsys):
+    src = tmp_path / "cases"
+    src.mkdir()
+    shutil.copy(ct_file, src / "a.nii.gz")
+    before = (src / "a.nii.gz").read_bytes()
+    code, _, err = _run(capsys, "segment", src, "-o", src, "--format", ".nii.gz", "--overwrite")
+    _assert_clean_error(code, err, "replace its own input")
+    assert (src / "a.nii.gz").read_bytes() == before

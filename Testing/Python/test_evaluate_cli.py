@@ -129,3 +129,15 @@ def test_existing_outputs_kept_without_overwrite(folders, tmp_path, capsys):
     assert (out / "summary.md").read_text(encoding="utf-8") == "precious" and not (out / "metrics.csv").exists()
     assert _run(capsys, *argv, "--overwrite")[0] == 0
     assert "DSC" in (out / "summary.md").read_text(encoding="utf-8")
+
+
+def test_prediction_with_another_origin_is_refused(tmp_path, capsys):
+    labels = np.zeros((8, 16, 16), np.uint8)
+    labels[2:6, 4:12, 4:12] = 1
+    truth, pred = sitk.GetImageFromArray(labels), sitk.GetImageFromArray(labels)
+    pred.SetOrigin((5.0, 0.0, 0.0))  # same shape and spacing, shifted: voxel-wise scores would be wrong
+    sitk.WriteImage(truth, str(tmp_path / "t.nii.gz"))
+    sitk.WriteImage(pred, str(tmp_path / "p.nii.gz"))
+    code = main(["evaluate", "--pred", str(tmp_path / "p.nii.gz"), "--truth", str(tmp_path / "t.nii.gz"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "different grids" in err and "Traceback" not in err
