@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import Cancelled, InputError, LiverTumorSegError, OutputError
-from .imageio import check_suffix
+from .imageio import check_suffix, refuse_existing
 
 LABEL_EXTS = (".nii.gz", ".nii", ".nrrd", ".mha")
 INPUT_EXTS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -86,10 +86,7 @@ def _plan(args) -> list[tuple[Path, Path]]:
             outputs += [_side_path(o, given, suffix, args) for _, o in pairs]
     if args.report:
         outputs.append(Path(args.report))
-    if not args.overwrite:
-        existing = [str(o) for o in outputs if o.exists()]
-        if existing:
-            raise OutputError(f"Output exists: {', '.join(existing[:3])}{' ...' if len(existing) > 3 else ''}. Use --overwrite to replace.")
+    refuse_existing(outputs, args.overwrite)
     return pairs
 
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from .cli import LABEL_EXTS, extension_of
 from .errors import InputError, OutputError
-from .imageio import read_labels, same_grid, write_json, write_text
+from .imageio import read_labels, refuse_existing, same_grid, write_json, write_text
 from .metrics import case_metrics, summarize
 
 STRUCTURES = {
@@ -59,9 +59,7 @@ def run_evaluate(args) -> int:
 def _refuse_existing(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise OutputError(f"The output must be a folder; {out} is a file.")
-    existing = [str(out / name) for name in OUTPUTS if (out / name).exists()]
-    if existing and not overwrite:
-        raise OutputError(f"Output exists: {', '.join(existing)}. Use --overwrite to replace.")
+    refuse_existing([out / name for name in OUTPUTS], overwrite)
 
 
 # ---------------------------------------------------------------- cases

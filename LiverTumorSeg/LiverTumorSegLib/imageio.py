@@ -378,6 +378,14 @@ def _output_path(path, suffixes, overwrite: bool) -> tuple[Path, str]:
     return path, suffix
 
 
+def refuse_existing(paths, overwrite: bool) -> None:
+    """Refuse, before any work, to replace existing outputs unless ``overwrite``."""
+    existing = [str(p) for p in paths if p and Path(p).exists()]
+    if existing and not overwrite:
+        more = " ..." if len(existing) > 3 else ""
+        raise OutputError(f"Output exists: {', '.join(existing[:3])}{more}. Use --overwrite to replace.")
+
+
 def check_suffix(path, suffix: str, what: str) -> None:
     """Refuse, before any work, an output name without the ending its writer needs."""
     if path and not str(path).lower().endswith(suffix):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from monai.losses import HausdorffDTLoss
 
 DS_WEIGHTS = (4 / 7, 2 / 7, 1 / 7)
-"""Deep-supervision weights of the [full, 1/2, 1/4] outputs (as ``trainer.DS_WEIGHTS``)."""
+"""Deep-supervision weights of the [full, 1/2, 1/4] outputs (1, 1/2, 1/4 normalised)."""
 
 def _foreground(logits: torch.Tensor) -> torch.Tensor:
     """Softmax probability of class 1."""

@@ -12,6 +12,7 @@ from scipy import ndimage
 
 from . import devices
 from .imageio import check_ct, write_npz
+from .masks import bounding_box
 from .modelfile import StageModel
 from .orientation import to_canonical
 from .preprocess import model_shape, model_spacing, resize, scale_hu
@@ -63,11 +64,6 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
         return mask
     lab = cc3d.largest_k(mask.astype(np.uint8), k=1, connectivity=26)
     return ndimage.binary_fill_holes(lab > 0)
-
-
-def bounding_box(mask: np.ndarray, margin_vox) -> tuple[slice, ...]:
-    idx = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax))) for ax in range(3)]
-    return tuple(slice(max(int(i[0]) - m, 0), min(int(i[-1]) + 1 + m, n)) for i, m, n in zip(idx, margin_vox, mask.shape))
 
 
 class _Progress:
@@ -200,7 +196,7 @@ def segment(
 
     labels = reorient.from_canonical(labels)
     tumor_full = reorient.from_canonical(tumor_u8)
-    orig_box = bounding_box(tumor_full > 0, (0, 0, 0)) if tumor_full.any() else (slice(0, 0),) * 3
+    orig_box = bounding_box(tumor_full > 0) or (slice(0, 0),) * 3
     probs = Probabilities(reorient.from_canonical(liver_u8), tumor_full[orig_box].copy(), orig_box)
     timings["total_s"] = time.perf_counter() - t0
     prog.message(1.0, "Done")

@@ -32,6 +32,7 @@ import cc3d
 import numpy as np
 from scipy import ndimage, optimize
 
+from .masks import bounding_box
 from .volume import Volume
 
 MAX_DILATE_ITERATIONS = 3
@@ -254,7 +255,7 @@ def _estimate(hu: np.ndarray, fit: Fit, min_voxels: int) -> tuple[float, float, 
 
 def _find_regions(ct: np.ndarray, liver: np.ndarray, candidates: np.ndarray) -> list[_Region]:
     """3-D regions of the candidates, each with its crops, flat indices and HU values."""
-    box = _bounding_box(candidates, pad=MAX_DILATE_ITERATIONS)
+    box = bounding_box(candidates, (0, MAX_DILATE_ITERATIONS, MAX_DILATE_ITERATIONS))  # room to dilate in-plane
     if box is None:
         return []
     components = cc3d.connected_components(candidates[box], connectivity=26)
@@ -277,18 +278,6 @@ def _find_regions(ct: np.ndarray, liver: np.ndarray, candidates: np.ndarray) -> 
             centroid=tuple(float(c.mean()) for c in full),
         ))
     return regions
-
-
-def _bounding_box(mask: np.ndarray, pad: int) -> tuple[slice, ...] | None:
-    """Bounding box of ``mask``, padded in-plane (axes 1, 2) by ``pad``; None when empty."""
-    box = []
-    for axis in range(3):
-        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        if hit.size == 0:
-            return None
-        margin = pad if axis else 0
-        box.append(slice(max(hit[0] - margin, 0), min(hit[-1] + 1 + margin, mask.shape[axis])))
-    return tuple(box)
 
 
 def _padded(found: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 
 from .errors import OutputError
-from .imageio import check_suffix
+from .imageio import check_suffix, refuse_existing
 
 # Slicer segment names (compared case-insensitively) -> our label values
 
@@ -38,14 +38,8 @@ def _refuse_existing(args) -> None:
     if args.plots and Path(args.plots).exists() and not Path(args.plots).is_dir():
         raise OutputError(f"--plots must name a folder; {args.plots} is a file.")
     check_suffix(args.table, ".csv", "--table")
-    if args.overwrite:
-        return
-    existing = [Path(p) for p in (args.output, args.table) if p and Path(p).exists()]
-    if args.plots and Path(args.plots).is_dir():
-        existing += sorted(Path(args.plots).glob("region_*.png"))
-    if existing:
-        raise OutputError(f"Output exists: {', '.join(map(str, existing[:3]))}{' ...' if len(existing) > 3 else ''}. "
-                          "Use --overwrite to replace.")
+    plots = sorted(Path(args.plots).glob("region_*.png")) if args.plots and Path(args.plots).is_dir() else []
+    refuse_existing([args.output, args.table, *plots], args.overwrite)
 
 
 def _save_plots(processor, rows: list[dict], folder: Path, params) -> None:

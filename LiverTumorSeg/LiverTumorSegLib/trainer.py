@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
+from .losses import DS_WEIGHTS, resize_target
 from .netconfig import NetConfig
 from .network import GUNETRpp
 from .orientation import to_canonical
@@ -22,7 +22,6 @@ from .pipeline import liver_stage_input, tumor_stage_input
 from .preprocess import resize_labels
 from .volume import Volume
 
-DS_WEIGHTS = (4 / 7, 2 / 7, 1 / 7)
 LESION_LABELS = (2, 3)
 
 
@@ -93,11 +92,7 @@ class PatchSampler:
 
 def deep_supervision_loss(outputs, target, loss_fn) -> torch.Tensor:
     """Weighted loss over [full, 1/2, 1/4] outputs; targets reduced by nearest neighbour."""
-    total = 0.0
-    for w, out in zip(DS_WEIGHTS, outputs):
-        t = target if out.shape[2:] == target.shape[2:] else F.interpolate(target.float(), size=out.shape[2:], mode="nearest").long()
-        total = total + w * loss_fn(out, t)
-    return total
+    return sum(w * loss_fn(out, resize_target(target, out.shape[2:])) for w, out in zip(DS_WEIGHTS, outputs))
 
 
 def train(samples, cfg: TrainConfig, progress=None, checkpoint=None, checkpoint_every: int = 500) -> GUNETRpp:

@@ -6,8 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import InputError, OutputError
-from .imageio import read_labels, read_volume
+from .errors import InputError
+from .imageio import read_labels, read_volume, refuse_existing
 from .modelfile import save_model
 from .netconfig import CONFIGS
 from .overlay import save_loss_curve_png
@@ -29,8 +29,7 @@ def find_pairs(folder: Path) -> list[tuple[Path, Path]]:
 def run_train(args) -> int:
     from tqdm import tqdm
 
-    if args.output.exists() and not args.overwrite:
-        raise OutputError(f"Output exists: {args.output}. Use --overwrite to replace.")
+    refuse_existing([args.output], args.overwrite)
     pre = DEFAULT_PREPROCESSING[args.stage]
     pairs = find_pairs(args.data)
     samples = []
