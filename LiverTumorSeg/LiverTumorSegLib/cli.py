@@ -10,6 +10,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
+from .datasets import FORMATS
 from .errors import Cancelled, InputError, LiverTumorSegError, OutputError
 from .imageio import check_suffix, refuse_existing
 
@@ -323,10 +324,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_post_arguments(s)
     s.set_defaults(func=cmd_postprocess)
 
-    s = sub.add_parser("evaluate", help="compare predictions with ground truth (DSC, VOE, RAVD, ASSD, HD95, detection)")
-    s.add_argument("--pred", required=True, type=Path, help="a labelmap/.seg.nrrd or a folder of them")
-    s.add_argument("--truth", required=True, type=Path, help="a labelmap or a folder of them, matched by case name")
-    s.add_argument("-o", "--out", required=True, type=Path, help="folder for metrics.csv, summary.md and boxplot.png")
+    s = sub.add_parser("evaluate", help="score predictions, or a model on a data set, against ground truth (DSC, VOE, RAVD, ASSD, HD95, detection)",
+                       description="Either --pred + --truth (label maps), or --model + --data: segment the split's cases "
+                                   "and score the network output and the post-processed result.")
+    s.add_argument("--pred", type=Path, help="a labelmap/.seg.nrrd or a folder of them")
+    s.add_argument("--truth", type=Path, help="a labelmap or a folder of them, matched by case name")
+    s.add_argument("--model", help="bundled model name or a folder with liver.ltsm + tumor.ltsm (e.g. a training run folder)")
+    s.add_argument("--data", type=Path, action="append", help="with --model: data set folder (repeat for several)")
+    s.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="with --model: data set layout")
+    s.add_argument("--split", type=Path, help="with --model: split file (default: the model folder's split.json, else all cases)")
+    s.add_argument("--part", default="test", choices=["train", "val", "test"], help="with --model: which part of the split (default test)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--fast", action="store_true", help="with --model: fewer tiles (step 1.0)")
+    s.add_argument("-o", "--out", required=True, type=Path, help="folder for metrics.csv, summary.md, summary.json and boxplot.png")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_evaluate)
 
@@ -346,15 +356,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_phantom)
 
-    s = sub.add_parser("train", help="train one stage on CT/label pairs (minimal trainer)")
+    s = sub.add_parser("train", help="train one stage (liver or tumor); run under torchrun for several GPUs or nodes",
+                       description="Train one stage. The run folder gets split.json, checkpoints, curves and <stage>.ltsm; "
+                                   "train both stages into one folder to get a model for segment/evaluate --model.")
     s.add_argument("--stage", choices=["liver", "tumor"], required=True)
-    s.add_argument("--data", required=True, type=Path, help="folder of *_ct.nii.gz + *_label.nii.gz pairs (the phantom command's output)")
-    s.add_argument("--config", default="small", choices=["small", "paper"])
-    s.add_argument("--steps", type=int, default=2000)
-    s.add_argument("--batch", type=int, default=2)
-    s.add_argument("--lr", type=float, default=1e-3)
-    s.add_argument("-o", "--output", required=True, type=Path, help="model file to write (.ltsm)")
-    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("--data", required=True, type=Path, action="append", help="data set folder (repeat for several)")
+    s.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="data set layout (default: detect)")
+    s.add_argument("--config", help="small (default), paper, paper-sgd, or a JSON file; on --resume the run's own copy")
+    s.add_argument("-o", "--output", required=True, type=Path, help="run folder")
+    s.add_argument("--split", type=Path, help="split file (train/val/test case names); default: the run folder's, else a new one")
+    s.add_argument("--epochs", type=int, help="override the config's number of epochs")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--name", help="model name in the card (default: <run folder>-<stage>)")
+    s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    s.add_argument("--overwrite", action="store_true", help="start over in a run folder that has this stage")
     s.set_defaults(func=cmd_train)
 
     s = sub.add_parser("models", help="list the bundled models and their measured metrics")

@@ -174,16 +174,19 @@ def merge_ircad_masks(folder: Path, ct: Volume) -> Volume:
 
 
 def find_pairs(root: Path) -> list[Case]:
-    """Image/label pairs: ``X_ct.nii[.gz]`` + ``X_label.nii[.gz]``, or ``images/X`` + ``labels/X``."""
+    """Image/label pairs: ``X_ct.nii[.gz]`` + ``X_label.nii[.gz]``, ``images/X`` + ``labels/X``, or
+    one case per folder as ``image.nii[.gz]`` + ``label.nii[.gz]`` (named after the folder)."""
     root = Path(root)
     pairs = [(ct, ct.with_name(ct.name.replace("_ct.nii", "_label.nii"))) for ct in _nifti_files(root, "*_ct")]
     if (root / "images").is_dir() and (root / "labels").is_dir():
         pairs += [(image, root / "labels" / image.name) for image in _nifti_files(root / "images")]
     cases = [Case(_stem(image).removesuffix("_ct"), image, label, "pairs")
              for image, label in pairs if label.is_file()]
+    single = [(image, label) for image in _nifti_files(root, "image") for label in _nifti_files(root, "label")]
+    cases += [Case(root.resolve().name, image, label, "pairs") for image, label in single[:1]]
     if not cases:
-        raise LayoutNotFound(f"No image/label pairs (X_ct.nii.gz + X_label.nii.gz, or images/X.nii.gz + "
-                             f"labels/X.nii.gz) in '{root}'.")
+        raise LayoutNotFound(f"No image/label pairs (X_ct.nii.gz + X_label.nii.gz, images/X.nii.gz + "
+                             f"labels/X.nii.gz, or image.nii.gz + label.nii.gz) in '{root}'.")
     return cases
 
 
@@ -206,6 +209,17 @@ def find_cases(root: Path, fmt: str = "auto") -> list[Case]:
         except LayoutNotFound:
             continue
     raise InputError(f"No known data set layout ({', '.join(AUTO_ORDER)}) was found in '{root}'.")
+
+
+def gather_cases(folders, fmt: str = "auto") -> dict[str, Case]:
+    """The cases of several data set folders by name; the same name twice is an error."""
+    cases: dict[str, Case] = {}
+    for folder in folders:
+        for case in find_cases(folder, fmt):
+            if case.name in cases:
+                raise InputError(f"Two data sets have a case named '{case.name}' ({cases[case.name].image} and {case.image}).")
+            cases[case.name] = case
+    return cases
 
 
 def load_case(case: Case) -> tuple[Volume, Volume | None]:

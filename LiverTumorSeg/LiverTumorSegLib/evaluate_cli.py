@@ -26,6 +26,7 @@ STRUCTURES = {
 }
 NAME_SUFFIXES = ("_segmentation", "_labels", "_label", "_seg", ".seg")
 OUTPUTS = ("metrics.csv", "summary.md", "summary.json", "boxplot.png")
+NETWORK, POSTPROCESSED = "network", "post-processed"  # the two outputs --model evaluates
 SPACING_TOL = 1e-4
 AUTHORS_LABEL = "G-UNETR++ authors' protocol, not comparable with the LiTS leaderboard"
 TABLE_ROWS = (  # (label, metrics key)
@@ -42,16 +43,26 @@ def run_evaluate(args) -> int:
 
     out = Path(args.out)
     _refuse_existing(out, args.overwrite)
-    cases = match_cases(Path(args.pred), Path(args.truth))
-    rows = []
-    for name, pred, truth in tqdm(cases, desc="evaluate", unit="case", disable=None, file=sys.stderr):
-        rows += evaluate_case(name, pred, truth)
-    summary = summarize_structures(rows)
-    markdown = summary_markdown(summary)
+    if args.model is not None:
+        from .evaluate_model import evaluate_model
+
+        rows, summary, markdown = evaluate_model(args)
+    else:
+        if args.pred is None or args.truth is None:
+            raise InputError("Give --pred and --truth (label maps), or --model and --data (segment and evaluate).")
+        cases = match_cases(Path(args.pred), Path(args.truth))
+        rows = []
+        for name, pred, truth in tqdm(cases, desc="evaluate", unit="case", disable=None, file=sys.stderr):
+            rows += evaluate_case(name, pred, truth)
+        summary = summarize_structures(rows)
+        markdown = summary_markdown(summary)
     write_text(metrics_csv(rows), out / "metrics.csv", overwrite=args.overwrite)
     write_text(markdown, out / "summary.md", overwrite=args.overwrite)
     write_json(summary, out / "summary.json", overwrite=args.overwrite)
-    save_boxplot(rows, out / "boxplot.png")
+    if args.model is None:
+        save_boxplot(rows, out / "boxplot.png")
+    else:
+        save_boxplot([r for r in rows if r["output"] == POSTPROCESSED], out / "boxplot.png", "after post-processing: ")
     print(markdown)
     return 0
 
@@ -115,8 +126,12 @@ def evaluate_case(name: str, pred_path: Path, truth_path: Path) -> list[dict]:
         raise InputError(f"Case '{name}': prediction and truth are on different grids (shape "
                          f"{pred.shape_ijk} vs {truth.shape_ijk}, spacing {pred.spacing} vs {truth.spacing}, "
                          "or another origin or direction).")
-    spacing_zyx = truth.spacing[::-1]
-    return [{"case": name, "structure": structure, **case_metrics(mask(pred.array), mask(truth.array), spacing_zyx)}
+    return case_rows(name, pred.array, truth.array, truth.spacing[::-1])
+
+
+def case_rows(name: str, pred: np.ndarray, truth: np.ndarray, spacing_zyx, **extra) -> list[dict]:
+    """One row per structure of two label maps on one grid (``extra`` columns go first)."""
+    return [{"case": name, **extra, "structure": structure, **case_metrics(mask(pred), mask(truth), spacing_zyx)}
             for structure, mask in STRUCTURES.items()]
 
 
@@ -147,11 +162,11 @@ def summarize_structures(rows: list[dict]) -> dict:
     return summary
 
 
-def summary_markdown(summary: dict) -> str:
+def summary_markdown(summary: dict, title: str = "Evaluation", level: int = 1) -> str:
     """A Markdown table per structure, with the authors' protocol DSC below it, labelled."""
     parts = []
     for structure, s in summary.items():
-        lines = [f"## {structure} ({s['cases']} cases)", "", "| metric | per-case mean +/- sd | cases (skipped) |",
+        lines = [f"{'#' * (level + 1)} {structure} ({s['cases']} cases)", "", "| metric | per-case mean +/- sd | cases (skipped) |",
                  "|---|---|---|"]
         for label, key in TABLE_ROWS:
             m = s["metrics"][key]
@@ -161,7 +176,7 @@ def summary_markdown(summary: dict) -> str:
         lines += ["", f"{a['label']}: DSC {a['dsc']:.4f} ({a['excluded']} zero-Dice or both-empty cases excluded).", ""]
         parts.append("\n".join(lines))
     note = "Per-case means count a missed structure as DSC 0; distances skip cases where one mask is empty.\n"
-    return "# Evaluation\n\n" + note + "\n" + "\n".join(parts)
+    return f"{'#' * level} {title}\n\n" + note + "\n" + "\n".join(parts)
 
 
 def metrics_csv(rows: list[dict]) -> str:
@@ -173,7 +188,7 @@ def metrics_csv(rows: list[dict]) -> str:
     return text.getvalue()
 
 
-def save_boxplot(rows: list[dict], path: Path) -> Path:
+def save_boxplot(rows: list[dict], path: Path, title: str = "") -> Path:
     """Box plots of per-case DSC, ASSD and HD95 per structure, each case overlaid as a point."""
     import matplotlib
 
@@ -190,7 +205,7 @@ def save_boxplot(rows: list[dict], path: Path) -> Path:
             ax.scatter(x + jitter.uniform(-0.12, 0.12, values.size), values, s=14, alpha=0.7, zorder=3)
         ax.set_title(label, fontsize=10)
         ax.grid(alpha=0.3, axis="y")
-    fig.suptitle(f"per-case metrics ({len({r['case'] for r in rows})} cases)", fontsize=10)
+    fig.suptitle(f"{title}per-case metrics ({len({r['case'] for r in rows})} cases)", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

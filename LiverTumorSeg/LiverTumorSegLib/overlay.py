@@ -65,21 +65,32 @@ def save_overlay_png(ct: Volume, labels: np.ndarray, path: Path, *, n_slices: in
     return path
 
 
-def save_loss_curve_png(histories: dict[str, list[dict]], path: Path, title: str = "training loss") -> Path:
-    """Loss against step for one or more runs (``{name: [{"step", "loss"}, ...]}``)."""
+def save_training_curves_png(history: list[dict], path: Path, title: str = "training") -> Path:
+    """Training loss and validation Dice against epoch (``[{"epoch", "loss", "val_dice"?}, ...]``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for name, hist in histories.items():
-        ax.plot([h["step"] for h in hist], [h["loss"] for h in hist], label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel("Dice + CE (deep supervision)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(9, 3.6))
+    ax_loss.plot([h["epoch"] for h in history], [h["loss"] for h in history], color="tab:blue")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("training loss (deep supervision)")
+    val = [(h["epoch"], h["val_dice"]) for h in history if "val_dice" in h]
+    if val:
+        epochs, scores = zip(*val)
+        ax_dice.plot(epochs, scores, marker="o", ms=3, color="tab:green")
+        best = int(np.argmax(scores))
+        ax_dice.scatter([epochs[best]], [scores[best]], s=60, facecolors="none", edgecolors="black", zorder=3,
+                        label=f"best {scores[best]:.3f} (epoch {epochs[best]})")
+        ax_dice.legend(fontsize=8, loc="lower right")
+    else:
+        ax_dice.text(0.5, 0.5, "no validation cases", ha="center", va="center", transform=ax_dice.transAxes)
+    ax_dice.set_xlabel("epoch")
+    ax_dice.set_ylabel("validation Dice (per case)")
+    for ax in (ax_loss, ax_dice):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

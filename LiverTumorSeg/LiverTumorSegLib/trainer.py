@@ -1,167 +1,332 @@
-"""A minimal trainer: Adam, Dice + cross-entropy, deep supervision, foreground-oversampled patches.
+"""The training recipe of one stage: patches, augmentation, loss, optimiser, validation, checkpoints.
 
-Stage samples are built by the same functions inference uses (``pipeline.liver_stage_input``,
+Stage samples are built by the functions inference uses (``pipeline.liver_stage_input``,
 ``pipeline.tumor_stage_input``). The tumor stage learns "lesion" (tumor and cyst together), as
 public datasets label it, so the HU cyst filter has real work to do.
+
+Reproducibility: every patch comes from its own seed (config seed, epoch, iteration, index in the
+global batch), dropout is reseeded each epoch, and a checkpoint is written after every epoch, so
+an interrupted run resumed from its checkpoint ends in the same state as an uninterrupted one,
+and N data-parallel processes each build 1/N of the same global batch one process would.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
-from monai.losses import DiceCELoss
 
-from .losses import DS_WEIGHTS, resize_target
-from .netconfig import NetConfig
+from . import distributed
+from .augment import Augmenter
+from .errors import InputError
+from .losses import StageLoss
+from .metrics import dice
 from .network import GUNETRpp
 from .orientation import to_canonical
 from .pipeline import liver_stage_input, tumor_stage_input
 from .preprocess import resize_labels
+from .slidingwindow import sliding_window_probabilities
+from .trainconfig import StageRecipe, net_config, stage_recipe
 from .volume import Volume
 
 LESION_LABELS = (2, 3)
+STAGE_LABELS = {"liver": ["background", "liver"], "tumor": ["background", "lesion (tumor or cyst)"]}
+CHECKPOINT_FORMAT = 1
 
 
 @dataclass
-class TrainConfig:
-    stage: str
-    net: NetConfig
-    preprocessing: dict
-    steps: int = 2000
-    batch: int = 2
-    lr: float = 5e-4
-    weight_decay: float = 3e-5
-    fg_fraction: float = 0.5
-    intensity_shift: float = 0.05
-    seed: int = 0
-    log_every: int = 50
-    history: list = field(default_factory=list)
+class Sample:
+    """A case on the model grid: network input, binary target and (tumor stage) the inference mask."""
+
+    name: str
+    image: np.ndarray
+    target: np.ndarray
+    mask: np.ndarray | None = None
 
 
-def build_sample(ct: Volume, labels: Volume, stage: str, pre: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(network input, binary target) on the model grid, exactly as inference prepares the input."""
+def build_sample(ct: Volume, labels: Volume, stage: str, pre: dict, name: str = "") -> Sample | None:
+    """The stage's sample of a labelled CT, exactly as inference prepares its input.
+
+    Tumor stage: cropped and masked around the reference liver; None when the labels have no liver.
+    """
     hu, spacing, reorient = to_canonical(ct)
     lab = reorient.to_canonical(labels.array)
     if stage == "liver":
         img = liver_stage_input(hu, spacing, pre)
-        return img, resize_labels((lab > 0).astype(np.uint8), img.shape)
+        return Sample(name, img, resize_labels((lab > 0).astype(np.uint8), img.shape))
     if stage == "tumor":
+        if not (lab > 0).any():
+            return None
         img, mask, box = tumor_stage_input(hu, lab > 0, spacing, pre)
         target = resize_labels(np.isin(lab[box], LESION_LABELS).astype(np.uint8), img.shape)
         target[~mask] = 0
-        return img, target
+        return Sample(name, img, target, mask)
     raise ValueError(f"unknown stage {stage!r}")
 
 
-class PatchSampler:
-    """Random tile-sized patches; a ``fg_fraction`` of them centred on a foreground voxel."""
+PATCHES, DROPOUT = 0, 1  # independent random streams
 
-    def __init__(self, samples, tile, fg_fraction: float, rng: np.random.Generator):
-        self.tile, self.fg_fraction, self.rng = tuple(tile), fg_fraction, rng
-        self.samples = [self._pad(img, tgt) for img, tgt in samples]
+
+def derived_seed(seed: int, stream: int, *keys: int) -> int:
+    """A seed for one draw of a stream: a patch (epoch, iteration, index in the global batch), or
+    the dropout of an epoch in one process."""
+    return int(np.random.SeedSequence([seed, stream, *keys]).generate_state(1)[0])
+
+
+class PatchSampler:
+    """Random tile-sized patches; a ``fg_fraction`` of them centred near a foreground voxel."""
+
+    def __init__(self, samples: list[Sample], tile, fg_fraction: float):
+        self.tile, self.fg_fraction = tuple(tile), fg_fraction
+        self.samples = [self._pad(s.image, s.target) for s in samples]
         self.fg = [np.argwhere(t > 0) for _, t in self.samples]
 
     def _pad(self, img, tgt):
         pad = [(0, max(t - s, 0)) for s, t in zip(img.shape, self.tile)]
         return np.pad(img, pad), np.pad(tgt, pad)
 
-    def patch(self) -> tuple[np.ndarray, np.ndarray]:
-        i = int(self.rng.integers(len(self.samples)))
+    def patch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        i = int(rng.integers(len(self.samples)))
         img, tgt = self.samples[i]
         fg = self.fg[i]
-        if len(fg) and self.rng.random() < self.fg_fraction:
-            centre = fg[self.rng.integers(len(fg))]
-            start = [int(c) - t // 2 + int(self.rng.integers(-t // 4, t // 4 + 1)) for c, t in zip(centre, self.tile)]
+        if len(fg) and rng.random() < self.fg_fraction:
+            centre = fg[rng.integers(len(fg))]
+            start = [int(c) - t // 2 + int(rng.integers(-t // 4, t // 4 + 1)) for c, t in zip(centre, self.tile)]
         else:
-            start = [int(self.rng.integers(0, s - t + 1)) for s, t in zip(img.shape, self.tile)]
+            start = [int(rng.integers(0, s - t + 1)) for s, t in zip(img.shape, self.tile)]
         start = [min(max(s, 0), n - t) for s, n, t in zip(start, img.shape, self.tile)]
         sl = tuple(slice(s, s + t) for s, t in zip(start, self.tile))
         return img[sl], tgt[sl]
 
-    def batch(self, n: int, shift: float) -> tuple[torch.Tensor, torch.Tensor]:
-        pairs = [self.patch() for _ in range(n)]
+
+def make_optimizer(params, opt: dict) -> torch.optim.Optimizer:
+    """Adam (the paper) or SGD with Nesterov momentum (the authors' code), from the config."""
+    opt = dict(opt)
+    name = opt.pop("name")
+    if name == "adam":
+        return torch.optim.Adam(params, lr=opt["lr"], weight_decay=opt.get("weight_decay", 0.0))
+    return torch.optim.SGD(params, lr=opt["lr"], momentum=opt.get("momentum", 0.99),
+                           nesterov=opt.get("nesterov", True), weight_decay=opt.get("weight_decay", 0.0))
+
+
+def amp_settings(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype, use a gradient scaler): bf16 on CUDA where supported, else fp16; none on CPU."""
+    if not enabled or device.type != "cuda":
+        return None, False
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class StageTrainer:
+    """Train one stage in ``run_dir``: ``<stage>.checkpoint.pt`` (every epoch, resumable),
+    ``<stage>.best.pt`` (best validation Dice), ``<stage>.history.json``."""
+
+    def __init__(self, config: dict, stage: str, train: list[Sample], val: list[Sample], run_dir: Path,
+                 device: torch.device, world: distributed.World = distributed.World()):
+        if not train:
+            raise InputError(f"No training case has what the {stage} stage learns from.")
+        if config["batch"] % world.size:
+            raise InputError(f"The global batch {config['batch']} must be divisible by the {world.size} processes.")
+        self.config, self.stage, self.val, self.world, self.device = config, stage, val, world, device
+        self.recipe: StageRecipe = stage_recipe(config, stage)
+        self.run_dir = Path(run_dir)
+        self.files = {k: self.run_dir / f"{stage}.{k}" for k in ("checkpoint.pt", "best.pt", "history.json")}
+        self.seed = int(config["seed"])
+        torch.manual_seed(self.seed)
+        self.net = GUNETRpp(net_config(config), deep_supervision=True).to(device)
+        self.model = self.net
+        if world.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.net, device_ids=[device] if device.type == "cuda" else None)
+        self.optimizer = make_optimizer(self.net.parameters(), config["optimizer"])
+        total = config["epochs"] * config["iterations_per_epoch"]
+        power = float(config["poly_exponent"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda it: max(0.0, 1 - it / total) ** power)
+        self.amp_dtype, use_scaler = amp_settings(device, bool(config["amp"]))
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+        self.loss = StageLoss(self.recipe.loss)
+        self.sampler = PatchSampler(train, self.net.cfg.tile, self.recipe.fg_fraction)
+        self.augment = Augmenter(config["augmentation"])
+        self.local_batch = config["batch"] // world.size
+        self.epoch, self.history, self.best = 0, [], {"epoch": None, "dice": -1.0}
+
+    # ------------------------------------------------------------ batches
+
+    def batch(self, epoch: int, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's share of the global batch of (epoch, iteration)."""
+        first = self.world.rank * self.local_batch
+        pairs = []
+        for index in range(first, first + self.local_batch):
+            rng = np.random.default_rng(derived_seed(self.seed, PATCHES, epoch, iteration, index))
+            img, tgt = self.sampler.patch(rng)
+            pairs.append(self.augment(img, tgt, int(rng.integers(2**31))))
         x = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
-        if shift:
-            x = x + torch.empty(n, 1, 1, 1, 1).uniform_(-shift, shift) * (x > 0)
         y = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))[:, None]
-        return x.float(), y
+        return x.to(self.device), y.to(self.device)
+
+    # ------------------------------------------------------------ one epoch
+
+    def train_epoch(self, progress=None) -> float:
+        epoch, iterations = self.epoch, self.config["iterations_per_epoch"]
+        torch.manual_seed(derived_seed(self.seed, DROPOUT, epoch, self.world.rank))
+        self.model.train()
+        losses = []
+        for it in range(iterations):
+            x, y = self.batch(epoch, it)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                outputs = self.model(x)
+            loss = self.loss([o.float() for o in outputs], y, epoch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), float(self.config["grad_clip"]))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            losses.append(float(loss.item()))
+            if progress is not None:
+                progress(epoch, it + 1, iterations, losses[-1])
+        return distributed.mean(self.world, float(np.mean(losses)))
+
+    def validate(self) -> float | None:
+        """Mean per-case Dice on the validation samples (a missed case counts 0), on the model grid."""
+        if not self.val:
+            return None
+        self.net.eval()
+        scores = []
+        with torch.no_grad():
+            for s in self.val:
+                probs = sliding_window_probabilities(self.net, s.image, step=0.5, batch=2, device=self.device,
+                                                     amp_dtype=self.amp_dtype)
+                pred = probs[1] >= 0.5
+                if s.mask is not None:
+                    pred &= s.mask
+                scores.append(dice(pred, s.target > 0))
+        self.net.train()
+        return float(np.mean(scores))
+
+    # ------------------------------------------------------------ the run
+
+    def run(self, *, resume: bool = False, progress=None, on_epoch=None) -> dict:
+        """Train to the configured number of epochs; ``on_epoch(entry)`` after each epoch's checkpoint."""
+        if resume:
+            self.load_checkpoint()
+        t0 = time.perf_counter() - (self.history[-1]["seconds"] if self.history else 0.0)
+        while self.epoch < self.config["epochs"]:
+            loss = self.train_epoch(progress)
+            entry = {"epoch": self.epoch + 1, "loss": round(loss, 5), "lr": self.scheduler.get_last_lr()[0]}
+            last = self.epoch + 1 == self.config["epochs"]
+            if self.world.main and ((self.epoch + 1) % self.config["val_every"] == 0 or last):
+                score = self.validate()
+                if score is not None:
+                    entry["val_dice"] = round(score, 5)
+                    if score > self.best["dice"]:
+                        self.best = {"epoch": self.epoch + 1, "dice": score}
+                        _atomic_save({"epoch": self.epoch + 1, "dice": score, "model": self.net.state_dict()}, self.files["best.pt"])
+            entry["seconds"] = round(time.perf_counter() - t0, 1)
+            self.epoch += 1
+            self.history.append(entry)
+            if self.world.main:
+                self.save_checkpoint()
+            distributed.barrier(self.world)
+            if on_epoch is not None:
+                on_epoch(entry)
+        return {"history": self.history, "best": self.best}
+
+    def state(self) -> dict:
+        return {
+            "format": CHECKPOINT_FORMAT, "stage": self.stage, "config": self.config, "epoch": self.epoch,
+            "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+            "history": self.history, "best": self.best, "world_size": self.world.size,
+        }
+
+    def save_checkpoint(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_save(self.state(), self.files["checkpoint.pt"])
+        text = json.dumps({"stage": self.stage, "best": self.best, "history": self.history}, indent=1)
+        tmp = self.files["history.json"].with_name(self.files["history.json"].name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, self.files["history.json"])
+
+    def load_checkpoint(self) -> None:
+        path = self.files["checkpoint.pt"]
+        if not path.is_file():
+            raise InputError(f"Nothing to resume: {path} does not exist.")
+        try:
+            ckpt = torch.load(path, map_location=self.device, weights_only=False)
+            if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("stage") != self.stage:
+                raise ValueError(f"not a {self.stage} checkpoint of this version")
+        except Exception as err:  # noqa: BLE001 - any failure to read means a bad checkpoint
+            raise InputError(f"Cannot resume from {path}: {err}") from None
+        if {**ckpt["config"], "epochs": 0} != {**self.config, "epochs": 0}:
+            raise InputError(f"{path} was written with another training config; resume with the same one "
+                             "(only --epochs may change), or start a new run.")
+        self.net.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.epoch, self.history, self.best = ckpt["epoch"], ckpt["history"], ckpt["best"]
+
+    def final_network(self) -> tuple[GUNETRpp, int]:
+        """The best-validated weights (else the last) and their epoch."""
+        if self.best["epoch"] is not None and self.files["best.pt"].is_file():
+            best = torch.load(self.files["best.pt"], map_location="cpu", weights_only=False)
+            net = GUNETRpp(self.net.cfg, deep_supervision=False)
+            net.load_state_dict(best["model"])
+            return net.eval(), best["epoch"]
+        net = GUNETRpp(self.net.cfg, deep_supervision=False)
+        net.load_state_dict(self.net.state_dict())
+        return net.eval(), self.epoch
 
 
-def deep_supervision_loss(outputs, target, loss_fn) -> torch.Tensor:
-    """Weighted loss over [full, 1/2, 1/4] outputs; targets reduced by nearest neighbour."""
-    return sum(w * loss_fn(out, resize_target(target, out.shape[2:])) for w, out in zip(DS_WEIGHTS, outputs))
-
-
-def train(samples, cfg: TrainConfig, progress=None, checkpoint=None, checkpoint_every: int = 500) -> GUNETRpp:
-    """Train a network from scratch on (image, target) samples.
-
-    ``progress(step, steps, loss)`` is called each step; ``checkpoint(net, step)`` every
-    ``checkpoint_every`` steps (the network is put back in training mode afterwards).
-    """
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    net = GUNETRpp(cfg.net, deep_supervision=True).train()
-    sampler = PatchSampler(samples, cfg.net.tile, cfg.fg_fraction, rng)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 - s / cfg.steps) ** 0.9)
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
-    t0, running = time.perf_counter(), []
-    for step in range(cfg.steps):
-        x, y = sampler.batch(cfg.batch, cfg.intensity_shift)
-        loss = deep_supervision_loss(net(x), y, loss_fn)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 12.0)
-        opt.step()
-        sched.step()
-        value = loss.item()
-        running.append(value)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            cfg.history.append({"step": step + 1, "loss": float(np.mean(running)), "seconds": round(time.perf_counter() - t0, 1)})
-            running = []
-        if progress is not None:
-            progress(step + 1, cfg.steps, value)
-        if checkpoint is not None and (step + 1) % checkpoint_every == 0:
-            checkpoint(net.eval(), step + 1)
-            net.train()
-    return net.eval()
-
-
-DEFAULT_PREPROCESSING = {
-    "liver": {"hu_window": [-250, 250], "resample": {"mode": "spacing", "spacing": [4.0, 2.5, 2.5]}},
-    "tumor": {"hu_window": [-250, 250], "resample": {"mode": "spacing", "spacing": [2.0, 1.25, 1.25]}, "liver_margin_mm": 10.0},
-}
-"""Model grids (z, y, x mm) of the small configuration: coarse for the liver, finer for tumors."""
-
-STAGE_LABELS = {"liver": ["background", "liver"], "tumor": ["background", "lesion (tumor or cyst)"]}
-
-
-def make_card(name: str, cfg: TrainConfig, data: str, seconds: float, command: str) -> dict:
-    """A model card for a network this trainer produced (metrics are measured separately)."""
-    import platform
-
+def make_card(name: str, config: dict, stage: str, *, data: dict, best: dict, history: list, epoch: int,
+              seconds: float, hardware: str, command: str) -> dict:
+    """A model card for a network this recipe produced (test-set metrics are measured separately)."""
     from . import __version__
 
+    recipe = stage_recipe(config, stage)
     return {
         "name": name,
         "version": __version__,
-        "stage": cfg.stage,
-        "labels": STAGE_LABELS[cfg.stage],
-        "preprocessing": cfg.preprocessing,
+        "stage": stage,
+        "labels": STAGE_LABELS[stage],
+        "preprocessing": recipe.preprocessing,
         "inference": {"step": 0.5, "fast_step": 1.0, "threshold": 0.5},
         "hessian_axis": "net.hessian_axis 0 = mixed derivatives with the slice axis (paper intent: d2I/dxdz, d2I/dydz)",
         "training": {
             "data": data,
-            "target": "liver (labels 1-3)" if cfg.stage == "liver" else "lesion = tumor + cyst (labels 2-3) inside the ground-truth liver + margin",
-            "trainer": "minimal: Adam, poly lr, Dice + CE, deep supervision 4/7 2/7 1/7, foreground-oversampled patches, intensity shift",
-            "steps": cfg.steps, "batch": cfg.batch, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "fg_fraction": cfg.fg_fraction,
-            "seconds": round(seconds), "hardware": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
-            "command": command, "loss_history": cfg.history,
+            "target": "liver (labels 1-3)" if stage == "liver" else "lesion = tumor + cyst (labels 2-3) inside the reference liver + margin",
+            "recipe": {k: v for k, v in config.items() if k != "preprocessing"},
+            "weights_from_epoch": epoch,
+            "best_validation": best,
+            "seconds": round(seconds), "hardware": hardware, "command": command,
+            "history": history,
         },
         "metrics": {},
         "intended_use": "Research and demonstration only. NOT FOR CLINICAL USE.",
         "licence": "Apache-2.0",
     }
+
+
+def hardware(device: torch.device, world: distributed.World) -> str:
+    """Where training ran, for the card."""
+    if device.type == "cuda":
+        what = torch.cuda.get_device_name(device)
+    else:
+        what = f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{world.size} x {what}" if world.active else what

@@ -1,56 +1,171 @@
-"""``livertumorseg train``: the minimal trainer on a folder of CT/label pairs."""
+"""``livertumorseg train``: one stage on one or more data sets, in one process or under ``torchrun``.
+
+The run folder holds everything: ``split.json`` (shared by both stages, reused when present),
+``<stage>.config.json``, ``<stage>.checkpoint.pt``, ``<stage>.best.pt``, ``<stage>.history.json``,
+``<stage>.curves.png`` and the final model file ``<stage>.ltsm`` (so a folder with both stages is
+a model for ``segment --model`` and ``evaluate --model``).
+"""
 
 from __future__ import annotations
 
+import json
+import shlex
 import sys
 import time
 from pathlib import Path
 
-from .errors import InputError
-from .imageio import read_labels, read_volume, refuse_existing
+from . import distributed
+from .datasets import SPLITS, gather_cases, lits_paper_split, load_case, make_split, read_split, write_split
+from .devices import resolve_device
+from .errors import Cancelled, InputError, OutputError
+from .imageio import write_json
 from .modelfile import save_model
-from .netconfig import CONFIGS
-from .overlay import save_loss_curve_png
-from .trainer import DEFAULT_PREPROCESSING, TrainConfig, build_sample, make_card, train
+from .overlay import save_training_curves_png
+from .trainconfig import check_config, load_config, stage_recipe
+from .trainer import StageTrainer, build_sample, hardware, make_card
+
+SPLIT_FILE = "split.json"
 
 
-def find_pairs(folder: Path) -> list[tuple[Path, Path]]:
-    """``*_ct.nii[.gz]`` files with their ``*_label.nii[.gz]`` partners."""
-    pairs = []
-    for ct in sorted(folder.glob("*_ct.nii*")):
-        label = ct.with_name(ct.name.replace("_ct.nii", "_label.nii"))
-        if label.exists():
-            pairs.append((ct, label))
-    if not pairs:
-        raise InputError(f"No *_ct.nii.gz / *_label.nii.gz pairs in {folder} (write some with 'livertumorseg phantom').")
-    return pairs
+def choose_split(cases: dict, config: dict, run_dir: Path, split_file: Path | None) -> tuple[dict, str]:
+    """The split to use and where it came from: --split, the run folder's, or a new one."""
+    existing = run_dir / SPLIT_FILE
+    if split_file is not None:
+        return read_split(split_file), str(split_file)
+    if existing.is_file():
+        return read_split(existing), f"{existing} (from an earlier stage of this run)"
+    if config["split"] == "lits-paper":
+        return lits_paper_split(seed=config["seed"]), "the G-UNETR++ paper's LiTS split (authors' 20 test cases)"
+    return make_split(list(cases), tuple(config["split"]), seed=config["seed"]), f"new split, seed {config['seed']}"
+
+
+def check_split(split: dict, cases: dict) -> list[str]:
+    """Warnings for split cases that are not in the data; an error when nothing is left to train on."""
+    warnings = []
+    for part in SPLITS:
+        missing = [name for name in split[part] if name not in cases]
+        if missing:
+            warnings.append(f"{len(missing)} {part} case(s) of the split are not in the data: {', '.join(missing[:5])}"
+                            + (" ..." if len(missing) > 5 else ""))
+    unused = sorted(set(cases) - {n for part in SPLITS for n in split[part]})
+    if unused:
+        warnings.append(f"{len(unused)} case(s) of the data are in no part of the split, unused: {', '.join(unused[:5])}")
+    if not any(name in cases for name in split["train"]):
+        raise InputError("No case of the split's training part is in the data.")
+    return warnings
+
+
+def prepare(names: list[str], cases: dict, stage: str, pre: dict, show: bool) -> list:
+    """Stage samples of the named cases (unlabelled cases and, for tumors, liver-less ones skipped)."""
+    from tqdm import tqdm
+
+    samples = []
+    for name in tqdm([n for n in names if n in cases], desc="preparing", unit="case", disable=None if show else True, file=sys.stderr):
+        ct, labels = load_case(cases[name])
+        if labels is None:
+            continue
+        sample = build_sample(ct, labels, stage, pre, name)
+        if sample is not None:
+            samples.append(sample)
+    return samples
+
+
+def _stage_files(run_dir: Path, stage: str) -> list[Path]:
+    return [run_dir / f"{stage}.{suffix}" for suffix in ("ltsm", "checkpoint.pt", "best.pt", "history.json", "curves.png", "config.json")]
+
+
+def _check_run_dir(run_dir: Path, stage: str, resume: bool, overwrite: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise OutputError(f"The run folder {run_dir} is a file.")
+    existing = [p for p in _stage_files(run_dir, stage) if p.exists()]
+    if resume:
+        if not (run_dir / f"{stage}.checkpoint.pt").is_file():
+            raise InputError(f"Nothing to resume: {run_dir / (stage + '.checkpoint.pt')} does not exist.")
+    elif existing and not overwrite:
+        raise OutputError(f"{run_dir} already has a {stage} run ({existing[0].name}); continue it with --resume "
+                          "or replace it with --overwrite.")
+
+
+def load_run_config(args, run_dir: Path) -> dict:
+    """The config (--config, else on --resume the run's own copy, else small) with --epochs applied."""
+    saved = run_dir / f"{args.stage}.config.json"
+    if args.resume and args.config is None:
+        config = check_config(json.loads(saved.read_text(encoding="utf-8")), str(saved))
+    else:
+        config = load_config(args.config or "small")
+    if args.epochs is not None:
+        config = check_config({**config, "epochs": args.epochs}, f"the config with --epochs {args.epochs}")
+    return config
 
 
 def run_train(args) -> int:
     from tqdm import tqdm
 
-    refuse_existing([args.output], args.overwrite)
-    pre = DEFAULT_PREPROCESSING[args.stage]
-    pairs = find_pairs(args.data)
-    samples = []
-    for ct_path, label_path in tqdm(pairs, desc="preparing", disable=None, file=sys.stderr):
-        ct = read_volume(ct_path)
-        samples.append(build_sample(ct, read_labels(label_path, ct), args.stage, pre))
-    cfg = TrainConfig(stage=args.stage, net=CONFIGS[args.config], preprocessing=pre, steps=args.steps, batch=args.batch, lr=args.lr)
-    bar = tqdm(total=args.steps, desc=f"training {args.stage}", disable=None, file=sys.stderr)
-
-    def progress(step, steps, loss):
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}")
-
-    t0 = time.perf_counter()
+    world = distributed.world_from_env()
+    run_dir = Path(args.output)
+    stage = args.stage
+    if world.main:
+        _check_run_dir(run_dir, stage, args.resume, args.overwrite)
+    config = load_run_config(args, run_dir)
+    recipe = stage_recipe(config, stage)
+    device = distributed.start(world, resolve_device(args.device))
     try:
-        net = train(samples, cfg, progress=progress)
+        cases = gather_cases([Path(d) for d in args.data], args.format)
+        split, split_source = choose_split(cases, config, run_dir, args.split)
+        for warning in check_split(split, cases) if world.main else []:
+            print(f"warning: {warning}", file=sys.stderr)
+        if world.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not (run_dir / SPLIT_FILE).is_file():
+                write_split(split, run_dir / SPLIT_FILE)
+            write_json(config, run_dir / f"{stage}.config.json", overwrite=True)
+            print(f"{stage}: split from {split_source}; device {device}; {world.size} process(es)", file=sys.stderr)
+        distributed.barrier(world)
+        train = prepare(split["train"], cases, stage, recipe.preprocessing, world.main)
+        val = prepare(split["val"], cases, stage, recipe.preprocessing, world.main) if world.main else []
+        trainer = StageTrainer(config, stage, train, val, run_dir, device, world)
+        total = config["epochs"] * config["iterations_per_epoch"]
+        bar = tqdm(total=total, desc=f"training {stage}", unit="it", disable=None if world.main else True, file=sys.stderr)
+
+        def progress(epoch, it, iterations, loss):
+            bar.n = epoch * iterations + it
+            bar.set_postfix(epoch=epoch + 1, loss=f"{loss:.3f}", refresh=False)
+            bar.update(0)
+
+        def on_epoch(entry):
+            if "val_dice" in entry:
+                bar.write(f"epoch {entry['epoch']}: loss {entry['loss']:.4f}, validation Dice {entry['val_dice']:.4f}", file=sys.stderr)
+            if world.main:
+                save_training_curves_png(trainer.history, run_dir / f"{stage}.curves.png", f"{stage} stage ({run_dir.name})")
+
+        try:
+            outcome = trainer.run(resume=args.resume, progress=progress, on_epoch=on_epoch)
+        except KeyboardInterrupt:
+            raise Cancelled(f"training interrupted; {trainer.epoch} finished epoch(s) are kept in "
+                            f"{trainer.files['checkpoint.pt']}: continue with --resume.") from None
+        finally:
+            bar.close()
+        if world.main:
+            _write_model(args, trainer, config, cases, split, device, world, outcome)
     finally:
-        bar.close()
-    data = f"{len(pairs)} CT/label pairs from {args.data.name}"
-    card = make_card(f"{args.output.stem}-{args.stage}", cfg, data, time.perf_counter() - t0, "livertumorseg " + " ".join(sys.argv[1:]))
-    save_model(net, card, args.output)
-    curve = save_loss_curve_png({args.stage: cfg.history}, args.output.with_suffix(".loss.png"), f"{card['name']} training loss")
-    print(f"wrote {args.output} and {curve} (final loss {cfg.history[-1]['loss']:.4f})")
+        distributed.stop(world)
     return 0
+
+
+def _write_model(args, trainer, config, cases, split, device, world, outcome) -> None:
+    stage, run_dir = args.stage, Path(args.output)
+    net, epoch = trainer.final_network()
+    present = {part: [n for n in split[part] if n in cases] for part in SPLITS}
+    data = {
+        "folders": [Path(d).resolve().name for d in args.data],
+        "format": args.format,
+        **{f"{part}_cases": present[part] for part in SPLITS},
+    }
+    name = args.name or f"{run_dir.resolve().name}-{stage}"
+    command = "livertumorseg " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "livertumorseg train"
+    card = make_card(name, config, stage, data=data, best=outcome["best"], history=outcome["history"], epoch=epoch,
+                     seconds=outcome["history"][-1]["seconds"], hardware=hardware(device, world), command=command)
+    path = save_model(net, card, run_dir / f"{stage}.ltsm")
+    best = outcome["best"]
+    note = f"validation Dice {best['dice']:.4f} at epoch {best['epoch']}" if best["epoch"] else "no validation cases: last epoch"
+    print(f"wrote {path} ({note}; {time.strftime('%H:%M:%S', time.gmtime(card['training']['seconds']))} of training)")

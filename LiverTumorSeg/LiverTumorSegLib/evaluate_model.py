@@ -1,0 +1,63 @@
+"""``evaluate --model``: segment the cases of a split with a model pair and score the network output
+and the post-processed result (default parameters) against the reference labels."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from .datasets import gather_cases, load_case, read_split
+from .evaluate_cli import NETWORK, POSTPROCESSED, case_rows, summarize_structures, summary_markdown
+from .modelfile import load_model
+from .pipeline import segment
+from .postprocess import PostParams, PostProcessor
+from .registry import model_files
+
+TITLES = {NETWORK: "Network output (before post-processing)", POSTPROCESSED: "After post-processing (default parameters)"}
+
+
+def split_cases(args, model_dir: Path | None) -> tuple[list[str], str]:
+    """Case names to evaluate: a part of --split (or of the model folder's split.json), else all."""
+    split_file = args.split or (model_dir / "split.json" if model_dir and (model_dir / "split.json").is_file() else None)
+    if split_file is None:
+        return [], "all cases (no split file)"
+    return read_split(split_file)[args.part], f"the {args.part} part of {split_file}"
+
+
+def evaluate_model(args) -> tuple[list[dict], dict, str]:
+    """Rows (one per case, output and structure), summaries by output, and the Markdown report."""
+    from tqdm import tqdm
+
+    liver_file, tumor_file = model_files(args.model)
+    liver, tumor = load_model(liver_file, stage="liver"), load_model(tumor_file, stage="tumor")
+    cases = gather_cases(args.data, args.format)
+    model_dir = Path(args.model) if Path(args.model).is_dir() else None
+    names, source = split_cases(args, model_dir)
+    if names:
+        missing = [n for n in names if n not in cases]
+        if missing:
+            print(f"warning: {len(missing)} case(s) of {source} are not in the data: {', '.join(missing[:5])}", file=sys.stderr)
+        names = [n for n in names if n in cases]
+    else:
+        names = list(cases)
+    rows = []
+    for name in tqdm(names, desc="segment + evaluate", unit="case", disable=None, file=sys.stderr):
+        ct, truth = load_case(cases[name])
+        if truth is None:
+            print(f"warning: case '{name}' has no reference labels; skipped", file=sys.stderr)
+            continue
+        result = segment(ct, liver, tumor, device=args.device, fast=args.fast)
+        post, _ = PostProcessor(ct, result.labels, result.probabilities.tumor_full()).apply(PostParams())
+        spacing_zyx = ct.spacing[::-1]
+        rows += case_rows(name, result.labels, truth.array, spacing_zyx, output=NETWORK)
+        rows += case_rows(name, post, truth.array, spacing_zyx, output=POSTPROCESSED)
+    if not rows:
+        from .errors import InputError
+
+        raise InputError(f"No labelled case to evaluate in {source}.")
+    summary = {out: summarize_structures([r for r in rows if r["output"] == out]) for out in TITLES}
+    header = (f"# Evaluation of {liver.card['name']} + {tumor.card['name']}\n\n"
+              f"Cases: {source} ({len(rows) // 6}). Liver = labels >= 1; tumor = label 2 (the network's lesions "
+              "before the filter, tumors after it); lesion = labels 2 or 3.\n\n")
+    markdown = header + "\n".join(summary_markdown(summary[out], TITLES[out], level=2) for out in TITLES)
+    return rows, summary, markdown
