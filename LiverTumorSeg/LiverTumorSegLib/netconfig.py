@@ -12,7 +12,10 @@ class NetConfig:
 
     Axes are (z, y, x) = (slice, row, column). ``hessian_axis`` is the tile axis the two mixed
     second derivatives share: 0 = the slice axis (paper intent: d2I/dxdz, d2I/dydz), 2 = the
-    authors' code (tensor dim 2, an in-plane axis: d2I/dzdx, d2I/dydx).
+    authors' code (tensor dim 2, an in-plane axis: d2I/dzdx, d2I/dydx). ``conv_norm`` is the
+    normalisation of the transformer blocks' convolutional residual: ``batch`` as in UNETR++, or
+    ``instance`` (independent of the batch, so data-parallel training matches one process exactly
+    even where batch statistics cannot be synchronised, as on CPUs).
     """
 
     tile: tuple[int, int, int] = (64, 128, 128)
@@ -27,6 +30,7 @@ class NetConfig:
     hessian_axis: int = 0
     attn_dropout: float = 0.15
     conv_dropout: float = 0.1
+    conv_norm: str = "batch"
 
     def __post_init__(self):
         grid = self.token_grid(0)
@@ -36,6 +40,8 @@ class NetConfig:
             raise ValueError(f"token grid {grid} must be divisible by 8 (three stride-2 stages)")
         if self.hessian_axis not in (0, 1, 2):
             raise ValueError("hessian_axis must be 0, 1 or 2")
+        if self.conv_norm not in ("batch", "instance"):
+            raise ValueError("conv_norm must be batch or instance")
         if any(d % self.heads for d in self.dims) or self.dims[0] % 2:
             raise ValueError("dims must be even and divisible by the number of heads")
 

@@ -69,13 +69,14 @@ class EPA(nn.Module):
 class TransformerBlock(nn.Module):
     """Positional embedding, layer-scaled EPA, then a convolutional residual."""
 
-    def __init__(self, tokens: int, dim: int, proj: int, heads: int, attn_dropout: float, conv_dropout: float):
+    def __init__(self, tokens: int, dim: int, proj: int, heads: int, attn_dropout: float, conv_dropout: float,
+                 conv_norm: str = "batch"):
         super().__init__()
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens, dim))
         self.norm = nn.LayerNorm(dim)
         self.gamma = nn.Parameter(1e-6 * torch.ones(dim))
         self.epa = EPA(tokens, dim, proj, heads, attn_dropout)
-        self.conv = UnetResBlock(3, dim, dim, kernel_size=3, stride=1, norm_name="batch")
+        self.conv = UnetResBlock(3, dim, dim, kernel_size=3, stride=1, norm_name=conv_norm)
         self.conv_out = nn.Sequential(nn.Dropout3d(conv_dropout), nn.Conv3d(dim, dim, kernel_size=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,7 +89,8 @@ class TransformerBlock(nn.Module):
 
 def _transformer_stage(cfg: NetConfig, tokens: int, dim: int, proj: int, depth: int) -> nn.Sequential:
     return nn.Sequential(
-        *(TransformerBlock(tokens, dim, proj, cfg.heads, cfg.attn_dropout, cfg.conv_dropout) for _ in range(depth))
+        *(TransformerBlock(tokens, dim, proj, cfg.heads, cfg.attn_dropout, cfg.conv_dropout, cfg.conv_norm)
+          for _ in range(depth))
     )
 
 

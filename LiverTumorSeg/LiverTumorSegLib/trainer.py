@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,7 @@ def amp_settings(device: torch.device, enabled: bool) -> tuple[torch.dtype | Non
 
 
 def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
@@ -151,6 +153,11 @@ class StageTrainer:
         if world.active:
             from torch.nn.parallel import DistributedDataParallel
 
+            if device.type == "cuda":  # batch statistics over the global batch, as one GPU would have them
+                self.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
+            elif self.net.cfg.conv_norm == "batch":
+                print("warning: batch norm statistics are per process on CPUs (no SyncBatchNorm there); "
+                      "results differ slightly from one process", file=sys.stderr)
             self.model = DistributedDataParallel(self.net, device_ids=[device] if device.type == "cuda" else None)
         self.optimizer = make_optimizer(self.net.parameters(), config["optimizer"])
         total = config["epochs"] * config["iterations_per_epoch"]
@@ -256,7 +263,6 @@ class StageTrainer:
         }
 
     def save_checkpoint(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         _atomic_save(self.state(), self.files["checkpoint.pt"])
         text = json.dumps({"stage": self.stage, "best": self.best, "history": self.history}, indent=1)
         tmp = self.files["history.json"].with_name(self.files["history.json"].name + ".tmp")

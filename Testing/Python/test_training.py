@@ -1,0 +1,292 @@
+"""The training recipe: samples as inference builds them, augmentation, configs, exact resume,
+two-process data parallelism, and train + evaluate end to end on tiny phantoms."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from LiverTumorSegLib.augment import Augmenter
+from LiverTumorSegLib.cli import main
+from LiverTumorSegLib.errors import InputError
+from LiverTumorSegLib.imageio import write_labels, write_volume
+from LiverTumorSegLib.netconfig import SMALL
+from LiverTumorSegLib.orientation import to_canonical
+from LiverTumorSegLib.phantom import generate_case
+from LiverTumorSegLib.pipeline import tumor_stage_input
+from LiverTumorSegLib.trainconfig import bundled_configs, check_config, load_config, stage_recipe
+from LiverTumorSegLib.trainer import PatchSampler, Sample, StageTrainer, build_sample
+
+TINY_NET = {"tile": [16, 32, 32], "dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "decoder_depth": 1,
+            "proj": [8, 8, 8, 8], "decoder_proj": 8, "attn_dropout": 0.0, "conv_dropout": 0.0}
+TINY_PRE = {"liver": {"hu_window": [-250, 250], "resample": {"mode": "spacing", "spacing": [8.0, 5.0, 5.0]}},
+            "tumor": {"hu_window": [-250, 250], "resample": {"mode": "spacing", "spacing": [4.0, 2.5, 2.5]},
+                      "liver_margin_mm": 10.0}}
+AUG = {"rotate90": 0.5, "mirror": 0.5, "scale": {"prob": 0.3, "min": 0.8, "max": 1.25},
+       "intensity_shift": {"prob": 0.5, "max": 0.1}}
+
+
+def tiny_config(**changes) -> dict:
+    raw = {"net": TINY_NET, "epochs": 4, "iterations_per_epoch": 3, "batch": 2,
+           "optimizer": {"name": "adam", "lr": 1e-3, "weight_decay": 3e-5}, "val_every": 2, "split": [3, 1, 1],
+           "augmentation": AUG, "preprocessing": TINY_PRE,
+           "loss": {"liver": {"dice": 1.0, "ce": 1.0, "hd": 0.1, "hd_ramp_epochs": 2},
+                    "tumor": {"dice": 1.0, "focal": 1.0, "hd": 0.1}}}
+    return check_config({**raw, **changes})
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    """Five small phantom cases in the layout the phantom command writes."""
+    folder = tmp_path_factory.mktemp("phantoms")
+    for seed in range(1100, 1105):
+        ct, labels = generate_case(seed, spacing=(2.5, 2.5, 5.0), matrix=128)
+        write_volume(ct, folder / f"case_{seed}_ct.nii.gz")
+        write_labels(labels.array, ct, folder / f"case_{seed}_label.nii.gz")
+    return folder
+
+
+def _blob_samples(n: int = 2) -> list[Sample]:
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(n):
+        img = rng.normal(0.3, 0.05, (24, 48, 48)).astype(np.float32)
+        tgt = np.zeros(img.shape, np.uint8)
+        tgt[6:18, 12:36, 10 + i:34 + i] = 1
+        img[tgt > 0] += 0.4
+        samples.append(Sample(f"blob{i}", img, tgt))
+    return samples
+
+
+# ---------------------------------------------------------------- samples and patches
+
+
+def test_tumor_samples_are_built_like_inference_input():
+    ct, lab = generate_case(3001, spacing=(1.5, 1.5, 4.0), matrix=240)
+    pre = load_config("small")["preprocessing"]["tumor"]
+    sample = build_sample(ct, lab, "tumor", pre)
+    hu, spacing, ro = to_canonical(ct)
+    expected, mask, _ = tumor_stage_input(hu, ro.to_canonical(lab.array) > 0, spacing, pre)
+    assert np.array_equal(sample.image, expected) and np.array_equal(sample.mask, mask)
+    assert sample.target.shape == sample.image.shape and not sample.target[~mask].any()
+    assert set(np.unique(sample.target)) <= {0, 1} and sample.target.any()
+
+
+def test_tumor_stage_skips_a_case_without_liver():
+    ct, lab = generate_case(3001, spacing=(3.0, 3.0, 6.0), matrix=96)
+    assert build_sample(ct, lab.with_array(np.zeros_like(lab.array)), "tumor", TINY_PRE["tumor"]) is None
+
+
+def test_foreground_oversampling():
+    img = np.zeros((40, 80, 80), np.float32)
+    tgt = np.zeros((40, 80, 80), np.uint8)
+    tgt[30:34, 70:74, 5:9] = 1  # a small object in a corner
+    always = PatchSampler([Sample("a", img, tgt)], SMALL.tile, 1.0)
+    never = PatchSampler([Sample("a", img, tgt)], SMALL.tile, 0.0)
+    rng = np.random.default_rng(0)
+    hits = lambda s: np.mean([s.patch(rng)[1].any() for _ in range(40)])  # noqa: E731
+    assert hits(always) == 1.0 and hits(always) > hits(never)
+
+
+# ---------------------------------------------------------------- augmentation
+
+
+def test_augmentation_is_reproducible_and_keeps_labels_binary():
+    rng = np.random.default_rng(1)
+    img = rng.random((16, 32, 32)).astype(np.float32)
+    lab = (rng.random((16, 32, 32)) > 0.7).astype(np.uint8)
+    aug = Augmenter(AUG)
+    a, b = aug(img, lab, 5), aug(img, lab, 5)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    outputs = [aug(img, lab, s) for s in range(12)]
+    assert any(not np.array_equal(o[0], img) for o in outputs)
+    assert len({o[0].tobytes() for o in outputs}) > 6
+    for o_img, o_lab in outputs:
+        assert o_img.shape == img.shape and o_lab.shape == lab.shape and set(np.unique(o_lab)) <= {0, 1}
+
+
+def test_mirroring_and_rotation_move_image_and_label_together():
+    img = np.zeros((8, 16, 16), np.float32)
+    img[2:4, 1:5, 10:15] = 1.0
+    lab = (img > 0).astype(np.uint8)
+    for seed in range(8):
+        o_img, o_lab = Augmenter({"rotate90": 1.0, "mirror": 0.5})(img, lab, seed)
+        assert np.array_equal(o_img > 0.5, o_lab > 0)
+        assert o_lab.sum() == lab.sum()  # 90-degree steps and flips only permute voxels
+
+
+def test_intensity_shift_leaves_the_masked_background_at_zero():
+    img = np.zeros((8, 16, 16), np.float32)
+    img[:, 4:12, 4:12] = 0.5
+    lab = np.zeros(img.shape, np.uint8)
+    o_img, _ = Augmenter({"intensity_shift": {"prob": 1.0, "max": 0.2}})(img, lab, 3)
+    assert np.all(o_img[img == 0] == 0)
+    shift = np.unique(o_img[img > 0] - 0.5)
+    assert np.allclose(shift, shift[0]) and 0 < abs(shift[0]) <= 0.2
+
+
+# ---------------------------------------------------------------- configs
+
+
+def test_bundled_configs_hold_the_papers_settings():
+    assert {"small", "paper", "paper-sgd"} <= set(bundled_configs())
+    paper, sgd = load_config("paper"), load_config("paper-sgd")
+    assert paper["optimizer"] == {"name": "adam", "lr": 5e-4, "weight_decay": 3e-5}
+    assert (paper["epochs"], paper["batch"], paper["net"]) == (1000, 8, "paper")
+    assert sgd["optimizer"] == {"name": "sgd", "lr": 1e-2, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}
+    assert set(paper["augmentation"]) == {"rotate90", "mirror", "scale", "intensity_shift"}
+    liver, tumor = stage_recipe(paper, "liver").loss, stage_recipe(paper, "tumor").loss
+    assert liver["dice"] and liver["ce"] and liver["hd"] and not liver.get("focal")
+    assert tumor["dice"] and tumor["focal"] and tumor["hd"] and (tumor["focal_alpha"], tumor["focal_gamma"]) == (0.25, 2.0)
+    assert stage_recipe(load_config("small"), "tumor").fg_fraction == 0.67
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"epochs": 0}, "epochs"),
+    ({"optimizer": {"name": "rmsprop", "lr": 1}}, "optimizer"),
+    ({"augmentation": {"elastic": 1}}, "augmentation"),
+    ({"loss": {"liver": {"dice": 1, "dcie": 1}}}, "unknown loss"),
+    ({"lr": 1}, "unknown keys"),
+])
+def test_config_mistakes_are_refused(change, message):
+    with pytest.raises(InputError, match=message):
+        tiny_config(**change)
+
+
+# ---------------------------------------------------------------- the trainer
+
+
+def _params(net) -> dict:
+    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+
+def test_training_reduces_the_loss(tmp_path):
+    config = tiny_config(net={**TINY_NET, "tile": [16, 32, 32]}, epochs=8, iterations_per_epoch=5, val_every=8,
+                         augmentation={}, loss={"liver": {"dice": 1.0, "ce": 1.0}})
+    trainer = StageTrainer(config, "liver", _blob_samples(), _blob_samples(1), tmp_path, torch.device("cpu"))
+    history = trainer.run()["history"]
+    assert history[-1]["loss"] < 0.6 * history[0]["loss"]
+    assert history[-1]["val_dice"] > 0.5
+
+
+def test_interrupted_run_resumes_to_the_same_state(tmp_path):
+    config = tiny_config(epochs=4, val_every=1)
+    samples, val = _blob_samples(), _blob_samples(1)
+    whole = StageTrainer(config, "liver", samples, val, tmp_path / "whole", torch.device("cpu"))
+    whole.run()
+
+    def interrupt(entry):
+        if entry["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    first = StageTrainer(config, "liver", samples, val, tmp_path / "split", torch.device("cpu"))
+    with pytest.raises(KeyboardInterrupt):
+        first.run(on_epoch=interrupt)
+    resumed = StageTrainer(config, "liver", samples, val, tmp_path / "split", torch.device("cpu"))
+    resumed.run(resume=True)
+    for key, value in _params(whole.net).items():
+        assert torch.equal(value, resumed.net.state_dict()[key]), key
+    assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
+    assert whole.best == resumed.best
+    assert whole.optimizer.state_dict()["state"][0]["exp_avg"].equal(resumed.optimizer.state_dict()["state"][0]["exp_avg"])
+
+
+def test_resume_refuses_another_config(tmp_path):
+    StageTrainer(tiny_config(epochs=1), "liver", _blob_samples(), [], tmp_path, torch.device("cpu")).run()
+    other = StageTrainer(tiny_config(epochs=2, batch=4), "liver", _blob_samples(), [], tmp_path, torch.device("cpu"))
+    with pytest.raises(InputError, match="another training config"):
+        other.run(resume=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_match_one_process(phantoms, tmp_path):
+    """torchrun with 2 CPU processes (gloo), each half of the global batch, ends where one process
+    ends. The loss is CE + focal: means over voxels, so the mean of the two halves' losses is the
+    whole batch's loss (a batch Dice is not, and would only agree approximately). The transformer
+    blocks use instance norm: CPU processes cannot synchronise batch statistics (GPUs do, with
+    SyncBatchNorm)."""
+    config = tiny_config(net={**TINY_NET, "conv_norm": "instance", "stem": [1, 2, 2]}, epochs=2, iterations_per_epoch=3, batch=4, val_every=2,
+                         loss={"liver": {"ce": 1.0, "focal": 1.0}})
+    cfg_file = tmp_path / "ddp.json"
+    cfg_file.write_text(json.dumps(config), encoding="utf-8")
+    common = ["train", "--stage", "liver", "--data", str(phantoms), "--config", str(cfg_file), "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "LiverTumorSegLib.cli", *common, "-o", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                          "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+                          "-m", "LiverTumorSegLib.cli", *common, "-o", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "liver.checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "two" / "liver.checkpoint.pt", weights_only=False)
+    assert (a["world_size"], b["world_size"]) == (1, 2)
+    assert [h["loss"] for h in a["history"]] == pytest.approx([h["loss"] for h in b["history"]], rel=1e-4)
+    assert a["history"][-1]["val_dice"] == pytest.approx(b["history"][-1]["val_dice"], abs=1e-3)
+    # Same weights up to float summation order (Adam turns near-zero gradients' rounding into small
+    # steps): the difference is tiny against how far training moved the weights from their start.
+    start = StageTrainer(config, "liver", _blob_samples(), [], tmp_path / "x", torch.device("cpu")).net.state_dict()
+    keys = [k for k, v in start.items() if v.is_floating_point()]
+    norm = lambda tensors: float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))  # noqa: E731
+    moved = norm(a["model"][k] - start[k] for k in keys)
+    apart = norm(a["model"][k] - b["model"][k] for k in keys)
+    assert moved > 0.5 and apart < 1e-2 * moved, (apart, moved)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def test_train_both_stages_then_evaluate_the_pair(phantoms, tmp_path, capsys):
+    cfg_file = tmp_path / "tiny.json"
+    cfg_file.write_text(json.dumps(tiny_config()), encoding="utf-8")
+    run = tmp_path / "run"
+    for stage in ("liver", "tumor"):
+        assert main(["train", "--stage", stage, "--data", str(phantoms), "--format", "phantom",
+                     "--config", str(cfg_file), "-o", str(run)]) == 0
+    split = json.loads((run / "split.json").read_text(encoding="utf-8"))
+    assert [len(split[p]) for p in ("train", "val", "test")] == [3, 1, 1]
+    for name in ("liver.ltsm", "tumor.ltsm", "liver.curves.png", "tumor.history.json", "tumor.checkpoint.pt"):
+        assert (run / name).is_file(), name
+    card = json.loads(main_card(run / "tumor.ltsm"))
+    assert card["training"]["data"]["test_cases"] == split["test"]
+    assert card["training"]["recipe"]["optimizer"]["name"] == "adam"
+    assert "NOT FOR CLINICAL USE" in card["intended_use"]
+
+    # a finished run is not overwritten by accident; --resume with more epochs goes on
+    assert main(["train", "--stage", "liver", "--data", str(phantoms), "-o", str(run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["train", "--stage", "liver", "--data", str(phantoms), "-o", str(run), "--resume", "--epochs", "5"]) == 0
+    history = json.loads((run / "liver.history.json").read_text(encoding="utf-8"))["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(run), "--data", str(phantoms), "-o", str(out)]) == 0
+    rows = (out / "metrics.csv").read_text(encoding="utf-8").splitlines()
+    assert rows[0].startswith("case,output,structure")
+    assert len(rows) == 1 + 2 * 3  # one test case, two outputs, three structures
+    assert all(r.split(",")[0] == split["test"][0] for r in rows[1:])
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert set(summary) == {"network", "post-processed"}
+    text = (out / "summary.md").read_text(encoding="utf-8")
+    assert "Network output (before post-processing)" in text and "After post-processing" in text
+    assert (out / "boxplot.png").stat().st_size > 1000
+
+
+def main_card(path: Path) -> str:
+    from LiverTumorSegLib.modelfile import read_card
+
+    return json.dumps(read_card(path))
