@@ -367,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", type=Path, help="split file (train/val/test case names); default: the run folder's, else a new one")
     s.add_argument("--epochs", type=int, help="override the config's number of epochs")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--init", type=Path, help="fine-tune: start from this model file's weights (same network configuration)")
     s.add_argument("--name", help="model name in the card (default: <run folder>-<stage>)")
     s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     s.add_argument("--overwrite", action="store_true", help="start over in a run folder that has this stage")

@@ -137,7 +137,7 @@ class StageTrainer:
     ``<stage>.best.pt`` (best validation Dice), ``<stage>.history.json``."""
 
     def __init__(self, config: dict, stage: str, train: list[Sample], val: list[Sample], run_dir: Path,
-                 device: torch.device, world: distributed.World = distributed.World()):
+                 device: torch.device, world: distributed.World = distributed.World(), init: GUNETRpp | None = None):
         if not train:
             raise InputError(f"No training case has what the {stage} stage learns from.")
         if config["batch"] % world.size:
@@ -148,7 +148,12 @@ class StageTrainer:
         self.files = {k: self.run_dir / f"{stage}.{k}" for k in ("checkpoint.pt", "best.pt", "history.json")}
         self.seed = int(config["seed"])
         torch.manual_seed(self.seed)
-        self.net = GUNETRpp(net_config(config), deep_supervision=True).to(device)
+        self.net = GUNETRpp(net_config(config), deep_supervision=True)
+        if init is not None:  # fine-tuning: start from a trained model's weights
+            if init.cfg != self.net.cfg:
+                raise InputError("The model to start from has another network configuration than the training config.")
+            self.net.load_state_dict(init.state_dict())
+        self.net.to(device)
         self.model = self.net
         if world.active:
             from torch.nn.parallel import DistributedDataParallel
@@ -301,7 +306,7 @@ class StageTrainer:
 
 
 def make_card(name: str, config: dict, stage: str, *, data: dict, best: dict, history: list, epoch: int,
-              seconds: float, hardware: str, command: str) -> dict:
+              seconds: float, hardware: str, command: str, init: dict | None = None) -> dict:
     """A model card for a network this recipe produced (test-set metrics are measured separately)."""
     from . import __version__
 
@@ -318,6 +323,7 @@ def make_card(name: str, config: dict, stage: str, *, data: dict, best: dict, hi
             "data": data,
             "target": "liver (labels 1-3)" if stage == "liver" else "lesion = tumor + cyst (labels 2-3) inside the reference liver + margin",
             "recipe": {k: v for k, v in config.items() if k != "preprocessing"},
+            "initialised_from": init or "random (seed in the recipe)",
             "weights_from_epoch": epoch,
             "best_validation": best,
             "seconds": round(seconds), "hardware": hardware, "command": command,

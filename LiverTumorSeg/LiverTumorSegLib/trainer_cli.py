@@ -19,7 +19,7 @@ from .datasets import SPLITS, gather_cases, lits_paper_split, load_case, make_sp
 from .devices import resolve_device
 from .errors import Cancelled, InputError, OutputError
 from .imageio import write_json
-from .modelfile import save_model
+from .modelfile import load_model, save_model
 from .overlay import save_training_curves_png
 from .trainconfig import check_config, load_config, stage_recipe
 from .trainer import StageTrainer, build_sample, hardware, make_card
@@ -123,7 +123,8 @@ def run_train(args) -> int:
         distributed.barrier(world)
         train = prepare(split["train"], cases, stage, recipe.preprocessing, world.main)
         val = prepare(split["val"], cases, stage, recipe.preprocessing, world.main) if world.main else []
-        trainer = StageTrainer(config, stage, train, val, run_dir, device, world)
+        init = load_model(args.init, stage=stage) if args.init else None
+        trainer = StageTrainer(config, stage, train, val, run_dir, device, world, init.net if init else None)
         total = config["epochs"] * config["iterations_per_epoch"]
         bar = tqdm(total=total, desc=f"training {stage}", unit="it", disable=None if world.main else True, file=sys.stderr)
 
@@ -146,13 +147,14 @@ def run_train(args) -> int:
         finally:
             bar.close()
         if world.main:
-            _write_model(args, trainer, config, cases, split, device, world, outcome)
+            start = {"name": init.card["name"], "file": init.path.name, "sha256": init.sha256} if init else None
+            _write_model(args, trainer, config, cases, split, device, world, outcome, start)
     finally:
         distributed.stop(world)
     return 0
 
 
-def _write_model(args, trainer, config, cases, split, device, world, outcome) -> None:
+def _write_model(args, trainer, config, cases, split, device, world, outcome, init) -> None:
     stage, run_dir = args.stage, Path(args.output)
     net, epoch = trainer.final_network()
     present = {part: [n for n in split[part] if n in cases] for part in SPLITS}
@@ -164,7 +166,7 @@ def _write_model(args, trainer, config, cases, split, device, world, outcome) ->
     name = args.name or f"{run_dir.resolve().name}-{stage}"
     command = "livertumorseg " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "livertumorseg train"
     card = make_card(name, config, stage, data=data, best=outcome["best"], history=outcome["history"], epoch=epoch,
-                     seconds=outcome["history"][-1]["seconds"], hardware=hardware(device, world), command=command)
+                     seconds=outcome["history"][-1]["seconds"], hardware=hardware(device, world), command=command, init=init)
     path = save_model(net, card, run_dir / f"{stage}.ltsm")
     best = outcome["best"]
     note = f"validation Dice {best['dice']:.4f} at epoch {best['epoch']}" if best["epoch"] else "no validation cases: last epoch"

@@ -146,7 +146,7 @@ def test_bundled_configs_hold_the_papers_settings():
     liver, tumor = stage_recipe(paper, "liver").loss, stage_recipe(paper, "tumor").loss
     assert liver["dice"] and liver["ce"] and liver["hd"] and not liver.get("focal")
     assert tumor["dice"] and tumor["focal"] and tumor["hd"] and (tumor["focal_alpha"], tumor["focal_gamma"]) == (0.25, 2.0)
-    assert stage_recipe(load_config("small"), "tumor").fg_fraction == 0.67
+    assert stage_recipe(load_config("small"), "tumor").fg_fraction == 0.5
 
 
 @pytest.mark.parametrize("change, message", [
@@ -272,6 +272,16 @@ def test_train_both_stages_then_evaluate_the_pair(phantoms, tmp_path, capsys):
     assert main(["train", "--stage", "liver", "--data", str(phantoms), "-o", str(run), "--resume", "--epochs", "5"]) == 0
     history = json.loads((run / "liver.history.json").read_text(encoding="utf-8"))["history"]
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5]
+
+    # fine-tuning starts from a trained model's weights and says so in the card
+    tuned = tmp_path / "tuned"
+    assert main(["train", "--stage", "liver", "--data", str(phantoms), "--config", str(cfg_file), "--epochs", "1",
+                 "--init", str(run / "liver.ltsm"), "-o", str(tuned)]) == 0
+    start = json.loads(main_card(tuned / "liver.ltsm"))["training"]["initialised_from"]
+    assert start["file"] == "liver.ltsm" and len(start["sha256"]) == 64
+    assert main(["train", "--stage", "liver", "--data", str(phantoms), "--config", "small", "--epochs", "1",
+                 "--init", str(run / "liver.ltsm"), "-o", str(tmp_path / "mismatch")]) == 2
+    assert "another network configuration" in capsys.readouterr().err
 
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(run), "--data", str(phantoms), "-o", str(out)]) == 0
