@@ -7,6 +7,7 @@ Backend: NCCL on CUDA, gloo on the CPU (how the tests run two processes on one m
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -48,7 +49,8 @@ def start(world: World, device: torch.device) -> torch.device:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # rank 0 prepares the data while the others wait: allow far more than the default timeout
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
     return device
 
 

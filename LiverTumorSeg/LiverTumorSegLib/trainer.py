@@ -80,17 +80,32 @@ def derived_seed(seed: int, stream: int, *keys: int) -> int:
     return int(np.random.SeedSequence([seed, stream, *keys]).generate_state(1)[0])
 
 
+FG_POINTS = 10_000  # foreground voxels kept per case to centre patches on (nnU-Net keeps a sample too)
+
+
 class PatchSampler:
-    """Random tile-sized patches; a ``fg_fraction`` of them centred near a foreground voxel."""
+    """Random tile-sized patches; a ``fg_fraction`` of them centred near a foreground voxel.
+
+    Samples may be memory-mapped: only those smaller than a tile are copied (padded).
+    """
 
     def __init__(self, samples: list[Sample], tile, fg_fraction: float):
         self.tile, self.fg_fraction = tuple(tile), fg_fraction
         self.samples = [self._pad(s.image, s.target) for s in samples]
-        self.fg = [np.argwhere(t > 0) for _, t in self.samples]
+        self.fg = [self._foreground(t) for _, t in self.samples]
 
     def _pad(self, img, tgt):
         pad = [(0, max(t - s, 0)) for s, t in zip(img.shape, self.tile)]
+        if not any(after for _, after in pad):
+            return img, tgt
         return np.pad(img, pad), np.pad(tgt, pad)
+
+    @staticmethod
+    def _foreground(target) -> np.ndarray:
+        points = np.argwhere(np.asarray(target) > 0)
+        if len(points) > FG_POINTS:
+            points = points[np.sort(np.random.default_rng(0).choice(len(points), FG_POINTS, replace=False))]
+        return points
 
     def patch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         i = int(rng.integers(len(self.samples)))

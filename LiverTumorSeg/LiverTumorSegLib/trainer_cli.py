@@ -1,6 +1,7 @@
 """``livertumorseg train``: one stage on one or more data sets, in one process or under ``torchrun``.
 
 The run folder holds everything: ``split.json`` (shared by both stages, reused when present),
+``cache/<stage>/`` (prepared samples, memory-mapped by every process),
 ``<stage>.config.json``, ``<stage>.checkpoint.pt``, ``<stage>.best.pt``, ``<stage>.history.json``,
 ``<stage>.curves.png`` and the final model file ``<stage>.ltsm`` (so a folder with both stages is
 a model for ``segment --model`` and ``evaluate --model``).
@@ -15,14 +16,15 @@ import time
 from pathlib import Path
 
 from . import distributed
-from .datasets import SPLITS, gather_cases, lits_paper_split, load_case, make_split, read_split, write_split
+from .datasets import SPLITS, gather_cases, lits_paper_split, make_split, read_split, write_split
 from .devices import resolve_device
 from .errors import Cancelled, InputError, OutputError
 from .imageio import write_json
 from .modelfile import load_model, save_model
 from .overlay import save_training_curves_png
 from .trainconfig import check_config, load_config, stage_recipe
-from .trainer import StageTrainer, build_sample, hardware, make_card
+from .samplecache import prepared_samples
+from .trainer import StageTrainer, hardware, make_card
 
 SPLIT_FILE = "split.json"
 
@@ -53,21 +55,6 @@ def check_split(split: dict, cases: dict) -> list[str]:
     if not any(name in cases for name in split["train"]):
         raise InputError("No case of the split's training part is in the data.")
     return warnings
-
-
-def prepare(names: list[str], cases: dict, stage: str, pre: dict, show: bool) -> list:
-    """Stage samples of the named cases (unlabelled cases and, for tumors, liver-less ones skipped)."""
-    from tqdm import tqdm
-
-    samples = []
-    for name in tqdm([n for n in names if n in cases], desc="preparing", unit="case", disable=None if show else True, file=sys.stderr):
-        ct, labels = load_case(cases[name])
-        if labels is None:
-            continue
-        sample = build_sample(ct, labels, stage, pre, name)
-        if sample is not None:
-            samples.append(sample)
-    return samples
 
 
 def _stage_files(run_dir: Path, stage: str) -> list[Path]:
@@ -121,8 +108,14 @@ def run_train(args) -> int:
             write_json(config, run_dir / f"{stage}.config.json", overwrite=True)
             print(f"{stage}: split from {split_source}; device {device}; {world.size} process(es)", file=sys.stderr)
         distributed.barrier(world)
-        train = prepare(split["train"], cases, stage, recipe.preprocessing, world.main)
-        val = prepare(split["val"], cases, stage, recipe.preprocessing, world.main) if world.main else []
+        cache = run_dir / "cache" / stage
+        if world.main:  # one process prepares; the others map its files
+            train = prepared_samples(split["train"], cases, stage, recipe.preprocessing, cache, build=True, show=True)
+            val = prepared_samples(split["val"], cases, stage, recipe.preprocessing, cache, build=True, show=True)
+        distributed.barrier(world)
+        if not world.main:
+            train = prepared_samples(split["train"], cases, stage, recipe.preprocessing, cache, build=False)
+            val = []
         init = load_model(args.init, stage=stage) if args.init else None
         trainer = StageTrainer(config, stage, train, val, run_dir, device, world, init.net if init else None)
         total = config["epochs"] * config["iterations_per_epoch"]

@@ -25,6 +25,15 @@ def test_bundled_weights_are_listed_and_small():
         assert f.stat().st_size <= 10e6
 
 
+def test_training_configs_are_listed():
+    cmake = (REPO / "LiverTumorSeg" / "CMakeLists.txt").read_text(encoding="utf-8")
+    pyproject = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    configs = sorted((LIB / "configs").glob("*.json"))
+    assert configs and '"configs/*.json"' in pyproject
+    for f in configs:
+        assert f.relative_to(REPO / "LiverTumorSeg").as_posix() in cmake
+
+
 def test_core_does_not_import_slicer_or_qt():
     for path in LIB.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

@@ -16,12 +16,14 @@ import torch
 
 from LiverTumorSegLib.augment import Augmenter
 from LiverTumorSegLib.cli import main
+from LiverTumorSegLib.datasets import gather_cases, load_case
 from LiverTumorSegLib.errors import InputError
 from LiverTumorSegLib.imageio import write_labels, write_volume
 from LiverTumorSegLib.netconfig import SMALL
 from LiverTumorSegLib.orientation import to_canonical
 from LiverTumorSegLib.phantom import generate_case
 from LiverTumorSegLib.pipeline import tumor_stage_input
+from LiverTumorSegLib.samplecache import prepared_samples
 from LiverTumorSegLib.trainconfig import bundled_configs, check_config, load_config, stage_recipe
 from LiverTumorSegLib.trainer import PatchSampler, Sample, StageTrainer, build_sample
 
@@ -94,6 +96,27 @@ def test_foreground_oversampling():
     rng = np.random.default_rng(0)
     hits = lambda s: np.mean([s.patch(rng)[1].any() for _ in range(40)])  # noqa: E731
     assert hits(always) == 1.0 and hits(always) > hits(never)
+
+
+def test_prepared_samples_are_cached_and_memory_mapped(phantoms, tmp_path):
+    cases = gather_cases([phantoms])
+    names = sorted(cases)[:2]
+    cache = tmp_path / "cache"
+    first = prepared_samples(names, cases, "tumor", TINY_PRE["tumor"], cache, build=True)
+    for sample in first:
+        ct, labels = load_case(cases[sample.name])
+        fresh = build_sample(ct, labels, "tumor", TINY_PRE["tumor"], sample.name)
+        assert isinstance(sample.image, np.memmap)
+        for a in ("image", "target", "mask"):
+            assert np.array_equal(getattr(sample, a), getattr(fresh, a)), a
+    stamp = (cache / names[0] / "meta.json").stat().st_mtime_ns
+    again = prepared_samples(names, cases, "tumor", TINY_PRE["tumor"], cache, build=False)  # other processes
+    assert [s.name for s in again] == names and (cache / names[0] / "meta.json").stat().st_mtime_ns == stamp
+    finer = {**TINY_PRE["tumor"], "resample": {"mode": "spacing", "spacing": [3.0, 2.0, 2.0]}}
+    with pytest.raises(InputError, match="missing"):
+        prepared_samples(names, cases, "tumor", finer, cache, build=False)
+    rebuilt = prepared_samples(names, cases, "tumor", finer, cache, build=True)
+    assert rebuilt[0].image.shape != first[0].image.shape
 
 
 # ---------------------------------------------------------------- augmentation

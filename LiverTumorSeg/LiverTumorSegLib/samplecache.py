@@ -1,0 +1,90 @@
+"""Prepared stage samples on disk, memory-mapped.
+
+A run prepares each case once per stage (``<run>/cache/<stage>/<case>/``); every training process
+of a node then maps the same files, so N processes share one copy in the page cache instead of
+holding N copies in RAM, and a resumed run skips the preparation. A case's ``meta.json`` is
+written last and records what the arrays were built from; anything else there is rebuilt.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .datasets import Case, load_case
+from .errors import InputError
+from .trainer import Sample, build_sample
+
+CACHE_FORMAT = 1
+ARRAYS = ("image", "target", "mask")
+
+
+def cache_key(case: Case, stage: str, pre: dict) -> dict:
+    """What a prepared sample depends on: the source files (path, size, time) and the preprocessing."""
+    def stamp(path: Path | None):
+        if path is None:
+            return None
+        st = path.stat()
+        return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+    return {"format": CACHE_FORMAT, "stage": stage, "preprocessing": pre, "image": stamp(case.image), "label": stamp(case.label)}
+
+
+def _read_meta(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def store(sample: Sample | None, key: dict, folder: Path) -> None:
+    """Write a sample (or the fact that the case has none for this stage) and then its meta.json."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    if sample is not None:
+        for name in ARRAYS:
+            array = getattr(sample, name)
+            if array is not None:
+                np.save(folder / f"{name}.npy", array)
+    meta = {"key": key, "empty": sample is None}
+    tmp = folder / "meta.json.tmp"
+    tmp.write_text(json.dumps(meta), encoding="utf-8")
+    os.replace(tmp, folder / "meta.json")
+
+
+def load(folder: Path, name: str) -> Sample | None:
+    """A stored sample with its arrays memory-mapped read-only (None for a case without one)."""
+    if _read_meta(folder)["empty"]:
+        return None
+    arrays = {a: np.load(folder / f"{a}.npy", mmap_mode="r") if (folder / f"{a}.npy").is_file() else None for a in ARRAYS}
+    return Sample(name, arrays["image"], arrays["target"], arrays["mask"])
+
+
+def prepared_samples(names: list[str], cases: dict, stage: str, pre: dict, cache_dir: Path, *,
+                     build: bool, show: bool = False) -> list[Sample]:
+    """The stage samples of the named cases, from the cache; missing or stale ones are built when
+    ``build`` (one process per run does that), else that is an error. Cases without labels, and
+    for tumors cases without liver, have no sample."""
+    from tqdm import tqdm
+
+    samples = []
+    for name in tqdm([n for n in names if n in cases], desc=f"preparing {stage}", unit="case",
+                     disable=None if show else True, file=sys.stderr):
+        case, folder = cases[name], cache_dir / name
+        key = cache_key(case, stage, pre)
+        meta = _read_meta(folder)
+        if meta is None or meta["key"] != json.loads(json.dumps(key)):
+            if not build:
+                raise InputError(f"The prepared sample of case '{name}' is missing from {folder}.")
+            ct, labels = load_case(case)
+            store(build_sample(ct, labels, stage, pre, name) if labels is not None else None, key, folder)
+        sample = load(folder, name)
+        if sample is not None:
+            samples.append(sample)
+    return samples
