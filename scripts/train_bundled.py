@@ -1,60 +1,64 @@
-"""Train the bundled 'phantom-small' models (liver and tumor stages) on synthetic phantoms.
+"""Reproduce the bundled 'phantom-small' models with the training recipe.
 
-    python scripts/train_bundled.py --stage liver --cases 40 --steps 3000 -o LiverTumorSeg/LiverTumorSegLib/weights/phantom-small
+    .venv/bin/python scripts/train_bundled.py [--work bundled-run] [--data ../shared/data] [--install]
 
-Training seeds are 1000..1000+cases-1; evaluation uses other seeds (scripts/measure_bundled.py).
+Writes 60 training phantoms (seeds 1000-1059) and 4 validation phantoms (1900-1903), a split
+(train: the phantoms + the real lits-117-128cube; validation: the real, held-out 3D-IRCADb 1.1 +
+the 4 phantoms), then trains both stages side by side with the ``small`` config, one CPU thread
+each, in ``WORK/run``. ``--install`` copies the two model files into the package's weights
+folder; ``scripts/measure_bundled.py`` then measures them on fresh phantoms (seeds 2000+) and
+writes the numbers into their cards.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
+import subprocess
 import sys
-import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
+from LiverTumorSegLib.datasets import write_split
+from LiverTumorSegLib.phantom import write_cases
+from LiverTumorSegLib.registry import WEIGHTS_DIR
 
-from LiverTumorSegLib.modelfile import save_model
-from LiverTumorSegLib.netconfig import SMALL
-from LiverTumorSegLib.phantom import generate_case
-from LiverTumorSegLib.trainer import DEFAULT_PREPROCESSING, TrainConfig, build_sample, make_card, train
-
-TRAIN_SEED0 = 1000
+TRAIN_SEEDS = range(1000, 1060)
+VAL_SEEDS = range(1900, 1904)
+REAL_TRAIN, REAL_VAL = "lits-117-128cube", "ircad-1.1"
 
 
-def main(argv=None):
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stage", choices=["liver", "tumor"], required=True)
-    ap.add_argument("--cases", type=int, default=40)
-    ap.add_argument("--steps", type=int, default=3000)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("-o", "--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, default=Path("bundled-run"))
+    ap.add_argument("--data", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    ap.add_argument("--install", action="store_true", help="copy the trained models into the package")
     args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    pre = DEFAULT_PREPROCESSING[args.stage]
-    samples = []
-    for seed in tqdm(range(TRAIN_SEED0, TRAIN_SEED0 + args.cases), desc="phantoms", file=sys.stdout):
-        ct, lab = generate_case(seed)
-        samples.append(build_sample(ct, lab, args.stage, pre))
-    cfg = TrainConfig(stage=args.stage, net=SMALL, preprocessing=pre, steps=args.steps, batch=args.batch, lr=args.lr,
-                      fg_fraction=0.5 if args.stage == "liver" else 0.67)
-    command = "python scripts/train_bundled.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    t0 = time.perf_counter()
-    out = args.out / f"{args.stage}.ltsm"
-
-    def save(net, step):
-        data = f"{args.cases} synthetic phantoms (seeds {TRAIN_SEED0}-{TRAIN_SEED0 + args.cases - 1}); no real CT"
-        save_model(net, make_card(f"phantom-small-{args.stage}", cfg, data, time.perf_counter() - t0, command), out)
-        print(f"step {step}: saved {out}; loss {cfg.history[-1]['loss']:.4f}", flush=True)
-
-    net = train(samples, cfg, checkpoint=save, checkpoint_every=250)
-    save(net, cfg.steps)
-    print(json.dumps(cfg.history[-3:]))
+    phantoms = args.work / "phantoms"
+    for seeds in (TRAIN_SEEDS, VAL_SEEDS):
+        if not (phantoms / f"case_{seeds[-1]:04d}_label.nii.gz").exists():
+            write_cases(phantoms, len(seeds), seeds[0], overwrite=True)
+    split = {"train": [f"case_{s:04d}" for s in TRAIN_SEEDS] + [REAL_TRAIN],
+             "val": [REAL_VAL] + [f"case_{s:04d}" for s in VAL_SEEDS], "test": []}
+    split_file = write_split(split, args.work / "bundled-split.json", overwrite=True)
+    cli = Path(sys.executable).with_name("livertumorseg")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = []
+    for stage in ("liver", "tumor"):
+        cmd = [str(cli), "train", "--stage", stage, "--data", str(phantoms), "--data", str(args.data / REAL_TRAIN),
+               "--data", str(args.data / REAL_VAL), "--split", str(split_file), "--config", "small",
+               "--name", f"phantom-small-{stage}", "-o", str(args.work / "run")]
+        print(" ".join(cmd), flush=True)
+        runs.append(subprocess.Popen(cmd, env=env))
+    if any(run.wait() for run in runs):
+        return 1
+    if args.install:
+        for stage in ("liver", "tumor"):
+            shutil.copyfile(args.work / "run" / f"{stage}.ltsm", WEIGHTS_DIR / "phantom-small" / f"{stage}.ltsm")
+    print(json.dumps({"run": str(args.work / "run"), "installed": args.install}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -103,8 +103,11 @@ def run_train(args) -> int:
             print(f"warning: {warning}", file=sys.stderr)
         if world.main:
             run_dir.mkdir(parents=True, exist_ok=True)
-            if not (run_dir / SPLIT_FILE).is_file():
-                write_split(split, run_dir / SPLIT_FILE)
+            existing = run_dir / SPLIT_FILE
+            if existing.is_file() and read_split(existing) != split:
+                raise InputError(f"{existing} holds another split than {split_source}; both stages of a run "
+                                 "use one split (use another run folder).")
+            write_split(split, existing, overwrite=True)  # both stages may start at once: same content
             write_json(config, run_dir / f"{stage}.config.json", overwrite=True)
             print(f"{stage}: split from {split_source}; device {device}; {world.size} process(es)", file=sys.stderr)
         distributed.barrier(world)
