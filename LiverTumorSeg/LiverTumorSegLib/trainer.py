@@ -175,7 +175,7 @@ class StageTrainer:
 
             if device.type == "cuda":  # batch statistics over the global batch, as one GPU would have them
                 self.net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.net)
-            elif self.net.cfg.conv_norm == "batch":
+            elif self.net.cfg.conv_norm == "batch" and world.main:
                 print("warning: batch norm statistics are per process on CPUs (no SyncBatchNorm there); "
                       "results differ slightly from one process", file=sys.stderr)
             self.model = DistributedDataParallel(self.net, device_ids=[device] if device.type == "cuda" else None)
