@@ -148,14 +148,16 @@ def test_folder_of_cases(ct_file, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.nii.gz", "b.nii.gz"]
 
 
-def test_phantom_and_train_commands(tmp_path, capsys):
+def test_phantom_command_and_train_refusals(tmp_path, capsys):
+    """Training itself is tested in test_training.py; here the phantom command and bad train input."""
     assert _run(capsys, "phantom", "-o", tmp_path / "ph", "--cases", "2", "--seed", "3100")[0] == 0
     assert len(list((tmp_path / "ph").glob("*_ct.nii.gz"))) == 2
-    code, out, err = _run(capsys, "train", "--stage", "tumor", "--data", tmp_path / "ph", "--steps", "2", "-o", tmp_path / "t.ltsm")
-    assert code == 0, err
-    card = read_card(tmp_path / "t.ltsm")
-    assert (tmp_path / "t.loss.png").stat().st_size > 1000
-    assert card["stage"] == "tumor" and "NOT FOR CLINICAL USE" in card["intended_use"]
+    for extra, message in ((["--config", "nonsense"], "No training config 'nonsense'"),
+                           (["--data", tmp_path / "missing"], "is not a folder"),
+                           (["--resume"], "Nothing to resume")):
+        args = ["train", "--stage", "tumor", "--data", tmp_path / "ph", "-o", tmp_path / "run", *extra]
+        code, _, err = _run(capsys, *args)
+        assert code == 2 and message in err and err.count("error:") == 1, err
 
 
 def test_models_lists_bundled(capsys):
