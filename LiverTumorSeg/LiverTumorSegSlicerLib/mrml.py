@@ -1,0 +1,302 @@
+"""MRML side of LiverTumorSeg: volume node -> core arrays, core labels -> segmentation node.
+
+Uses only Slicer's MRML and segmentation libraries (``slicer.vtkMRML...``, ``vtk``, numpy), so
+it runs inside Slicer and, for tests, on the PyPI package ``slicer-core`` (real MRML, no Qt).
+
+Data flows one way: ``volume_from_node`` gives the core a ``Volume``; the core's label array
+(k, j, i) on that volume's grid comes back through ``SegmentWriter.write``, which edits only the
+managed segments ("Liver", "Liver tumor", "Liver cyst") whose voxels changed, in place, with
+bounding-box-cropped ``SetBinaryLabelmapToSegment`` calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import slicer
+import vtk
+from vtkmodules.util import numpy_support
+
+from LiverTumorSegLib.terminology import SEGMENTS
+from LiverTumorSegLib.volume import Volume
+
+ATTRIBUTE_PREFIX = "LiverTumorSeg."
+SOURCE_VOLUME_ROLE = "LiverTumorSegSourceVolume"
+RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
+MANAGED_IDS = tuple(spec["id"] for spec in SEGMENTS)
+
+
+class NodeInputError(ValueError):
+    """The selected node cannot be segmented; the message says why."""
+
+
+# ---------------------------------------------------------------- matrices and arrays
+
+
+def _to_numpy(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
+    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def _to_vtk(array: np.ndarray) -> vtk.vtkMatrix4x4:
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            matrix.SetElement(r, c, float(array[r, c]))
+    return matrix
+
+
+def ijk_to_ras(volume_node) -> np.ndarray:
+    matrix = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(matrix)
+    return _to_numpy(matrix)
+
+
+def node_input_problem(volume_node) -> str | None:
+    """Why this node cannot be a CT input, or None (the CT content itself is checked by the core)."""
+    if volume_node is None:
+        return "Select a CT volume."
+    if volume_node.IsA("vtkMRMLLabelMapVolumeNode"):
+        return f"'{volume_node.GetName()}' is a labelmap, not a CT."
+    vector = any(volume_node.IsA(c) for c in ("vtkMRMLVectorVolumeNode", "vtkMRMLTensorVolumeNode"))
+    if vector or not volume_node.IsA("vtkMRMLScalarVolumeNode"):
+        return f"'{volume_node.GetName()}' is not a scalar volume (RGB, vector or tensor volumes are not CT)."
+    image = volume_node.GetImageData()
+    if image is None or image.GetNumberOfPoints() == 0:
+        return f"'{volume_node.GetName()}' has no voxels."
+    if image.GetNumberOfScalarComponents() != 1:
+        return f"'{volume_node.GetName()}' has {image.GetNumberOfScalarComponents()} components per voxel; a CT has one."
+    return None
+
+
+def volume_from_node(volume_node) -> Volume:
+    """The node's voxels (k, j, i) and geometry as a core ``Volume`` (LPS, like ITK)."""
+    problem = node_input_problem(volume_node)
+    if problem:
+        raise NodeInputError(problem)
+    image = volume_node.GetImageData()
+    dims = image.GetDimensions()
+    array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1]).copy()
+    m = ijk_to_ras(volume_node)
+    spacing = np.linalg.norm(m[:3, :3], axis=0)
+    direction_ras = m[:3, :3] / spacing
+    return Volume(array, tuple(spacing), tuple(RAS_FROM_LPS @ m[:3, 3]), RAS_FROM_LPS @ direction_ras)
+
+
+def volume_node_from(scene, volume: Volume, name: str):
+    """A scalar volume node holding a core ``Volume`` (its voxels and geometry, converted to RAS)."""
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+    node.SetIJKToRASMatrix(_to_vtk(volume.ijk_to_ras()))
+    array = np.ascontiguousarray(volume.array)
+    image = vtk.vtkImageData()
+    image.SetDimensions(*array.shape[::-1])
+    image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(
+        array.ravel(), deep=True, array_type=numpy_support.get_vtk_array_type(array.dtype)))
+    node.SetAndObserveImageData(image)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def _oriented_image(mask: np.ndarray, box, matrix: vtk.vtkMatrix4x4):
+    """A uint8 vtkOrientedImageData of ``mask[box]`` placed at the box's IJK extent."""
+    ks, js, is_ = box
+    image = slicer.vtkOrientedImageData()
+    image.SetExtent(is_.start, is_.stop - 1, js.start, js.stop - 1, ks.start, ks.stop - 1)
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.ascontiguousarray(mask[box], np.uint8).ravel()
+    image.SetImageToWorldMatrix(matrix)
+    return image
+
+
+def _box(mask: np.ndarray):
+    """Bounding box slices of a non-empty mask, or a 1-voxel box at the origin for an empty one."""
+    found = [np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    if any(f.size == 0 for f in found):
+        return (slice(0, 1),) * 3
+    return tuple(slice(int(f[0]), int(f[-1]) + 1) for f in found)
+
+
+def fingerprint(mask: np.ndarray) -> str:
+    """A short hash of a mask's voxels and bounding box (equal masks, equal fingerprints)."""
+    box = _box(mask)
+    h = hashlib.sha256(repr([(s.start, s.stop) for s in box]).encode())
+    h.update(np.packbits(mask[box]).tobytes() if mask.any() else b"empty")
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the segmentation node
+
+
+def _set_identity(segment, spec: dict) -> None:
+    segment.SetName(spec["name"])
+    segment.SetColor(*(c / 255 for c in spec["color"]))
+    segment.SetNameAutoGenerated(False)
+    segment.SetColorAutoGenerated(False)
+    segment.SetTag(slicer.vtkSegment.GetTerminologyEntryTagName(), spec["terminology"])
+
+
+def create_segmentation_node(volume_node, name: str | None = None):
+    """A new segmentation node for results on ``volume_node``'s grid.
+
+    Reference geometry and a node reference to the volume, the volume's parent transform, next to
+    it in the subject hierarchy, the three managed segments (empty) with fixed IDs, names, colours
+    and terminology, shown in 2-D and 3-D.
+    """
+    scene = volume_node.GetScene()
+    seg_node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name or f"{volume_node.GetName()} liver segmentation")
+    seg_node.CreateDefaultDisplayNodes()
+    seg_node.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+    seg_node.SetNodeReferenceID(SOURCE_VOLUME_ROLE, volume_node.GetID())
+    seg_node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
+    segmentation = seg_node.GetSegmentation()
+    segmentation.SetSourceRepresentationName(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+    for spec in SEGMENTS:
+        segmentation.AddEmptySegment(spec["id"], spec["name"])
+        _set_identity(segmentation.GetSegment(spec["id"]), spec)
+    _place_beside(seg_node, volume_node)
+    display = seg_node.GetDisplayNode()
+    display.SetVisibility2D(True)
+    display.SetVisibility3D(True)
+    return seg_node
+
+
+def _place_beside(node, volume_node) -> None:
+    """Put ``node`` under the volume's parent in the subject hierarchy (when there is one)."""
+    sh = slicer.vtkMRMLSubjectHierarchyNode.GetSubjectHierarchyNode(volume_node.GetScene())
+    if sh is None:
+        return
+    volume_item = sh.GetItemByDataNode(volume_node)
+    if not volume_item:
+        return
+    parent, item = sh.GetItemParent(volume_item), sh.GetItemByDataNode(node)
+    if item:
+        sh.SetItemParent(item, parent)
+    else:  # Slicer's application creates items for new nodes; MRML alone does not
+        sh.CreateItem(parent, node)
+
+
+def segment_mask(seg_node, segment_id: str, shape_kji) -> np.ndarray:
+    """A segment's voxels on the reference grid (k, j, i), read from the node (exact, no resampling).
+
+    The segment's labelmap must be on the reference geometry's lattice (ours always are).
+    """
+    image = slicer.vtkOrientedImageData()
+    seg_node.GetBinaryLabelmapRepresentation(segment_id, image)
+    out = np.zeros(shape_kji, bool)
+    e = image.GetExtent()
+    if e[1] < e[0] or image.GetPointData().GetScalars() is None:
+        return out
+    values = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    part = values.reshape(e[5] - e[4] + 1, e[3] - e[2] + 1, e[1] - e[0] + 1) > 0
+    lo, hi = np.array([e[4], e[2], e[0]]), np.array([e[5], e[3], e[1]]) + 1
+    clo, chi = np.maximum(lo, 0), np.minimum(hi, shape_kji)
+    if np.any(chi <= clo):
+        return out
+    src = tuple(slice(a - b, c - b) for a, c, b in zip(clo, chi, lo))
+    out[tuple(slice(a, c) for a, c in zip(clo, chi))] = part[src]
+    return out
+
+
+class SegmentWriter:
+    """Writes core label arrays into one segmentation node's managed segments.
+
+    Only segments whose mask changed are rewritten; segments the user added are never touched.
+    Each write records a fingerprint per managed segment as a node attribute, and an observer
+    records which managed segments anything else modified since (a user's edit in the Segment
+    Editor). ``edited()`` reports them, so the caller can ask before ``write`` overwrites them.
+    """
+
+    def __init__(self, seg_node, volume_node):
+        self.seg_node, self.volume_node = seg_node, volume_node
+        self.matrix = vtk.vtkMatrix4x4()
+        volume_node.GetIJKToRASMatrix(self.matrix)
+        dims = volume_node.GetImageData().GetDimensions()
+        self.shape = tuple(dims[::-1])
+        self._writing = False
+        self._edited: set[str] = set(self._stored_edits())
+        self._written: dict[str, np.ndarray] = {}
+        segmentation = seg_node.GetSegmentation()
+        self._observer = segmentation.AddObserver(slicer.vtkSegmentation.SourceRepresentationModified, self._on_modified)
+        self._removed_observer = segmentation.AddObserver(slicer.vtkSegmentation.SegmentRemoved, self._on_modified)
+
+    def close(self) -> None:
+        """Stop observing the node."""
+        segmentation = self.seg_node.GetSegmentation()
+        for tag in (self._observer, self._removed_observer):
+            segmentation.RemoveObserver(tag)
+
+    @vtk.calldata_type(vtk.VTK_STRING)
+    def _on_modified(self, caller, event, segment_id):
+        if not self._writing and segment_id in MANAGED_IDS:
+            self._edited.add(segment_id)
+            self.seg_node.SetAttribute(ATTRIBUTE_PREFIX + "EditedSegments", ",".join(sorted(self._edited)))
+
+    def _stored_edits(self) -> list[str]:
+        text = self.seg_node.GetAttribute(ATTRIBUTE_PREFIX + "EditedSegments") or ""
+        return [s for s in text.split(",") if s]
+
+    def edited(self) -> list[str]:
+        """Managed segments changed by something other than this writer since its last write to them.
+
+        Seen by the observer while it ran, and otherwise (e.g. after the scene was saved and
+        reloaded) by comparing each segment with the fingerprint of what was last written.
+        """
+        found = set(self._edited)
+        for segment_id in MANAGED_IDS:
+            if segment_id in found:
+                continue
+            stored = self.seg_node.GetAttribute(ATTRIBUTE_PREFIX + "Fingerprint." + segment_id)
+            if self.seg_node.GetSegmentation().GetSegment(segment_id) is None:
+                if stored is not None:
+                    found.add(segment_id)  # removed by the user
+                continue
+            if stored is not None and segment_id not in self._written:
+                if fingerprint(segment_mask(self.seg_node, segment_id, self.shape)) != stored:
+                    found.add(segment_id)
+        return sorted(found)
+
+    def write(self, labels: np.ndarray, *, overwrite_edited: bool = False) -> list[str]:
+        """Put ``labels`` (k, j, i; 1 liver, 2 tumor, 3 cyst) into the managed segments.
+
+        Returns the IDs rewritten. Raises ``EditedSegmentsError`` when a segment to rewrite was
+        edited by the user, unless ``overwrite_edited``; a removed managed segment is re-created.
+        """
+        if labels.shape != self.shape:
+            raise ValueError(f"labels {labels.shape} are not on the volume's grid {self.shape}")
+        masks = {spec["id"]: labels == spec["label"] for spec in SEGMENTS}
+        changed = [sid for sid, mask in masks.items() if sid not in self._written or not np.array_equal(self._written[sid], mask)]
+        conflicts = sorted(set(changed) & set(self.edited()))
+        if conflicts and not overwrite_edited:
+            raise EditedSegmentsError(conflicts)
+        segmentation = self.seg_node.GetSegmentation()
+        self._writing = True
+        try:
+            for spec in SEGMENTS:
+                sid = spec["id"]
+                if sid not in changed:
+                    continue
+                if segmentation.GetSegment(sid) is None:
+                    segmentation.AddEmptySegment(sid, spec["name"])
+                    _set_identity(segmentation.GetSegment(sid), spec)
+                mask = masks[sid]
+                image = _oriented_image(mask, _box(mask), self.matrix)
+                ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+                    image, self.seg_node, sid, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, image.GetExtent())
+                if not ok:
+                    raise RuntimeError(f"Slicer did not accept the '{spec['name']}' segment update.")
+                self._written[sid] = mask
+                self._edited.discard(sid)
+                self.seg_node.SetAttribute(ATTRIBUTE_PREFIX + "Fingerprint." + sid, fingerprint(mask))
+        finally:
+            self._writing = False
+        self.seg_node.SetAttribute(ATTRIBUTE_PREFIX + "EditedSegments", ",".join(sorted(self._edited)))
+        return changed
+
+
+class EditedSegmentsError(RuntimeError):
+    """Segments the user edited would be overwritten; ``segment_ids`` names them."""
+
+    def __init__(self, segment_ids):
+        self.segment_ids = list(segment_ids)
+        names = ", ".join(spec["name"] for spec in SEGMENTS if spec["id"] in self.segment_ids)
+        super().__init__(f"You edited {names}; updating would replace your edits.")
