@@ -108,6 +108,26 @@ def add_post_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-cyst-filter", action="store_true", help="keep every lesion as tumor")
 
 
+PROGRESS_PREFIX = "PROGRESS "
+
+
+class _Lines:
+    """Machine-readable progress for a parent process: ``PROGRESS {"fraction": f, "message": m}`` lines."""
+
+    def __init__(self, desc: str):
+        self.desc = desc
+
+    def __call__(self, fraction: float, message: str):
+        print(PROGRESS_PREFIX + json.dumps({"case": self.desc, "fraction": round(float(fraction), 4), "message": message}), flush=True)
+
+    def close(self):
+        pass
+
+
+def _progress(desc: str, args):
+    return _Lines(desc) if getattr(args, "progress_lines", False) else _Bar(desc)
+
+
 class _Bar:
     """A tqdm bar on a terminal, silent otherwise."""
 
@@ -164,7 +184,7 @@ def _segment_one(src: Path, dst: Path, liver, tumor, dev, args) -> dict:
     warnings = ct_warnings(volume)
     for w in warnings:
         logging.warning("%s: %s", src.name, w)
-    bar = _Bar(_case_name(src))
+    bar = _progress(_case_name(src), args)
     try:
         result = segment(volume, liver, tumor, device=str(dev), fast=args.fast, progress=bar)
     finally:
@@ -311,6 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--table", help="write the region table (CSV: volume, fitted HU Gaussian, decision and why)")
     s.add_argument("--no-postprocess", action="store_true", help="write the thresholded network output as it is")
     s.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    s.add_argument("--progress-lines", action="store_true", help="print progress as 'PROGRESS {json}' lines on stdout (for a parent process)")
     add_post_arguments(s)
     s.set_defaults(func=cmd_segment)
 
