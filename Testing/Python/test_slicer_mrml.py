@@ -201,3 +201,80 @@ def test_nodes_that_are_not_a_ct_are_refused(scene):
     assert "not a scalar volume" in mrml.node_input_problem(rgb)
     with pytest.raises(mrml.NodeInputError):
         mrml.volume_from_node(labelmap)
+
+
+# ---------------------------------------------------------------- live post-processing
+
+
+def _lesion_case(scene, direction=np.eye(3)):
+    """A phantom with tumors and cysts; the network output stands in as the truth's lesions."""
+    from LiverTumorSegLib.pipeline import Probabilities
+    from LiverTumorSegSlicerLib.session import LiveResult
+
+    ct, labels = generate_case(2006, spacing=(1.6, 1.6, 3.0), matrix=240, orientation=False)
+    ct = Volume(ct.array, ct.spacing, ct.origin, direction)
+    raw = np.where(labels.array >= 2, 2, labels.array).astype(np.uint8)
+    tumor = np.where(labels.array >= 2, 255, 0).astype(np.uint8)
+    probs = Probabilities(np.where(labels.array > 0, 255, 0).astype(np.uint8), tumor, (slice(None),) * 3)
+    node = mrml.volume_node_from(scene, ct, "CT")
+    seg = mrml.create_segmentation_node(node)
+    return LiveResult(node, seg, raw, probs), labels.array
+
+
+def test_live_post_processing_writes_what_the_core_computes(scene):
+    from LiverTumorSegLib.postprocess import PostParams
+
+    live, truth = _lesion_case(scene, _rotation(8.0) @ np.diag((1, -1, 1)))
+    assert set(live.update()) == {"liver", "liver_tumor", "liver_cyst"}
+    assert {r["decision"] for r in live.rows} >= {"tumor", "cyst"}, "the case needs both kinds of lesion"
+    shape = live.labels.shape
+    for spec in SEGMENTS:
+        assert np.array_equal(mrml.segment_mask(live.seg_node, spec["id"], shape), live.labels == spec["label"])
+    # a slider move: everything becomes tumor below a high threshold ... and segments follow
+    expected, _ = live.processor.apply(PostParams(cyst_threshold_hu=-50.0), {})
+    live.update(PostParams(cyst_threshold_hu=-50.0))
+    assert np.array_equal(live.labels, expected)
+    assert not mrml.segment_mask(live.seg_node, "liver_cyst", shape).any()
+    # flipping a region by hand survives slider moves
+    region = live.rows[0]["id"]
+    live.set_decision(region, "cyst")
+    for threshold in (-50.0, 45.0, 120.0):
+        live.update(PostParams(cyst_threshold_hu=threshold))
+        row = next(r for r in live.rows if r["id"] == region)
+        assert row["decision"] == "cyst" and row["override"] == "cyst"
+        assert np.array_equal(mrml.segment_mask(live.seg_node, "liver_cyst", shape), live.labels == 3)
+    live.set_decision(region, None)
+    assert next(r for r in live.rows if r["id"] == region)["override"] is None
+
+
+def test_settings_and_decisions_are_stored_on_the_node(scene):
+    from LiverTumorSegLib.postprocess import PostParams
+    from LiverTumorSegSlicerLib.session import LiveResult, _stored_overrides, _stored_params
+
+    live, _ = _lesion_case(scene)
+    live.update(PostParams(cyst_threshold_hu=60.0, dilate_iterations=1))
+    region = live.rows[-1]["id"]
+    live.set_decision(region, "tumor")
+    assert _stored_params(live.seg_node) == PostParams(cyst_threshold_hu=60.0, dilate_iterations=1)
+    assert _stored_overrides(live.seg_node, live.processor.region_ids) == {region: "tumor"}
+    hist = live.histogram(region)
+    assert hist["hu"].shape == hist["histogram"].shape == hist["fit"].shape and hist["threshold_hu"] == 60.0
+    x, y, z = live.region_centre_ras(region)
+    assert np.isfinite([x, y, z]).all()
+
+
+def test_live_update_asks_before_overwriting_a_users_edit(scene):
+    from LiverTumorSegLib.postprocess import PostParams
+
+    live, _ = _lesion_case(scene)
+    live.update()
+    cyst = mrml.segment_mask(live.seg_node, "liver_cyst", live.labels.shape)
+    cyst[tuple(np.argwhere(live.labels == 1)[0])] = True  # the user paints one voxel of cyst
+    image = mrml._oriented_image(cyst, mrml._box(cyst), live.writer.matrix)
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        image, live.seg_node, "liver_cyst", slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, image.GetExtent())
+    with pytest.raises(mrml.EditedSegmentsError):
+        live.update(PostParams(cyst_threshold_hu=-50.0))  # would empty the cyst segment
+    assert np.array_equal(mrml.segment_mask(live.seg_node, "liver_cyst", live.labels.shape), cyst)
+    live.update(PostParams(cyst_threshold_hu=-50.0), overwrite_edited=True)
+    assert not mrml.segment_mask(live.seg_node, "liver_cyst", live.labels.shape).any()

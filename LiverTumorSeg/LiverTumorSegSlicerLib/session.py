@@ -1,0 +1,105 @@
+"""A segmentation result the clinician tunes live: the cached network output, the core's
+post-processing, and the segmentation node it keeps up to date (MRML, no Qt).
+
+Moving a slider calls ``update``: the core re-derives labels from its cache (no network) and
+``SegmentWriter`` rewrites only the segments that changed. Settings and manual decisions are
+stored on the segmentation node, so they are saved with the scene.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from LiverTumorSegLib.imageio import read_labels
+from LiverTumorSegLib.pipeline import Probabilities
+from LiverTumorSegLib.postprocess import PostParams, PostProcessor, gaussian
+
+from . import mrml
+
+PARAMS_ATTRIBUTE = mrml.ATTRIBUTE_PREFIX + "PostProcessing"
+OVERRIDES_ATTRIBUTE = mrml.ATTRIBUTE_PREFIX + "Overrides"
+
+
+class LiveResult:
+    """The network output of one run on one volume node, and the segmentation node showing it."""
+
+    def __init__(self, volume_node, seg_node, raw_labels: np.ndarray, probabilities: Probabilities, report: dict | None = None):
+        self.volume_node, self.seg_node, self.report = volume_node, seg_node, report or {}
+        self.volume = mrml.volume_from_node(volume_node)
+        self.processor = PostProcessor(self.volume, raw_labels, probabilities.tumor_full())
+        self.writer = mrml.SegmentWriter(seg_node, volume_node)
+        self.params = _stored_params(seg_node)
+        self.overrides = _stored_overrides(seg_node, self.processor.region_ids)
+        self.labels, self.rows = None, []
+
+    @classmethod
+    def from_folder(cls, volume_node, seg_node, folder: Path) -> "LiveResult":
+        """Read what the child process wrote (labels.nii.gz, probabilities.npz, report.json)."""
+        folder = Path(folder)
+        volume = mrml.volume_from_node(volume_node)
+        raw = read_labels(folder / "labels.nii.gz", volume).array
+        report = json.loads((folder / "report.json").read_text(encoding="utf-8")) if (folder / "report.json").is_file() else {}
+        return cls(volume_node, seg_node, raw, Probabilities.load(folder / "probabilities.npz"), report)
+
+    def update(self, params: PostParams | None = None, *, overwrite_edited: bool = False) -> list[str]:
+        """Apply ``params`` (default: the current ones) and the manual decisions; returns the
+        rewritten segment IDs. ``mrml.EditedSegmentsError`` when it would overwrite user edits."""
+        params = params or self.params
+        labels, rows = self.processor.apply(params, self.overrides)
+        changed = self.writer.write(labels, overwrite_edited=overwrite_edited)
+        self.params, self.labels, self.rows = params, labels, rows
+        self.seg_node.SetAttribute(PARAMS_ATTRIBUTE, json.dumps(dataclasses.asdict(params)))
+        return changed
+
+    def set_decision(self, region_id: int, decision: str | None, *, overwrite_edited: bool = False) -> list[str]:
+        """Flip a region by hand ('tumor' or 'cyst'), or give it back to the filter (None)."""
+        if decision is None:
+            self.overrides.pop(region_id, None)
+        else:
+            if decision not in ("tumor", "cyst"):
+                raise ValueError(f"a region is 'tumor' or 'cyst', not {decision!r}")
+            self.overrides[region_id] = decision
+        try:
+            return self.update(overwrite_edited=overwrite_edited)
+        finally:
+            self.seg_node.SetAttribute(OVERRIDES_ATTRIBUTE, json.dumps({str(k): v for k, v in self.overrides.items()}))
+
+    def region_centre_ras(self, region_id: int) -> tuple[float, float, float]:
+        """Where to centre the slice views on a region (RAS mm, in the volume's own frame)."""
+        row = next(r for r in self.rows if r["id"] == region_id)
+        return tuple(row["centroid_ras_mm"])
+
+    def histogram(self, region_id: int) -> dict:
+        """A region's HU histogram and fitted Gaussian as plot series (voxels per HU)."""
+        p = self.params
+        fit = self.processor.fit(region_id, p.bin_width_hu, p.smoothing_bins)
+        curve = gaussian(fit.centers, fit.A, fit.M, fit.S) if fit.failure is None else np.full(fit.centers.shape, np.nan)
+        return {"hu": fit.centers, "histogram": fit.counts / p.bin_width_hu, "fit": curve,
+                "threshold_hu": p.cyst_threshold_hu, "failure": fit.failure}
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _stored_params(seg_node) -> PostParams:
+    text = seg_node.GetAttribute(PARAMS_ATTRIBUTE)
+    if not text:
+        return PostParams()
+    try:
+        known = {f.name for f in dataclasses.fields(PostParams)}
+        return PostParams(**{k: v for k, v in json.loads(text).items() if k in known})
+    except (ValueError, TypeError):
+        return PostParams()
+
+
+def _stored_overrides(seg_node, region_ids) -> dict[int, str]:
+    text = seg_node.GetAttribute(OVERRIDES_ATTRIBUTE)
+    try:
+        stored = {int(k): v for k, v in json.loads(text).items()} if text else {}
+    except (ValueError, TypeError, AttributeError):
+        return {}
+    return {k: v for k, v in stored.items() if k in region_ids and v in ("tumor", "cyst")}
