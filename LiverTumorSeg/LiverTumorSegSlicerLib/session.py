@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 
 import numpy as np
+import slicer
+import vtk
 
 from LiverTumorSegLib.imageio import read_labels
 from LiverTumorSegLib.pipeline import Probabilities
@@ -81,8 +83,47 @@ class LiveResult:
         return {"hu": fit.centers, "histogram": fit.counts / p.bin_width_hu, "fit": curve,
                 "threshold_hu": p.cyst_threshold_hu, "failure": fit.failure}
 
+    def histogram_chart(self, region_id: int):
+        """A plot chart node (table + histogram and Gaussian series) for one region, reused between calls."""
+        scene = self.seg_node.GetScene()
+        h = self.histogram(region_id)
+        table = _reused(scene, "vtkMRMLTableNode", "LiverTumorSeg region histogram table")
+        columns = {"HU": h["hu"], "voxels per HU": h["histogram"], "fitted Gaussian": np.nan_to_num(h["fit"])}
+        vtk_table = table.GetTable()
+        vtk_table.Initialize()
+        for name, values in columns.items():
+            array = vtk.vtkDoubleArray()
+            array.SetName(name)
+            for v in values:
+                array.InsertNextValue(float(v))
+            vtk_table.AddColumn(array)
+        table.Modified()
+        chart = _reused(scene, "vtkMRMLPlotChartNode", "LiverTumorSeg region histogram")
+        chart.RemoveAllPlotSeriesNodeIDs()
+        for name, colour in (("voxels per HU", (0.5, 0.5, 0.5)), ("fitted Gaussian", (0.85, 0.1, 0.1))):
+            series = _reused(scene, "vtkMRMLPlotSeriesNode", f"LiverTumorSeg {name}")
+            series.SetAndObserveTableNodeID(table.GetID())
+            series.SetXColumnName("HU")
+            series.SetYColumnName(name)
+            series.SetPlotType(slicer.vtkMRMLPlotSeriesNode.PlotTypeScatter)
+            series.SetMarkerStyle(slicer.vtkMRMLPlotSeriesNode.MarkerStyleNone)
+            series.SetColor(*colour)
+            chart.AddAndObservePlotSeriesNodeID(series.GetID())
+        row = next((r for r in self.rows if r["id"] == region_id), None)
+        what = f"{row['decision']}, {row['reason']}" if row else ""
+        chart.SetTitle(f"Region {region_id}: {what} (threshold {h['threshold_hu']:g} HU)")
+        chart.SetXAxisTitle("HU")
+        chart.SetYAxisTitle("voxels per HU")
+        return chart
+
     def close(self) -> None:
         self.writer.close()
+
+
+def _reused(scene, class_name: str, name: str):
+    """The scene's node of this class and name, or a new one."""
+    node = scene.GetFirstNode(name, class_name)
+    return node if node is not None else scene.AddNewNodeByClass(class_name, name)
 
 
 def _stored_params(seg_node) -> PostParams:

@@ -15,6 +15,10 @@ def test_every_core_python_file_is_listed_in_module_cmake():
     on_disk = {p.relative_to(REPO / "LiverTumorSeg").as_posix()
                for lib in (LIB, REPO / "LiverTumorSeg" / "LiverTumorSegSlicerLib") for p in lib.rglob("*.py")}
     assert on_disk == listed
+    assert "${MODULE_NAME}.py" in cmake and (REPO / "LiverTumorSeg" / "LiverTumorSeg.py").is_file()
+    for resource in ("Resources/UI/${MODULE_NAME}.ui", "Resources/Icons/${MODULE_NAME}.png"):
+        assert resource in cmake and (REPO / "LiverTumorSeg" / resource.replace("${MODULE_NAME}", "LiverTumorSeg")).is_file()
+    assert "WITH_GENERIC_TESTS" in cmake and "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in cmake
 
 
 def test_bundled_weights_are_listed_and_small():
@@ -41,6 +45,14 @@ def test_core_does_not_import_slicer_or_qt():
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             for name in names:
                 assert name.split(".")[0] not in FORBIDDEN, f"{path.name} imports {name}"
+
+
+def test_catalog_entry():
+    import json
+
+    entry = json.loads((REPO / "LiverTumorSeg.json").read_text(encoding="utf-8"))
+    assert entry["category"] == "Segmentation" and entry["build_dependencies"] == ["PyTorch"]
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#") and entry["scm_url"]
 
 
 def test_extension_metadata():

@@ -278,3 +278,16 @@ def test_live_update_asks_before_overwriting_a_users_edit(scene):
     assert np.array_equal(mrml.segment_mask(live.seg_node, "liver_cyst", live.labels.shape), cyst)
     live.update(PostParams(cyst_threshold_hu=-50.0), overwrite_edited=True)
     assert not mrml.segment_mask(live.seg_node, "liver_cyst", live.labels.shape).any()
+
+
+def test_region_histogram_becomes_a_slicer_plot(scene):
+    live, _ = _lesion_case(scene)
+    live.update()
+    region = live.rows[0]["id"]
+    chart = live.histogram_chart(region)
+    assert chart.GetNumberOfPlotSeriesNodes() == 2 and f"Region {region}" in chart.GetTitle()
+    table = chart.GetNthPlotSeriesNode(0).GetTableNode().GetTable()
+    hist = live.histogram(region)
+    assert table.GetNumberOfRows() == hist["hu"].size and table.GetNumberOfColumns() == 3
+    again = live.histogram_chart(live.rows[-1]["id"])
+    assert again.GetID() == chart.GetID() and scene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode") == 2

@@ -1,0 +1,436 @@
+"""LiverTumorSeg: liver, liver tumor and cyst segmentation on CT, with live post-processing.
+
+Widget = Qt only (copies ``LiverTumorSegSlicerLib.panel`` rules onto widgets); Logic = MRML only,
+importable without Qt (tested on the PyPI package slicer-core); Test = the self-test, whose cases
+also run in CI. Data flows one way: volume node -> core (in a child process) -> labels + region
+table -> segments.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import unittest
+from pathlib import Path
+
+import slicer
+import vtk
+
+try:  # the Slicer application
+    import qt
+    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+except ImportError:  # Slicer's MRML libraries alone (slicer-core): Logic and Test only
+    qt = None
+
+    class ScriptedLoadableModule:  # noqa: D101 - stand-ins: only Logic and Test are used here
+        pass
+
+    class ScriptedLoadableModuleWidget:  # noqa: D101
+        pass
+
+    ScriptedLoadableModuleLogic = object
+    ScriptedLoadableModuleTest = unittest.TestCase
+from slicer.util import VTKObservationMixin
+
+from LiverTumorSegLib.imageio import check_ct, ct_warnings, write_volume
+from LiverTumorSegLib.registry import BUNDLED, DEFAULT_MODEL, model_files
+from LiverTumorSegSlicerLib import dependencies, mrml, panel, runner
+from LiverTumorSegSlicerLib.session import LiveResult
+
+
+class LiverTumorSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Liver Tumor Segmentation"
+        self.parent.categories = ["Segmentation"]
+        self.parent.contributors = ["LiverTumorSeg developers"]
+        self.parent.helpText = (
+            "Segments the liver, liver tumors and cysts in a CT with a two-stage G-UNETR++ network, then lets you "
+            "tune small-tumor dilation and the HU Gaussian cyst filter live, region by region. "
+            "Research use only; the bundled weights are trained on synthetic phantoms: not for clinical use.")
+        self.parent.acknowledgementText = "G-UNETR++ (Lee et al.), UNETR++ (Shaker et al.); built on 3D Slicer, PyTorch and MONAI."
+
+
+# ---------------------------------------------------------------- Logic (MRML only)
+
+
+class LiverTumorSegLogic(ScriptedLoadableModuleLogic):
+    """Runs the core on a volume node in a child process and keeps the result live.
+
+    ``start`` -> poll ``run`` (or ``wait``) -> ``finish`` creates/updates the segmentation node and
+    returns a ``LiveResult`` whose ``update``/``set_decision`` re-run only the post-processing.
+    A failed or cancelled run leaves the scene exactly as it was.
+    """
+
+    def __init__(self):
+        if ScriptedLoadableModuleLogic is not object:
+            ScriptedLoadableModuleLogic.__init__(self)
+        self.run: runner.ChildRun | None = None
+        self.work_dir: Path | None = None
+        self.live: LiveResult | None = None
+
+    @staticmethod
+    def input_problem(volume_node) -> str | None:
+        """Why this node cannot be segmented (not a scalar volume, or not a CT), or None."""
+        problem = mrml.node_input_problem(volume_node)
+        if problem:
+            return problem
+        try:
+            check_ct(mrml.volume_from_node(volume_node))
+        except Exception as err:  # noqa: BLE001 - the core's message is the reason
+            return str(err)
+        return None
+
+    @staticmethod
+    def model_problem(model: str) -> str | None:
+        try:
+            model_files(model)
+        except Exception as err:  # noqa: BLE001
+            return str(err)
+        return None
+
+    def start(self, volume_node, *, model: str = DEFAULT_MODEL, device: str = "auto", fast: bool = False,
+              python: str | None = None) -> runner.ChildRun:
+        """Write the CT to a temporary folder and start the child process on it."""
+        volume = mrml.volume_from_node(volume_node)
+        check_ct(volume)
+        self.cleanup()
+        self.work_dir = Path(tempfile.mkdtemp(prefix="LiverTumorSeg-"))
+        ct_file = write_volume(volume, self.work_dir / "ct.nrrd")
+        cmd = runner.segment_command(python or runner.python_for_child(), ct_file, self.work_dir,
+                                     model=model, device=device, fast=fast)
+        self.run = runner.ChildRun(cmd, env=runner.child_environment(runner.default_threads()))
+        return self.run
+
+    def warnings(self, volume_node) -> list[str]:
+        return ct_warnings(mrml.volume_from_node(volume_node))
+
+    def finish(self, volume_node, seg_node=None, *, overwrite_edited: bool = False) -> LiveResult:
+        """Bring the finished run's output into the scene (a new segmentation node unless one is given)."""
+        if self.work_dir is None or not (self.work_dir / "labels.nii.gz").is_file():
+            raise RuntimeError("No finished segmentation to load.")
+        created = seg_node is None
+        if created:
+            seg_node = mrml.create_segmentation_node(volume_node)
+        try:
+            if self.live is not None:
+                self.live.close()
+            self.live = LiveResult.from_folder(volume_node, seg_node, self.work_dir)
+            self.live.update(overwrite_edited=overwrite_edited)
+        except Exception:
+            if created:
+                volume_node.GetScene().RemoveNode(seg_node)
+            raise
+        finally:
+            self.cleanup()
+        return self.live
+
+    def segment(self, volume_node, seg_node=None, *, timeout: float | None = None, **options) -> LiveResult:
+        """Blocking: start, wait, finish (scripts and self-tests)."""
+        self.start(volume_node, **options)
+        done = self.run.wait(timeout)[-1]
+        if done.returncode != 0:
+            self.cleanup()
+            raise RuntimeError(done.error or "segmentation cancelled")
+        return self.finish(volume_node, seg_node)
+
+    def cancel(self) -> None:
+        if self.run is not None:
+            self.run.cancel()
+
+    def cleanup(self) -> None:
+        """Remove the temporary folder of the last run."""
+        if self.work_dir is not None:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+            self.work_dir = None
+
+
+# ---------------------------------------------------------------- Widget (Qt only)
+
+
+class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Qt only: reads controls, calls the Logic, copies ``panel`` rules and results onto widgets."""
+
+    POLL_MS = 100
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self.timer = None
+        self._updating = False
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        ui_widget = slicer.util.loadUI(self.resourcePath("UI/LiverTumorSeg.ui"))
+        self.layout.addWidget(ui_widget)
+        self.ui = slicer.util.childWidgetVariables(ui_widget)
+        ui_widget.setMRMLScene(slicer.mrmlScene)
+        self.logic = LiverTumorSegLogic()
+        self.timer = qt.QTimer()
+        self.timer.setInterval(self.POLL_MS)
+        self.timer.timeout.connect(self.onPoll)
+        ui = self.ui
+        ui.inputVolumeSelector.addAttribute("vtkMRMLScalarVolumeNode", "LabelMap", "0")
+        for name in BUNDLED:
+            ui.modelSelector.addItem(name, name)
+        ui.deviceSelector.addItem("auto", "auto")
+        ui.deviceSelector.addItem("CPU", "cpu")
+        for label in _cuda_devices():
+            ui.deviceSelector.addItem(label, "cuda")
+        ui.regionTable.setColumnCount(len(panel.REGION_COLUMNS))
+        ui.regionTable.setHorizontalHeaderLabels(list(panel.REGION_COLUMNS))
+        ui.regionTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
+        ui.regionTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
+        ui.inputVolumeSelector.currentNodeChanged.connect(self.updateView)
+        ui.modelSelector.currentIndexChanged.connect(self.updateView)
+        ui.loadModelButton.clicked.connect(self.onLoadModel)
+        ui.applyButton.clicked.connect(self.onApply)
+        for control in (ui.dilateIterationsSpinBox, ui.dilateMaxAreaSpinBox):
+            control.valueChanged.connect(self.onPostProcessingChanged)
+        ui.cystFilterCheckBox.toggled.connect(self.onPostProcessingChanged)
+        ui.cystThresholdSlider.valueChanged.connect(self.onPostProcessingChanged)
+        ui.regionTable.itemSelectionChanged.connect(self.onRegionSelected)
+        ui.markTumorButton.clicked.connect(lambda: self.onDecision("tumor"))
+        ui.markCystButton.clicked.connect(lambda: self.onDecision("cyst"))
+        ui.resetDecisionButton.clicked.connect(lambda: self.onDecision(None))
+        ui.copyLogButton.clicked.connect(lambda: qt.QApplication.clipboard().setText(ui.logText.toPlainText()))
+        self.updateView()
+
+    def cleanup(self):
+        if self.logic is not None:
+            self.logic.cancel()
+            self.logic.cleanup()
+        self.removeObservers()
+
+    # ------------------------------------------------------------ state
+
+    def state(self) -> panel.PanelInputs:
+        running = self.logic.run is not None and self.logic.run.running()
+        volume = self.ui.inputVolumeSelector.currentNode()
+        return panel.PanelInputs(
+            volume_problem=self.logic.input_problem(volume),
+            model_problem=self.logic.model_problem(self.ui.modelSelector.currentData),
+            missing_packages=tuple(dependencies.missing()),
+            running=running,
+            has_result=self.logic.live is not None,
+        )
+
+    def updateView(self, *_):
+        view = panel.panel_view(self.state())
+        ui = self.ui
+        ui.applyButton.text = view.button_text
+        ui.applyButton.enabled = view.button_enabled
+        ui.applyButton.toolTip = view.button_tooltip
+        for w in (ui.inputVolumeSelector, ui.modelSelector, ui.loadModelButton, ui.deviceSelector,
+                  ui.outputSegmentationSelector, ui.fastCheckBox):
+            w.enabled = view.inputs_enabled
+        ui.postCollapsibleButton.enabled = view.postprocessing_enabled
+        ui.progressBar.visible = view.progress_visible
+
+    # ------------------------------------------------------------ running
+
+    def onLoadModel(self):
+        folder = qt.QFileDialog.getExistingDirectory(None, "Folder with liver.ltsm and tumor.ltsm")
+        if folder:
+            self.ui.modelSelector.addItem(folder, folder)
+            self.ui.modelSelector.currentIndex = self.ui.modelSelector.count - 1
+
+    def onApply(self):
+        if self.logic.run is not None and self.logic.run.running():
+            self.logic.cancel()
+            return
+        if not self.ensureDependencies():
+            return
+        volume = self.ui.inputVolumeSelector.currentNode()
+        try:
+            self.logic.start(volume, model=self.ui.modelSelector.currentData, device=self.ui.deviceSelector.currentData,
+                             fast=self.ui.fastCheckBox.checked)
+        except Exception as err:  # noqa: BLE001 - shown to the user, scene untouched
+            slicer.util.errorDisplay(f"Cannot start: {err}")
+            return
+        self.ui.logText.plainText = ""
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = "Starting..."
+        for warning in self.logic.warnings(volume):
+            self.ui.logText.appendPlainText(f"warning: {warning}")
+        self.timer.start()
+        self.updateView()
+
+    def onPoll(self):
+        for event in self.logic.run.poll():
+            if isinstance(event, runner.Progress):
+                self.ui.progressBar.value = int(100 * event.fraction)
+                self.ui.statusLabel.text = event.message
+            elif isinstance(event, runner.Log):
+                self.ui.logText.appendPlainText(event.line)
+            elif isinstance(event, runner.Finished):
+                self.timer.stop()
+                self.onFinished(event)
+        self.updateView()
+
+    def onFinished(self, event):
+        volume = self.ui.inputVolumeSelector.currentNode()
+        if event.cancelled or event.returncode != 0:
+            self.logic.cleanup()
+            self.ui.statusLabel.text = "Cancelled; the scene is unchanged." if event.cancelled else f"Failed: {event.error}"
+            if not event.cancelled:
+                self.ui.logCollapsibleButton.collapsed = False
+            return
+        try:
+            live = self.logic.finish(volume, self.ui.outputSegmentationSelector.currentNode())
+        except mrml.EditedSegmentsError as err:
+            if not slicer.util.confirmOkCancelDisplay(f"{err} Replace them?"):
+                self.logic.cleanup()
+                self.ui.statusLabel.text = "Kept your edits; the new result was not written."
+                return
+            live = self.logic.finish(volume, self.ui.outputSegmentationSelector.currentNode(), overwrite_edited=True)
+        self.ui.outputSegmentationSelector.setCurrentNode(live.seg_node)
+        self.ui.statusLabel.text = panel.status_line(live.report)
+        self.showRegions()
+
+    def ensureDependencies(self) -> bool:
+        missing = dependencies.missing()
+        if not missing:
+            return True
+        if not slicer.util.confirmOkCancelDisplay(f"LiverTumorSeg needs these Python packages: {', '.join(missing)}. Install them now?"):
+            return False
+        if "torch" in missing:
+            try:
+                import PyTorchUtils
+
+                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
+                    return False
+            except ImportError:
+                slicer.util.errorDisplay("Install the PyTorch extension from the Extensions Manager first.")
+                return False
+        rest = [r for r in missing if r != "torch"]
+        if rest:
+            constraints = Path(tempfile.mkdtemp(prefix="LiverTumorSeg-pip-")) / "constraints.txt"
+            constraints.write_text(dependencies.constraints_text(), encoding="utf-8")
+            ensure = getattr(getattr(slicer, "packaging", None), "pip_ensure", None)
+            with slicer.util.WaitCursor():
+                if ensure is not None:
+                    ensure(rest, requester="LiverTumorSeg")
+                else:
+                    slicer.util.pip_install(dependencies.pip_arguments(rest, constraints))
+        return not dependencies.missing()
+
+    # ------------------------------------------------------------ live post-processing
+
+    def onPostProcessingChanged(self, *_):
+        live = self.logic.live
+        if live is None or self._updating:
+            return
+        ui = self.ui
+        params = panel.params_from_controls(
+            dilate_iterations=ui.dilateIterationsSpinBox.value, dilate_max_area_px=ui.dilateMaxAreaSpinBox.value,
+            cyst_filter=ui.cystFilterCheckBox.checked, cyst_threshold_hu=ui.cystThresholdSlider.value)
+        ui.cystThresholdSlider.enabled = params.cyst_filter
+        self._guarded(lambda overwrite: live.update(params, overwrite_edited=overwrite))
+
+    def onDecision(self, decision):
+        live, region = self.logic.live, self.selectedRegion()
+        if live is not None and region is not None:
+            self._guarded(lambda overwrite: live.set_decision(region, decision, overwrite_edited=overwrite))
+
+    def _guarded(self, change):
+        """Run a change; if it would overwrite the user's edits, ask first."""
+        try:
+            change(False)
+        except mrml.EditedSegmentsError as err:
+            if not slicer.util.confirmOkCancelDisplay(f"{err} Replace them?"):
+                return
+            change(True)
+        self.showRegions()
+
+    def showRegions(self):
+        rows = self.logic.live.rows if self.logic.live else []
+        table = self.ui.regionTable
+        selected = self.selectedRegion()
+        table.setRowCount(len(rows))
+        for r, cells in enumerate(panel.region_table(rows)):
+            for c, text in enumerate(cells):
+                table.setItem(r, c, qt.QTableWidgetItem(text))
+            if rows[r]["id"] == selected:
+                table.selectRow(r)
+
+    def selectedRegion(self):
+        items = self.ui.regionTable.selectedItems()
+        return int(self.ui.regionTable.item(items[0].row(), 0).text()) if items else None
+
+    def onRegionSelected(self):
+        live, region = self.logic.live, self.selectedRegion()
+        if live is None or region is None:
+            return
+        x, y, z = live.region_centre_ras(region)
+        world = [x, y, z]
+        transform = live.volume_node.GetParentTransformNode()
+        if transform is not None:
+            to_world = vtk.vtkGeneralTransform()
+            transform.GetTransformToWorld(to_world)
+            world = to_world.TransformPoint(world)
+        for name in ("Red", "Yellow", "Green"):
+            slicer.app.layoutManager().sliceWidget(name).mrmlSliceNode().JumpSliceByCentering(*world)
+        chart = live.histogram_chart(region)
+        slicer.modules.plots.logic().ShowChartInLayout(chart)
+
+
+def _cuda_devices() -> list[str]:
+    """'CUDA: <GPU name>' per visible GPU (none without torch or a GPU)."""
+    try:
+        import torch
+
+        return [f"CUDA: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no torch yet, or no driver
+        return []
+
+
+# ---------------------------------------------------------------- Test
+
+
+class LiverTumorSegTest(ScriptedLoadableModuleTest):
+    """Self-test on a phantom CT: the real child process, the segmentation node, live updates.
+
+    In Slicer: Slicer --no-main-window --testing --python-code "import LiverTumorSeg; LiverTumorSeg.run_self_test()"
+    Without Slicer (slicer-core): pytest Testing/Python/test_slicer_module.py
+    """
+
+    def setUp(self):
+        if ScriptedLoadableModuleTest is not unittest.TestCase:
+            slicer.mrmlScene.Clear(0)
+
+    def runTest(self):
+        self.setUp()
+        self.test_segment_phantom_and_tune_live()
+
+    def test_segment_phantom_and_tune_live(self):
+        from LiverTumorSegLib.phantom import generate_case
+        from LiverTumorSegLib.postprocess import PostParams
+        from LiverTumorSegLib.terminology import SEGMENTS
+
+        scene = slicer.mrmlScene
+        ct, truth = generate_case(7, spacing=(1.5, 1.5, 3.0), matrix=256)
+        volume_node = mrml.volume_node_from(scene, ct, "Phantom CT")
+        logic = LiverTumorSegLogic()
+        self.assertIsNone(logic.input_problem(volume_node))
+        nodes_before = scene.GetNumberOfNodes()
+        live = logic.segment(volume_node, timeout=600, device="cpu", fast=True, python=os.environ.get("LIVERTUMORSEG_PYTHON"))
+        self.assertGreater(scene.GetNumberOfNodes(), nodes_before)
+        segmentation = live.seg_node.GetSegmentation()
+        self.assertEqual([segmentation.GetNthSegment(i).GetName() for i in range(3)], [s["name"] for s in SEGMENTS])
+        liver = mrml.segment_mask(live.seg_node, "liver", live.labels.shape)
+        self.assertTrue((liver == (live.labels == 1)).all())
+        dice = 2 * (liver & (truth.array >= 1)).sum() / (liver.sum() + (truth.array >= 1).sum())
+        self.assertGreater(dice, 0.8)
+        live.update(PostParams(cyst_filter=False))
+        self.assertFalse(mrml.segment_mask(live.seg_node, "liver_cyst", live.labels.shape).any())
+        self.assertIsNone(logic.work_dir)  # temporary files removed
+
+
+def run_self_test() -> None:
+    """Entry point for ``Slicer --testing``: runs the test class and exits with its result."""
+    result = unittest.TextTestRunner(verbosity=2).run(unittest.defaultTestLoader.loadTestsFromTestCase(LiverTumorSegTest))
+    slicer.util.exit(0 if result.wasSuccessful() else 1)

@@ -1,0 +1,48 @@
+"""The Python packages the core needs inside Slicer, and how to add them without breaking Slicer.
+
+Slicer ships numpy, SimpleITK and requests; torch comes from the PyTorch extension. pip must never
+replace those (the most common way AI extensions break Slicer), so installs run with a
+constraints file that pins them to the versions already installed.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from pathlib import Path
+
+REQUIREMENTS = {  # import name -> pip requirement (as pyproject.toml)
+    "monai": "monai>=1.4",
+    "safetensors": "safetensors>=0.4",
+    "cc3d": "connected-components-3d>=3.12",
+    "slicerio": "slicerio>=1.1",
+    "skimage": "scikit-image>=0.21",
+    "scipy": "scipy>=1.10",
+    "tqdm": "tqdm>=4.60",
+    "matplotlib": "matplotlib>=3.7",
+}
+PROTECTED = ("numpy", "SimpleITK", "requests", "torch")  # Slicer's own, or the PyTorch extension's
+
+
+def missing() -> list[str]:
+    """Requirements whose package cannot be imported (torch is listed as 'torch')."""
+    found = [r for name, r in REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
+    if importlib.util.find_spec("torch") is None:
+        found.insert(0, "torch")
+    return found
+
+
+def constraints_text() -> str:
+    """pip constraints that keep every protected package at its installed version."""
+    lines = []
+    for name in PROTECTED:
+        try:
+            lines.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "\n".join(lines) + "\n"
+
+
+def pip_arguments(requirements: list[str], constraints_file: Path) -> list[str]:
+    """Arguments for ``pip install`` of the non-torch requirements under the constraints."""
+    return [r for r in requirements if r != "torch"] + ["-c", str(constraints_file)]

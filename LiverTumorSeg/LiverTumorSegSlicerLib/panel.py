@@ -1,0 +1,88 @@
+"""The panel's rules in plain Python (no Qt): what is enabled when, why not, and what the
+post-processing controls mean. The Qt widget only copies these values onto its widgets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from LiverTumorSegLib.postprocess import PostParams
+
+SEGMENT_TEXT, CANCEL_TEXT = "Segment tumors", "Cancel"
+DILATE_ITERATIONS = (0, 3)
+DILATE_MAX_AREA_PX = (0, 1000)
+CYST_THRESHOLD_HU = (-20.0, 120.0)
+DEFAULTS = PostParams()
+
+
+@dataclass(frozen=True)
+class PanelInputs:
+    """What the rules look at. Problems are sentences, None when fine."""
+
+    volume_problem: str | None = "Select a CT volume."
+    model_problem: str | None = None
+    device_problem: str | None = None
+    missing_packages: tuple[str, ...] = ()
+    running: bool = False
+    has_result: bool = False
+
+
+@dataclass(frozen=True)
+class PanelView:
+    button_text: str
+    button_enabled: bool
+    button_tooltip: str
+    inputs_enabled: bool
+    postprocessing_enabled: bool
+    progress_visible: bool
+
+
+def panel_view(state: PanelInputs) -> PanelView:
+    """The panel for a state: while running the button is Cancel and the inputs are locked; else
+    the button is enabled only when nothing is wrong, and its tooltip lists every reason it is not."""
+    if state.running:
+        return PanelView(CANCEL_TEXT, True, "Stop the segmentation (the scene is left as it was).",
+                         inputs_enabled=False, postprocessing_enabled=False, progress_visible=True)
+    reasons = [r for r in (state.volume_problem, state.model_problem, state.device_problem) if r]
+    tooltip = "\n".join(reasons) if reasons else "Segment the liver, liver tumors and cysts in the selected CT."
+    if state.missing_packages and not reasons:
+        tooltip += f"\nFirst asks to install: {', '.join(state.missing_packages)}."
+    return PanelView(SEGMENT_TEXT, not reasons, tooltip, inputs_enabled=True,
+                     postprocessing_enabled=state.has_result, progress_visible=False)
+
+
+def _clamp(value, bounds):
+    lo, hi = bounds
+    return min(max(value, lo), hi)
+
+
+def params_from_controls(*, dilate_iterations: int, dilate_max_area_px: int, cyst_filter: bool,
+                         cyst_threshold_hu: float) -> PostParams:
+    """Post-processing settings from the panel's controls (clamped to their ranges)."""
+    return PostParams(
+        cyst_filter=bool(cyst_filter),
+        cyst_threshold_hu=float(_clamp(cyst_threshold_hu, CYST_THRESHOLD_HU)),
+        dilate_iterations=int(_clamp(dilate_iterations, DILATE_ITERATIONS)),
+        dilate_max_area_px=int(_clamp(dilate_max_area_px, DILATE_MAX_AREA_PX)),
+    )
+
+
+REGION_COLUMNS = ("Region", "Volume (mL)", "Fitted mean (HU)", "Decision", "Why")
+
+
+def region_table(rows: list[dict]) -> list[tuple[str, ...]]:
+    """The region table's cells: one tuple of strings per region, in ``REGION_COLUMNS`` order."""
+    cells = []
+    for row in rows:
+        decision = row["decision"] + (" (by hand)" if row.get("override") else "")
+        cells.append((str(row["id"]), f"{row['volume_ml']:.2f}", f"{row['fit_M']:.0f}", decision, row["reason"]))
+    return cells
+
+
+def status_line(report: dict) -> str:
+    """Device and time per stage of a finished run."""
+    t = report.get("timings", {})
+    device = report.get("device", "?")
+    parts = [f"liver {t['liver_s']:.1f} s" if "liver_s" in t else None, f"tumors {t['tumor_s']:.1f} s" if "tumor_s" in t else None]
+    text = f"Done on {device}: " + ", ".join(p for p in parts if p)
+    warnings = report.get("warnings") or []
+    return text + ("" if not warnings else f". Warning: {warnings[0]}")
