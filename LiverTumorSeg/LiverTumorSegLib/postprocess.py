@@ -165,6 +165,14 @@ class PostProcessor:
         self._grown: dict[tuple[int, int, int, int], np.ndarray] = {}
 
     @property
+    def active_box(self) -> tuple[slice, slice, slice] | None:
+        """The box outside which ``apply`` gives the same labels for every setting (None: no regions)."""
+        if not self._regions:
+            return None
+        crops = [r.crop for r in self._regions]
+        return tuple(slice(min(c[a].start for c in crops), max(c[a].stop for c in crops)) for a in range(3))
+
+    @property
     def region_ids(self) -> list[int]:
         return [r.id for r in self._regions]
 
@@ -172,12 +180,21 @@ class PostProcessor:
         """The cached fit of one region for a histogram setting."""
         return self._fits_for(bin_width, smoothing)[self._regions.index(self._by_id[region_id])]
 
-    def apply(self, params: PostParams, overrides: dict[int, str] | None = None) -> tuple[np.ndarray, list[dict]]:
-        """New labels (uint8, 0 bg 1 liver 2 tumor 3 cyst) and the region table for ``params``."""
+    def apply(self, params: PostParams, overrides: dict[int, str] | None = None, *,
+              out: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
+        """New labels (uint8, 0 bg 1 liver 2 tumor 3 cyst) and the region table for ``params``.
+
+        ``out``: an array an earlier ``apply`` returned, updated in place (only ``active_box`` is
+        rewritten: no full-volume copy, for live updates).
+        """
         overrides = self._checked(overrides or {})
         if not self._regions:
             return self._base.copy(), []
-        out = self._base.copy()
+        if out is None:
+            out = self._base.copy()
+        else:
+            box = self.active_box
+            out[box] = self._base[box]
         flat = out.reshape(-1)
         rows = []
         for region, fit in zip(self._regions, self._fits_for(params.bin_width_hu, params.smoothing_bins)):

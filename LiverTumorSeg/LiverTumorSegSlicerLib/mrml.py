@@ -97,13 +97,15 @@ def volume_node_from(scene, volume: Volume, name: str):
     return node
 
 
-def _oriented_image(mask: np.ndarray, box, matrix: vtk.vtkMatrix4x4):
-    """A uint8 vtkOrientedImageData of ``mask[box]`` placed at the box's IJK extent."""
+def _oriented_image(mask: np.ndarray, box, matrix: vtk.vtkMatrix4x4, cropped: bool = False):
+    """A uint8 vtkOrientedImageData of ``mask[box]`` (or of ``mask`` itself when ``cropped``: it
+    is already the box's content) placed at the box's IJK extent."""
     ks, js, is_ = box
     image = slicer.vtkOrientedImageData()
     image.SetExtent(is_.start, is_.stop - 1, js.start, js.stop - 1, ks.start, ks.stop - 1)
     image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.ascontiguousarray(mask[box], np.uint8).ravel()
+    content = mask if cropped else mask[box]
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())[:] = np.ascontiguousarray(content, np.uint8).ravel()
     image.SetImageToWorldMatrix(matrix)
     return image
 
@@ -200,10 +202,17 @@ def segment_mask(seg_node, segment_id: str, shape_kji) -> np.ndarray:
 class SegmentWriter:
     """Writes core label arrays into one segmentation node's managed segments.
 
-    Only segments whose mask changed are rewritten; segments the user added are never touched.
-    Each write records a fingerprint per managed segment as a node attribute, and an observer
-    records which managed segments anything else modified since (a user's edit in the Segment
-    Editor). ``edited()`` reports them, so the caller can ask before ``write`` overwrites them.
+    Only segments whose voxels changed are touched, and only where they changed: a new segment
+    (or one rewritten in full) is set from its bounding box (``MODE_REPLACE``); a later change
+    inside the caller's ``box`` (where post-processing can change anything) sets just the box of
+    the changed voxels (``MODE_MERGE_MIN`` then ``MODE_MERGE_MAX``, which leave the rest of the
+    segment as it is; the segment first gets a labelmap layer of its own, since a merge into a
+    shared layer changes the other segments in it). Segments the user added are never touched.
+
+    User edits: an observer records which managed segments anything else modified (the Segment
+    Editor, a script); ``flush_fingerprints`` stores a fingerprint of what was written on the node,
+    so edits made while nothing observed (a reloaded scene) are found too. ``edited()`` reports
+    them; ``write`` refuses to overwrite them unless told to.
     """
 
     def __init__(self, seg_node, volume_node):
@@ -214,16 +223,20 @@ class SegmentWriter:
         self.shape = tuple(dims[::-1])
         self._writing = False
         self._edited: set[str] = set(self._stored_edits())
-        self._written: dict[str, np.ndarray] = {}
+        self._labels: np.ndarray | None = None  # what was last written
+        self._stale: set[str] = set()  # segments whose stored fingerprint is out of date
+        self._outside: dict = {}  # (segment, box) -> has voxels outside the box
         segmentation = seg_node.GetSegmentation()
-        self._observer = segmentation.AddObserver(slicer.vtkSegmentation.SourceRepresentationModified, self._on_modified)
-        self._removed_observer = segmentation.AddObserver(slicer.vtkSegmentation.SegmentRemoved, self._on_modified)
+        self._observers = [segmentation.AddObserver(event, self._on_modified)
+                           for event in (slicer.vtkSegmentation.SourceRepresentationModified, slicer.vtkSegmentation.SegmentRemoved)]
 
     def close(self) -> None:
-        """Stop observing the node."""
+        """Store the fingerprints and stop observing the node."""
+        self.flush_fingerprints()
         segmentation = self.seg_node.GetSegmentation()
-        for tag in (self._observer, self._removed_observer):
+        for tag in self._observers:
             segmentation.RemoveObserver(tag)
+        self._observers = []
 
     @vtk.calldata_type(vtk.VTK_STRING)
     def _on_modified(self, caller, event, segment_id):
@@ -235,62 +248,129 @@ class SegmentWriter:
         text = self.seg_node.GetAttribute(ATTRIBUTE_PREFIX + "EditedSegments") or ""
         return [s for s in text.split(",") if s]
 
+    def flush_fingerprints(self) -> None:
+        """Store on the node a fingerprint of each segment written since the last flush (call it
+        before the scene is saved; ``close`` does)."""
+        for spec in SEGMENTS:
+            if spec["id"] in self._stale:
+                self.seg_node.SetAttribute(ATTRIBUTE_PREFIX + "Fingerprint." + spec["id"], fingerprint(self._labels == spec["label"]))
+        self._stale.clear()
+
     def edited(self) -> list[str]:
         """Managed segments changed by something other than this writer since its last write to them.
 
         Seen by the observer while it ran, and otherwise (e.g. after the scene was saved and
-        reloaded) by comparing each segment with the fingerprint of what was last written.
+        reloaded) by comparing each segment with the stored fingerprint of what was last written.
         """
         found = set(self._edited)
+        if self._labels is not None:
+            return sorted(found)
         for segment_id in MANAGED_IDS:
-            if segment_id in found:
-                continue
             stored = self.seg_node.GetAttribute(ATTRIBUTE_PREFIX + "Fingerprint." + segment_id)
-            if self.seg_node.GetSegmentation().GetSegment(segment_id) is None:
-                if stored is not None:
-                    found.add(segment_id)  # removed by the user
+            if segment_id in found or stored is None:
                 continue
-            if stored is not None and segment_id not in self._written:
-                if fingerprint(segment_mask(self.seg_node, segment_id, self.shape)) != stored:
-                    found.add(segment_id)
+            if self.seg_node.GetSegmentation().GetSegment(segment_id) is None:
+                found.add(segment_id)  # removed by the user
+            elif fingerprint(segment_mask(self.seg_node, segment_id, self.shape)) != stored:
+                found.add(segment_id)
         return sorted(found)
 
-    def write(self, labels: np.ndarray, *, overwrite_edited: bool = False) -> list[str]:
+    def write(self, labels: np.ndarray, *, box=None, overwrite_edited: bool = False) -> list[str]:
         """Put ``labels`` (k, j, i; 1 liver, 2 tumor, 3 cyst) into the managed segments.
 
-        Returns the IDs rewritten. Raises ``EditedSegmentsError`` when a segment to rewrite was
-        edited by the user, unless ``overwrite_edited``; a removed managed segment is re-created.
+        ``box``: slices outside which ``labels`` equal the previous write (then only the box is
+        compared). Returns the IDs written. Raises ``EditedSegmentsError`` when a segment to write
+        was edited by the user, unless ``overwrite_edited``; a removed managed segment is re-created.
         """
         if labels.shape != self.shape:
             raise ValueError(f"labels {labels.shape} are not on the volume's grid {self.shape}")
-        masks = {spec["id"]: labels == spec["label"] for spec in SEGMENTS}
-        changed = [sid for sid, mask in masks.items() if sid not in self._written or not np.array_equal(self._written[sid], mask)]
-        conflicts = sorted(set(changed) & set(self.edited()))
+        segmentation = self.seg_node.GetSegmentation()
+        incremental = self._labels is not None
+        box = box if incremental and box is not None else (slice(None),) * 3
+        old, new = (self._labels[box] if incremental else None), labels[box]
+        plan = {}  # segment -> None (write in full) or the box, within ``box``, of its changed voxels
+        if incremental:
+            differs = old != new
+            inner = _box(differs) if differs.any() else None
+            touched = set()
+            if inner is not None:
+                d = differs[inner]
+                touched = set(np.unique(old[inner][d]).tolist()) | set(np.unique(new[inner][d]).tolist())
+        for spec in SEGMENTS:
+            sid, value = spec["id"], spec["label"]
+            if not incremental or segmentation.GetSegment(sid) is None:
+                plan[sid] = None
+            elif value in touched:
+                plan[sid] = inner
+        conflicts = sorted(set(plan) & set(self.edited()))
         if conflicts and not overwrite_edited:
             raise EditedSegmentsError(conflicts)
-        segmentation = self.seg_node.GetSegmentation()
+        if incremental:
+            self._labels[box] = new
+        else:
+            self._labels, self._outside = labels.copy(), {}
         self._writing = True
         try:
             for spec in SEGMENTS:
                 sid = spec["id"]
-                if sid not in changed:
+                if sid not in plan:
                     continue
                 if segmentation.GetSegment(sid) is None:
                     segmentation.AddEmptySegment(sid, spec["name"])
                     _set_identity(segmentation.GetSegment(sid), spec)
-                mask = masks[sid]
-                image = _oriented_image(mask, _box(mask), self.matrix)
-                ok = slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
-                    image, self.seg_node, sid, slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, image.GetExtent())
-                if not ok:
-                    raise RuntimeError(f"Slicer did not accept the '{spec['name']}' segment update.")
-                self._written[sid] = mask
+                if plan[sid] is None or sid in conflicts:
+                    mask = self._labels == spec["label"]
+                    self._set(sid, mask, _box(mask), LOGIC.MODE_REPLACE)
+                elif not self._reaches_outside(sid, spec["label"], box):
+                    local = self._labels[box] == spec["label"]  # the whole segment is in the box
+                    inner = _box(local)
+                    self._set(sid, local[inner], _shift(inner, box, self.shape), LOGIC.MODE_REPLACE, cropped=True)
+                else:  # a large segment (the liver): set only the box of the changed voxels
+                    self._own_layer(sid)
+                    where = _shift(plan[sid], box, self.shape)
+                    mask = self._labels[where] == spec["label"]
+                    for mode in (LOGIC.MODE_MERGE_MIN, LOGIC.MODE_MERGE_MAX):
+                        self._set(sid, mask, where, mode, cropped=True)
                 self._edited.discard(sid)
-                self.seg_node.SetAttribute(ATTRIBUTE_PREFIX + "Fingerprint." + sid, fingerprint(mask))
+                self._stale.add(sid)
         finally:
             self._writing = False
         self.seg_node.SetAttribute(ATTRIBUTE_PREFIX + "EditedSegments", ",".join(sorted(self._edited)))
-        return changed
+        return [spec["id"] for spec in SEGMENTS if spec["id"] in plan]
+
+    def _reaches_outside(self, sid: str, value: int, box) -> bool:
+        """Whether the segment has voxels outside ``box`` (they never change there: counted once per box)."""
+        key = (sid, tuple((b.start, b.stop) for b in _absolute(box, self.shape)))
+        if key not in self._outside:
+            inside = int(np.count_nonzero(self._labels[box] == value))
+            self._outside[key] = int(np.count_nonzero(self._labels == value)) > inside
+        return self._outside[key]
+
+    def _own_layer(self, sid: str) -> None:
+        """Give the segment a labelmap layer of its own (merges into a shared layer also change the
+        segments sharing it); a no-op when it has one."""
+        segmentation = self.seg_node.GetSegmentation()
+        if len(segmentation.GetSegmentIDsForLayer(segmentation.GetLayerIndex(sid))) > 1:
+            segmentation.SeparateSegmentLabelmap(sid)
+
+    def _set(self, sid: str, mask: np.ndarray, where, mode, cropped: bool = False) -> None:
+        """Set ``mask`` (a full-size mask, or with ``cropped`` the content of ``where``) at the extent ``where``."""
+        image = _oriented_image(mask, where, self.matrix, cropped=cropped)
+        if not LOGIC.SetBinaryLabelmapToSegment(image, self.seg_node, sid, mode, image.GetExtent()):
+            raise RuntimeError(f"Slicer did not accept the update of segment '{sid}'.")
+
+
+LOGIC = slicer.vtkSlicerSegmentationsModuleLogic
+
+
+def _absolute(box, shape) -> tuple[slice, slice, slice]:
+    """Slices with explicit start and stop."""
+    return tuple(slice(*s.indices(n)[:2]) for s, n in zip(box, shape))
+
+
+def _shift(inner, box, shape) -> tuple[slice, slice, slice]:
+    """``inner`` (slices relative to ``box``) in whole-volume indices."""
+    return tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(_absolute(box, shape), inner))
 
 
 class EditedSegmentsError(RuntimeError):

@@ -37,6 +37,7 @@ class LiveResult:
         self.params = _stored_params(seg_node)
         self.overrides = _stored_overrides(seg_node, self.processor.region_ids)
         self.labels, self.rows = None, []
+        self._buffer = None  # the labels array the core updates in place
 
     @classmethod
     def from_folder(cls, volume_node, seg_node, folder: Path) -> "LiveResult":
@@ -51,8 +52,10 @@ class LiveResult:
         """Apply ``params`` (default: the current ones) and the manual decisions; returns the
         rewritten segment IDs. ``mrml.EditedSegmentsError`` when it would overwrite user edits."""
         params = params or self.params
-        labels, rows = self.processor.apply(params, self.overrides)
-        changed = self.writer.write(labels, overwrite_edited=overwrite_edited)
+        labels, rows = self.processor.apply(params, self.overrides, out=self._buffer)
+        self._buffer = labels
+        changed = self.writer.write(labels, box=self.processor.active_box or (slice(0, 0),) * 3,
+                                    overwrite_edited=overwrite_edited)
         self.params, self.labels, self.rows = params, labels, rows
         self.seg_node.SetAttribute(PARAMS_ATTRIBUTE, json.dumps(dataclasses.asdict(params)))
         return changed

@@ -212,3 +212,46 @@ def test_histogram_png(phantom, tmp_path):
     path = tmp_path / "h.png"
     save_region_histogram_png(processor, processor.region_ids[0], path, PostParams())
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_active_box_holds_every_change_any_setting_makes():
+    from LiverTumorSegLib.postprocess import PostParams, PostProcessor
+    from LiverTumorSegLib.volume import Volume
+
+    rng = np.random.default_rng(3)
+    ct = rng.normal(100, 10, (30, 80, 80)).astype(np.int16)
+    labels = np.zeros(ct.shape, np.uint8)
+    labels[5:25, 10:70, 10:70] = 1
+    labels[10:12, 20:23, 20:23] = 2  # small: dilated
+    labels[15:20, 40:50, 40:50] = 2
+    ct[15:20, 40:50, 40:50] = 20  # cyst-like
+    processor = PostProcessor(Volume(ct, (1.0, 1.0, 2.0)), labels)
+    box = processor.active_box
+    outside = np.ones(ct.shape, bool)
+    outside[box] = False
+    results = [processor.apply(PostParams(cyst_threshold_hu=t, dilate_iterations=i, cyst_filter=f))[0]
+               for t in (-20, 45, 120) for i in (0, 3) for f in (True, False)]
+    assert any(not np.array_equal(results[0][box], r[box]) for r in results)
+    for r in results:
+        assert np.array_equal(r[outside], results[0][outside])
+    empty = PostProcessor(Volume(ct, (1.0, 1.0, 2.0)), np.where(labels > 0, 1, 0).astype(np.uint8))
+    assert empty.active_box is None
+
+
+def test_apply_in_place_equals_a_fresh_apply():
+    from LiverTumorSegLib.postprocess import PostParams, PostProcessor
+    from LiverTumorSegLib.volume import Volume
+
+    rng = np.random.default_rng(4)
+    ct = rng.normal(100, 10, (30, 80, 80)).astype(np.int16)
+    labels = np.zeros(ct.shape, np.uint8)
+    labels[5:25, 10:70, 10:70] = 1
+    labels[10:12, 20:23, 20:23] = 2
+    labels[15:20, 40:50, 40:50] = 2
+    ct[15:20, 40:50, 40:50] = 20
+    processor = PostProcessor(Volume(ct, (1.0, 1.0, 2.0)), labels)
+    buffer = None
+    for t, i in ((45, 2), (-20, 0), (120, 3), (30, 1)):
+        params = PostParams(cyst_threshold_hu=t, dilate_iterations=i)
+        buffer, _ = processor.apply(params, out=buffer)
+        assert np.array_equal(buffer, processor.apply(params)[0])

@@ -291,3 +291,18 @@ def test_region_histogram_becomes_a_slicer_plot(scene):
     assert table.GetNumberOfRows() == hist["hu"].size and table.GetNumberOfColumns() == 3
     again = live.histogram_chart(live.rows[-1]["id"])
     assert again.GetID() == chart.GetID() and scene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode") == 2
+
+
+def test_any_sequence_of_slider_moves_keeps_segments_exact(scene):
+    from LiverTumorSegLib.postprocess import PostParams
+
+    live, _ = _lesion_case(scene, np.diag((-1, 1, -1)))
+    live.update()
+    rng = np.random.default_rng(0)
+    shape = live.labels.shape
+    for _ in range(12):
+        params = PostParams(cyst_filter=bool(rng.random() < 0.8), cyst_threshold_hu=float(rng.uniform(-20, 120)),
+                            dilate_iterations=int(rng.integers(0, 4)), dilate_max_area_px=int(rng.integers(0, 1000)))
+        live.update(params)
+        for spec in SEGMENTS:
+            assert np.array_equal(mrml.segment_mask(live.seg_node, spec["id"], shape), live.labels == spec["label"]), (params, spec["id"])
