@@ -197,6 +197,55 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.markCystButton.clicked.connect(lambda: self.onDecision("cyst"))
         ui.resetDecisionButton.clicked.connect(lambda: self.onDecision(None))
         ui.copyLogButton.clicked.connect(lambda: qt.QApplication.clipboard().setText(ui.logText.toPlainText()))
+        for control in (ui.inputVolumeSelector, ui.outputSegmentationSelector):
+            control.currentNodeChanged.connect(self.saveChoices)
+        for control in (ui.modelSelector, ui.deviceSelector):
+            control.currentIndexChanged.connect(self.saveChoices)
+        ui.fastCheckBox.toggled.connect(self.saveChoices)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartSaveEvent, self.onSceneStartSave)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.restoreChoices)
+        self.restoreChoices()
+        self.updateView()
+
+    # ------------------------------------------------------------ the scene
+
+    def restoreChoices(self, *_):
+        """Put the choices saved with the scene back onto the controls."""
+        choices = mrml.load_choices(slicer.mrmlScene)
+        ui, self._updating = self.ui, True
+        try:
+            if choices["volume_node"] is not None:
+                ui.inputVolumeSelector.setCurrentNode(choices["volume_node"])
+            if choices["seg_node"] is not None:
+                ui.outputSegmentationSelector.setCurrentNode(choices["seg_node"])
+            if choices["model"]:
+                if ui.modelSelector.findData(choices["model"]) < 0:
+                    ui.modelSelector.addItem(choices["model"], choices["model"])
+                ui.modelSelector.currentIndex = ui.modelSelector.findData(choices["model"])
+            index = ui.deviceSelector.findData(choices["device"])
+            ui.deviceSelector.currentIndex = max(index, 0)
+            ui.fastCheckBox.checked = choices["fast"]
+        finally:
+            self._updating = False
+
+    def saveChoices(self, *_):
+        if self._updating:
+            return
+        ui = self.ui
+        mrml.save_choices(slicer.mrmlScene, volume_node=ui.inputVolumeSelector.currentNode(),
+                          seg_node=ui.outputSegmentationSelector.currentNode(), model=ui.modelSelector.currentData,
+                          device=ui.deviceSelector.currentData, fast=ui.fastCheckBox.checked)
+
+    def onSceneStartSave(self, *_):
+        if self.logic.live is not None:
+            self.logic.live.writer.flush_fingerprints()
+
+    def onSceneEndClose(self, *_):
+        if self.logic.live is not None:
+            self.logic.live.close()
+            self.logic.live = None
+        self.showRegions()
         self.updateView()
 
     def cleanup(self):

@@ -380,3 +380,41 @@ class EditedSegmentsError(RuntimeError):
         self.segment_ids = list(segment_ids)
         names = ", ".join(spec["name"] for spec in SEGMENTS if spec["id"] in self.segment_ids)
         super().__init__(f"You edited {names}; updating would replace your edits.")
+
+
+# ---------------------------------------------------------------- the panel's choices, saved with the scene
+
+MODULE_NAME = "LiverTumorSeg"
+INPUT_ROLE, OUTPUT_ROLE = "InputVolume", "OutputSegmentation"
+
+
+def parameter_node(scene):
+    """The scene's LiverTumorSeg parameter node (a plain scripted-module node), created when missing."""
+    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode")):
+        node = scene.GetNthNodeByClass(i, "vtkMRMLScriptedModuleNode")
+        if node.GetAttribute("ModuleName") == MODULE_NAME:
+            return node
+    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", MODULE_NAME)
+    node.SetAttribute("ModuleName", MODULE_NAME)
+    return node
+
+
+def save_choices(scene, *, volume_node=None, seg_node=None, model: str | None = None, device: str | None = None,
+                 fast: bool | None = None) -> None:
+    """Store the panel's choices in the parameter node (they are saved with the scene)."""
+    node = parameter_node(scene)
+    if volume_node is not None:
+        node.SetNodeReferenceID(INPUT_ROLE, volume_node.GetID())
+    if seg_node is not None:
+        node.SetNodeReferenceID(OUTPUT_ROLE, seg_node.GetID())
+    for key, value in (("Model", model), ("Device", device), ("Fast", None if fast is None else str(bool(fast)))):
+        if value is not None:
+            node.SetParameter(key, value)
+
+
+def load_choices(scene) -> dict:
+    """The stored choices: volume and segmentation nodes (or None), model, device, fast."""
+    node = parameter_node(scene)
+    return {"volume_node": node.GetNodeReference(INPUT_ROLE), "seg_node": node.GetNodeReference(OUTPUT_ROLE),
+            "model": node.GetParameter("Model") or None, "device": node.GetParameter("Device") or "auto",
+            "fast": node.GetParameter("Fast") == "True"}

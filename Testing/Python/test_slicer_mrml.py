@@ -306,3 +306,53 @@ def test_any_sequence_of_slider_moves_keeps_segments_exact(scene):
         live.update(params)
         for spec in SEGMENTS:
             assert np.array_equal(mrml.segment_mask(live.seg_node, spec["id"], shape), live.labels == spec["label"]), (params, spec["id"])
+
+
+def test_choices_settings_and_decisions_survive_scene_save_and_reload(scene, tmp_path):
+    import os
+
+    from LiverTumorSegLib.postprocess import PostParams
+    from LiverTumorSegSlicerLib.session import _stored_overrides, _stored_params
+
+    live, _ = _lesion_case(scene)
+    live.update(PostParams(cyst_threshold_hu=70.0))
+    region = live.rows[0]["id"]
+    live.set_decision(region, "cyst")
+    labels = live.labels.copy()
+    mrml.save_choices(scene, volume_node=live.volume_node, seg_node=live.seg_node, model="phantom-small", device="cpu", fast=True)
+    live.close()  # what the widget does before the scene is saved
+    for node, name in ((live.volume_node, "ct.nrrd"), (live.seg_node, "seg.seg.nrrd")):
+        storage = node.CreateDefaultStorageNode()
+        scene.AddNode(storage)
+        node.SetAndObserveStorageNodeID(storage.GetID())
+        storage.SetFileName(str(tmp_path / name))
+        assert storage.WriteData(node) == 1
+    scene.SetRootDirectory(str(tmp_path))
+    scene.SetURL(str(tmp_path / "scene.mrml"))
+    assert scene.Commit() == 1
+
+    again = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(again)
+    seg_logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    seg_logic.SetMRMLScene(again)
+    again.SetURL(str(tmp_path / "scene.mrml"))
+    assert again.Connect() == 1
+    choices = mrml.load_choices(again)
+    assert (choices["model"], choices["device"], choices["fast"]) == ("phantom-small", "cpu", True)
+    seg, volume = choices["seg_node"], choices["volume_node"]
+    assert volume.GetName() == "CT" and seg.GetName() == "CT liver segmentation"
+    assert _stored_params(seg).cyst_threshold_hu == 70.0
+    assert _stored_overrides(seg, [region]) == {region: "cyst"}
+    for spec in SEGMENTS:
+        assert np.array_equal(mrml.segment_mask(seg, spec["id"], labels.shape), labels == spec["label"])
+    writer = mrml.SegmentWriter(seg, volume)
+    assert writer.edited() == []
+    # an edit after reloading, made while no writer watched, is still found
+    writer.close()
+    empty = np.zeros(labels.shape, bool)
+    image = mrml._oriented_image(empty, (slice(0, 1),) * 3, writer.matrix)
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        image, seg, "liver_tumor", slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, image.GetExtent())
+    assert mrml.SegmentWriter(seg, volume).edited() == ["liver_tumor"]
+    assert os.path.isfile(tmp_path / "scene.mrml")
