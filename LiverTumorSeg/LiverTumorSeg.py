@@ -161,6 +161,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self.timer = None
         self._updating = False
+        self._problems = None
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -184,8 +185,8 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.regionTable.setHorizontalHeaderLabels(list(panel.REGION_COLUMNS))
         ui.regionTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         ui.regionTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
-        ui.inputVolumeSelector.currentNodeChanged.connect(self.updateView)
-        ui.modelSelector.currentIndexChanged.connect(self.updateView)
+        ui.inputVolumeSelector.currentNodeChanged.connect(self.onInputsChanged)
+        ui.modelSelector.currentIndexChanged.connect(self.onInputsChanged)
         ui.loadModelButton.clicked.connect(self.onLoadModel)
         ui.applyButton.clicked.connect(self.onApply)
         for control in (ui.dilateIterationsSpinBox, ui.dilateMaxAreaSpinBox):
@@ -256,14 +257,21 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     # ------------------------------------------------------------ state
 
+    def onInputsChanged(self, *_):
+        """Check the inputs once per change (the CT check reads the volume: not on every poll)."""
+        self._problems = {"volume": self.logic.input_problem(self.ui.inputVolumeSelector.currentNode()),
+                          "model": self.logic.model_problem(self.ui.modelSelector.currentData),
+                          "missing": tuple(dependencies.missing())}
+        self.updateView()
+
     def state(self) -> panel.PanelInputs:
-        running = self.logic.run is not None and self.logic.run.running()
-        volume = self.ui.inputVolumeSelector.currentNode()
+        if self._problems is None:
+            self.onInputsChanged()
         return panel.PanelInputs(
-            volume_problem=self.logic.input_problem(volume),
-            model_problem=self.logic.model_problem(self.ui.modelSelector.currentData),
-            missing_packages=tuple(dependencies.missing()),
-            running=running,
+            volume_problem=self._problems["volume"],
+            model_problem=self._problems["model"],
+            missing_packages=self._problems["missing"],
+            running=self.logic.run is not None and self.logic.run.running(),
             has_result=self.logic.live is not None,
         )
 
@@ -365,6 +373,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                     ensure(rest, requester="LiverTumorSeg")
                 else:
                     slicer.util.pip_install(dependencies.pip_arguments(rest, constraints))
+        self.onInputsChanged()
         return not dependencies.missing()
 
     # ------------------------------------------------------------ live post-processing
@@ -399,12 +408,16 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         rows = self.logic.live.rows if self.logic.live else []
         table = self.ui.regionTable
         selected = self.selectedRegion()
-        table.setRowCount(len(rows))
-        for r, cells in enumerate(panel.region_table(rows)):
-            for c, text in enumerate(cells):
-                table.setItem(r, c, qt.QTableWidgetItem(text))
-            if rows[r]["id"] == selected:
-                table.selectRow(r)
+        self._updating = True  # re-selecting the row must not move the views again
+        try:
+            table.setRowCount(len(rows))
+            for r, cells in enumerate(panel.region_table(rows)):
+                for c, text in enumerate(cells):
+                    table.setItem(r, c, qt.QTableWidgetItem(text))
+                if rows[r]["id"] == selected:
+                    table.selectRow(r)
+        finally:
+            self._updating = False
 
     def selectedRegion(self):
         items = self.ui.regionTable.selectedItems()
@@ -412,7 +425,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onRegionSelected(self):
         live, region = self.logic.live, self.selectedRegion()
-        if live is None or region is None:
+        if live is None or region is None or self._updating:
             return
         x, y, z = live.region_centre_ras(region)
         world = [x, y, z]
