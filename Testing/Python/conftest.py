@@ -41,3 +41,26 @@ def shared_data():
         return found[0]
 
     return locate
+
+
+@pytest.fixture
+def slicer_scene():
+    """A Slicer MRML scene set up as the Slicer application sets it up (the segmentations logic
+    registers the segment converters; subject hierarchy), also as ``slicer.mrmlScene``.
+    Needs slicer-core; the test modules using it skip without it (and fail under CI=true)."""
+    import slicer
+
+    scene = slicer.vtkMRMLScene()
+    app = slicer.vtkSlicerApplicationLogic()
+    app.SetMRMLScene(scene)
+    logics = []
+    for cls in (slicer.vtkSlicerSegmentationsModuleLogic, slicer.vtkSlicerSubjectHierarchyModuleLogic):
+        logic = cls()
+        logic.SetMRMLScene(scene)
+        logic.SetMRMLApplicationLogic(app)
+        logics.append(logic)
+    previous = getattr(slicer, "mrmlScene", None)
+    slicer.mrmlScene = scene
+    yield scene
+    slicer.mrmlScene = previous
+    scene.Clear(1)

@@ -21,25 +21,6 @@ MODULE_DIR = REPO / "LiverTumorSeg"
 sys.path.insert(0, str(MODULE_DIR))
 
 
-@pytest.fixture
-def slicer_scene():
-    """slicer.mrmlScene as the Slicer application sets it up (segmentations and subject hierarchy logic)."""
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    logics = []
-    for cls in (slicer.vtkSlicerSegmentationsModuleLogic, slicer.vtkSlicerSubjectHierarchyModuleLogic):
-        logic = cls()
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(app)
-        logics.append(logic)
-    previous = getattr(slicer, "mrmlScene", None)
-    slicer.mrmlScene = scene
-    yield scene
-    slicer.mrmlScene = previous
-    scene.Clear(1)
-
-
 def test_module_imports_without_qt_and_its_self_test_passes(slicer_scene, monkeypatch):
     import LiverTumorSeg
 

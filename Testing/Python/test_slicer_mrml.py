@@ -28,19 +28,8 @@ from LiverTumorSegSlicerLib import mrml  # noqa: E402
 
 
 @pytest.fixture
-def scene():
-    """A scene set up as Slicer sets it up (the segmentations logic registers the converters)."""
-    scene = slicer.vtkMRMLScene()
-    app = slicer.vtkSlicerApplicationLogic()
-    app.SetMRMLScene(scene)
-    logics = []
-    for cls in (slicer.vtkSlicerSegmentationsModuleLogic, slicer.vtkSlicerSubjectHierarchyModuleLogic):
-        logic = cls()
-        logic.SetMRMLScene(scene)
-        logic.SetMRMLApplicationLogic(app)
-        logics.append(logic)
-    yield scene
-    scene.Clear(1)
+def scene(slicer_scene):
+    return slicer_scene
 
 
 def _rotation(degrees: float) -> np.ndarray:
