@@ -349,30 +349,31 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.showRegions()
 
     def ensureDependencies(self) -> bool:
+        """Install what the core still needs, after asking; never replaces Slicer's own packages."""
         missing = dependencies.missing()
         if not missing:
             return True
-        if not slicer.util.confirmOkCancelDisplay(f"LiverTumorSeg needs these Python packages: {', '.join(missing)}. Install them now?"):
-            return False
         if "torch" in missing:
             try:
                 import PyTorchUtils
-
-                if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is None:
-                    return False
             except ImportError:
-                slicer.util.errorDisplay("Install the PyTorch extension from the Extensions Manager first.")
+                slicer.util.errorDisplay("LiverTumorSeg needs PyTorch: install the PyTorch extension from the "
+                                         "Extensions Manager, restart Slicer, and try again.")
+                return False
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=">=2.2") is None:
                 return False
         rest = [r for r in missing if r != "torch"]
-        if rest:
+        ensure = getattr(getattr(slicer, "packaging", None), "pip_ensure", None)
+        if rest and ensure is not None:  # Slicer 5.12+: asks, shows progress, offers a restart
+            ensure(rest, requester="LiverTumorSeg", skip_packages=list(dependencies.PROTECTED))
+        elif rest:
+            if not slicer.util.confirmOkCancelDisplay(
+                    f"LiverTumorSeg needs these Python packages: {', '.join(rest)}. Install them now?"):
+                return False
             constraints = Path(tempfile.mkdtemp(prefix="LiverTumorSeg-pip-")) / "constraints.txt"
             constraints.write_text(dependencies.constraints_text(), encoding="utf-8")
-            ensure = getattr(getattr(slicer, "packaging", None), "pip_ensure", None)
             with slicer.util.WaitCursor():
-                if ensure is not None:
-                    ensure(rest, requester="LiverTumorSeg")
-                else:
-                    slicer.util.pip_install(dependencies.pip_arguments(rest, constraints))
+                slicer.util.pip_install(dependencies.pip_arguments(rest, constraints))
         self.onInputsChanged()
         return not dependencies.missing()
 
