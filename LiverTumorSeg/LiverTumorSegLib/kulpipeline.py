@@ -1,0 +1,106 @@
+"""The liver stage of pyliverlesionseg 0.3 with the ported network (``kulunet``), on our volumes.
+
+Their steps, as their package runs them on CT: the CT in RAS array order (x, y, z); resampled to
+1.5 mm, median-filtered (3 voxels), resampled to 3 mm (the voxel size stored in the weight file);
+HU clipped to [-200, 200] and mapped to [-0.5, 0.5]; one patch of 189 x 162 x 162 voxels centred
+on the image (zero outside it), its 163 x 136 x 136 output placed back, uncovered voxels given
+the nearest covered value; then p > 0.5, one erosion (3x3x3, 18-neighbourhood), the largest
+6-connected component, one dilation, and linear resampling back to the CT grid (>= 0.5).
+
+Differences, stated: their abdomen-cropping heuristic is not ported (the patch is centred on the
+whole image, which covers 489 x 408 x 408 mm: enough for an abdominal CT, not for a whole-body
+one), and resampling is our separable linear interpolation, not pymirc's ``zoom3d`` (which also
+darkens the edge voxels).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .kulunet import LIVER, KULUNet
+from .orientation import to_canonical
+from .preprocess import resize
+from .volume import Volume
+
+MEDIAN_VOXELS = 3
+CT_WINDOW_HU = 200.0
+ERODE = ndimage.generate_binary_structure(3, 2)  # 3x3x3 minus corners: 19 voxels
+SIX = ndimage.generate_binary_structure(3, 1)
+
+
+def ras_array(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float], object]:
+    """HU indexed (x, y, z) with x toward the right, y anterior, z superior; spacing; the way back."""
+    hu, spacing_zyx, reorient = to_canonical(volume)  # canonical: x toward left, y posterior, z superior
+    return np.ascontiguousarray(np.flip(hu.transpose(2, 1, 0), (0, 1))), spacing_zyx[::-1], reorient
+
+
+def from_ras(mask: np.ndarray, reorient) -> np.ndarray:
+    """A mask indexed like ``ras_array``'s output, back on the volume's own grid (k, j, i)."""
+    return reorient.from_canonical(np.ascontiguousarray(np.flip(mask, (0, 1)).transpose(2, 1, 0)))
+
+
+def resample(arr: np.ndarray, spacing, target) -> np.ndarray:
+    """Linear resampling to ``target`` mm voxels (output size ceil(n * s / t), as theirs)."""
+    shape = tuple(max(1, int(np.ceil(n * s / t - 1e-6))) for n, s, t in zip(arr.shape, spacing, target))
+    return resize(arr.astype(np.float32), shape)
+
+
+def liver_input(hu_ras: np.ndarray, spacing, voxel_mm: float) -> np.ndarray:
+    """The normalised 3 mm image the liver network sees."""
+    fine = resample(hu_ras, spacing, (voxel_mm / 2,) * 3)
+    fine = ndimage.median_filter(fine, size=MEDIAN_VOXELS)
+    coarse = resample(fine, (voxel_mm / 2,) * 3, (voxel_mm,) * 3)
+    return np.clip(coarse / 1000.0, -CT_WINDOW_HU / 1000, CT_WINDOW_HU / 1000) * (0.5 / (CT_WINDOW_HU / 1000))
+
+
+def centred_patch_probability(net: KULUNet, image: np.ndarray) -> np.ndarray:
+    """Their centre sampling: one input patch centred on the image (voxel n // 2 at patch index d // 2,
+    zeros outside), its output written back, uncovered voxels filled from the nearest covered one."""
+    cfg = net.cfg
+    d_in, d_out = np.array(cfg.patch_in), np.array(cfg.patch_out)
+    margin = (d_in - d_out) // 2
+    centre = np.array(image.shape) // 2
+    start = centre - d_in // 2  # image voxel at patch index 0
+    patch = np.zeros(cfg.patch_in, np.float32)
+    src = tuple(slice(max(s, 0), min(s + d, n)) for s, d, n in zip(start, d_in, image.shape))
+    dst = tuple(slice(a.start - s, a.stop - s) for a, s in zip(src, start))
+    patch[dst] = image[src]
+    with torch.no_grad():
+        out = net(torch.from_numpy(patch)[None, None])[0, 0].numpy()
+    prob = np.full(image.shape, np.nan, np.float32)
+    ostart = start + margin
+    src = tuple(slice(max(s, 0), min(s + d, n)) for s, d, n in zip(ostart, d_out, image.shape))
+    dst = tuple(slice(a.start - s, a.stop - s) for a, s in zip(src, ostart))
+    prob[src] = out[dst]
+    missing = np.isnan(prob)
+    if missing.any():
+        idx = ndimage.distance_transform_edt(missing, return_distances=False, return_indices=True)
+        prob = prob[tuple(idx)]
+    return prob
+
+
+def liver_postprocess(prob: np.ndarray, out_shape) -> np.ndarray:
+    """p > 0.5, erosion, largest 6-connected component, dilation, linear zoom back (>= 0.5)."""
+    mask = ndimage.binary_erosion(prob > 0.5, ERODE)
+    labels, n = ndimage.label(mask, SIX)
+    if n == 0:
+        return np.zeros(out_shape, bool)
+    sizes = ndimage.sum(mask, labels, range(1, n + 1))
+    mask = ndimage.binary_dilation(labels == int(np.argmax(sizes)) + 1, ERODE)
+    factors = np.array(out_shape) / np.array(mask.shape)
+    back = ndimage.zoom(mask.astype(np.float32), factors, order=1, prefilter=False)
+    out = np.zeros(out_shape, bool)
+    region = tuple(slice(0, min(a, b)) for a, b in zip(back.shape, out_shape))
+    out[region] = back[region] >= 0.5
+    return out
+
+
+def segment_liver(volume: Volume, net: KULUNet, voxel_mm: float = 3.0) -> np.ndarray:
+    """The liver mask (bool, k, j, i) of a CT volume."""
+    if net.cfg is not LIVER:
+        raise ValueError("segment_liver needs the liver network")
+    hu, spacing, reorient = ras_array(volume)
+    prob = centred_patch_probability(net, liver_input(hu, spacing, voxel_mm))
+    return from_ras(liver_postprocess(prob, hu.shape), reorient)
