@@ -300,9 +300,18 @@ def cmd_evaluate(args) -> int:
 
 def cmd_models(args) -> int:
     from .modelfile import read_card
-    from .registry import BUNDLED, model_files
+    from .registry import BUNDLED, IMPORTABLE, model_files
 
-    for name, text in BUNDLED.items():
+    if args.action == "import":
+        from .importer import import_pyliverlesionseg
+
+        if args.name not in IMPORTABLE:
+            raise InputError(f"Nothing to import called '{args.name}'; importable: {', '.join(IMPORTABLE)}.")
+        folder, fresh = import_pyliverlesionseg(wheel=args.wheel)
+        print(f"{'imported' if fresh else 'already imported'}: {folder} (use --model {args.name}, or "
+              f"--liver-model / --tumor-model with the files in it)")
+        return 0
+    for name, text in {**BUNDLED, **IMPORTABLE}.items():
         print(f"{name}: {text}")
         try:
             for f in model_files(name):
@@ -394,7 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--overwrite", action="store_true", help="start over in a run folder that has this stage")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("models", help="list the bundled models and their measured metrics")
+    s = sub.add_parser("models", help="list the bundled and imported models; 'models import pyliverlesionseg' imports one")
+    s.add_argument("action", nargs="?", default="list", choices=["list", "import"])
+    s.add_argument("name", nargs="?", help="with import: pyliverlesionseg")
+    s.add_argument("--wheel", type=Path, help="with import: a downloaded wheel instead of fetching it from PyPI")
     s.set_defaults(func=cmd_models)
     return p
 

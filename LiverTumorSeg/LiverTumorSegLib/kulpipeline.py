@@ -1,11 +1,18 @@
-"""The liver stage of pyliverlesionseg 0.3 with the ported network (``kulunet``), on our volumes.
+"""The two stages of pyliverlesionseg 0.3 with the ported networks (``kulunet``), on our volumes.
 
-Their steps, as their package runs them on CT: the CT in RAS array order (x, y, z); resampled to
+Liver, as their package runs it on CT: the CT in RAS array order (x, y, z); resampled to
 1.5 mm, median-filtered (3 voxels), resampled to 3 mm (the voxel size stored in the weight file);
 HU clipped to [-200, 200] and mapped to [-0.5, 0.5]; one patch of 189 x 162 x 162 voxels centred
 on the image (zero outside it), its 163 x 136 x 136 output placed back, uncovered voxels given
 the nearest covered value; then p > 0.5, one erosion (3x3x3, 18-neighbourhood), the largest
 6-connected component, one dilation, and linear resampling back to the CT grid (>= 0.5).
+
+Lesions: HU clipped to [-200, 200] and mapped to [-0.5, 0.5] on the CT grid, resampled to
+1 x 1 x 3 mm (the lesion file's voxel size) with the liver mask (> 0.5 after resampling), the
+mask dilated once with a 5x5x5 structure (|d|inf <= 2 and |d|1 <= 4), -0.5 outside it, cropped
+to it; tiles of 180 x 172 x 86 voxels (zeros outside the crop) whose 92 x 84 x 42 outputs are
+written in order, later tiles overwriting earlier ones (starts 0, O, 2O, ... and a last one
+flush with the end); p > 0.5, linear resampling back to the CT grid, any positive value kept.
 
 Differences, stated: their abdomen-cropping heuristic is not ported (the patch is centred on the
 whole image, which covers 489 x 408 x 408 mm: enough for an abdominal CT, not for a whole-body
@@ -19,7 +26,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .kulunet import LIVER, KULUNet
+from .kulunet import LESION, LIVER, KULUNet
 from .orientation import to_canonical
 from .preprocess import resize
 from .volume import Volume
@@ -28,6 +35,7 @@ MEDIAN_VOXELS = 3
 CT_WINDOW_HU = 200.0
 ERODE = ndimage.generate_binary_structure(3, 2)  # 3x3x3 minus corners: 19 voxels
 SIX = ndimage.generate_binary_structure(3, 1)
+LIVER_DILATION = ndimage.iterate_structure(ndimage.generate_binary_structure(3, 2), 2)  # 5x5x5, 93 voxels
 
 
 def ras_array(volume: Volume) -> tuple[np.ndarray, tuple[float, float, float], object]:
@@ -104,3 +112,64 @@ def segment_liver(volume: Volume, net: KULUNet, voxel_mm: float = 3.0) -> np.nda
     hu, spacing, reorient = ras_array(volume)
     prob = centred_patch_probability(net, liver_input(hu, spacing, voxel_mm))
     return from_ras(liver_postprocess(prob, hu.shape), reorient)
+
+
+def _normalise_ct(hu: np.ndarray) -> np.ndarray:
+    return np.clip(hu / 1000.0, -CT_WINDOW_HU / 1000, CT_WINDOW_HU / 1000) * (0.5 / (CT_WINDOW_HU / 1000))
+
+
+def tile_starts(size: int, out: int) -> list[int]:
+    """Their tile starts along one axis: 0, O, 2O, ... and, if O does not divide the size, size - O."""
+    o = min(size, out)
+    starts = list(range(0, size, o))
+    if size % o:
+        starts.append(size - o)
+    return starts
+
+
+def tiled_probability(net: KULUNet, image: np.ndarray) -> np.ndarray:
+    """Their non-centred sampling: each tile's output written in loop order (x, y, z), overwriting."""
+    cfg = net.cfg
+    d_in, d_out = np.array(cfg.patch_in), np.array(cfg.patch_out)
+    margin = (d_in - d_out) // 2
+    size = np.minimum(image.shape, d_out)
+    prob = np.zeros(image.shape, np.float32)
+    for sx in tile_starts(image.shape[0], d_out[0]):
+        for sy in tile_starts(image.shape[1], d_out[1]):
+            for sz in tile_starts(image.shape[2], d_out[2]):
+                start = np.array([sx, sy, sz])
+                centre = np.ceil(start + (size - 1) / 2).astype(int)
+                first = centre - d_in // 2  # image voxel at patch index 0
+                patch = np.zeros(cfg.patch_in, np.float32)
+                src = tuple(slice(max(f, 0), min(f + d, n)) for f, d, n in zip(first, d_in, image.shape))
+                patch[tuple(slice(a.start - f, a.stop - f) for a, f in zip(src, first))] = image[src]
+                with torch.no_grad():
+                    out = net(torch.from_numpy(patch)[None, None])[0, 0].numpy()
+                ofirst = first + margin
+                region = tuple(slice(s, min(s + n, total)) for s, n, total in zip(start, size, image.shape))
+                prob[region] = out[tuple(slice(r.start - o, r.stop - o) for r, o in zip(region, ofirst))]
+    return prob
+
+
+def segment_lesions(volume: Volume, liver: np.ndarray, net: KULUNet, voxel_mm=(1.0, 1.0, 3.0)) -> np.ndarray:
+    """The lesion mask (bool, k, j, i) inside a liver mask (bool, k, j, i) of a CT volume."""
+    if net.cfg is not LESION:
+        raise ValueError("segment_lesions needs the lesion network")
+    hu, spacing, reorient = ras_array(volume)
+    if not liver.any():
+        return np.zeros(volume.array.shape, bool)
+    liver_ras = np.ascontiguousarray(np.flip(reorient.to_canonical(liver.astype(np.float32)).transpose(2, 1, 0), (0, 1)))
+    image = resample(_normalise_ct(hu), spacing, voxel_mm)
+    mask = resample(liver_ras, spacing, voxel_mm) > 0.5
+    mask = ndimage.binary_dilation(mask, LIVER_DILATION)
+    if not mask.any():
+        return np.zeros(volume.array.shape, bool)
+    image = np.clip(np.where(mask, image, -0.5), -0.5, 0.5).astype(np.float32)
+    box = tuple(slice(int(i.min()), int(i.max()) + 1) for i in np.nonzero(mask))
+    lesions = np.zeros(image.shape, np.float32)
+    lesions[box] = tiled_probability(net, image[box]) > 0.5
+    back = ndimage.zoom(lesions, np.array(hu.shape) / np.array(lesions.shape), order=1, prefilter=False)
+    out = np.zeros(hu.shape, bool)
+    region = tuple(slice(0, min(a, b)) for a, b in zip(back.shape, hu.shape))
+    out[region] = back[region] > 0
+    return from_ras(out, reorient)

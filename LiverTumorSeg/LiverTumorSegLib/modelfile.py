@@ -20,6 +20,7 @@ from .errors import ModelFileError
 from .netconfig import NetConfig
 from .network import GUNETRpp
 
+G_UNETRPP, KUL_UNET = "g-unetr++", "kul-unet"  # card["architecture"]; absent in older cards: G-UNETR++
 FORMAT = "livertumorseg-model"
 FORMAT_VERSION = "1"
 STAGES = ("liver", "tumor")
@@ -58,9 +59,31 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_model(net: GUNETRpp, card: dict, path: Path, *, dtype: torch.dtype = torch.float16) -> Path:
-    """Write weights (cast to ``dtype``) and the card; fills ``card['net']`` from the network."""
-    card = dict(card, net=net.cfg.to_dict())
+def describe_network(net: torch.nn.Module) -> tuple[str, dict]:
+    """(architecture, net settings) for a card: G-UNETR++ and its NetConfig, or an imported network."""
+    from .kulunet import KULUNet
+
+    if isinstance(net, KULUNet):
+        return KUL_UNET, {"config": net.cfg.name}
+    return G_UNETRPP, net.cfg.to_dict()
+
+
+def build_network(card: dict) -> torch.nn.Module:
+    """An untrained network of the card's architecture and settings."""
+    architecture = card.get("architecture", G_UNETRPP)
+    if architecture == G_UNETRPP:
+        return GUNETRpp(NetConfig.from_dict(card["net"]), deep_supervision=False)
+    if architecture == KUL_UNET:
+        from .kulunet import CONFIGS, KULUNet
+
+        return KULUNet(CONFIGS[card["net"]["config"]])
+    raise ValueError(f"unknown architecture {architecture!r}")
+
+
+def save_model(net: torch.nn.Module, card: dict, path: Path, *, dtype: torch.dtype = torch.float16) -> Path:
+    """Write weights (cast to ``dtype``) and the card; fills ``card['architecture']`` and ``card['net']``."""
+    architecture, settings = describe_network(net)
+    card = dict(card, architecture=architecture, net=settings)
     missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
     if missing:
         raise ValueError(f"model card lacks {missing}")
@@ -106,6 +129,8 @@ def _check_card(card: dict, path: Path) -> None:
     from .preprocess import model_shape
 
     pre = card["preprocessing"]
+    if card.get("architecture", G_UNETRPP) != G_UNETRPP:
+        return  # imported networks run their own preprocessing (see their card)
     try:
         model_shape((8, 8, 8), (1.0, 1.0, 1.0), pre["resample"])
         lo, hi = pre.get("hu_window", (-250, 250))
@@ -130,8 +155,7 @@ def load_model(path: Path, *, stage: str | None = None, device: str | torch.devi
         raise ModelFileError(f"{path}: weights do not match their checksum (file damaged or edited).")
     _check_card(card, path)
     try:
-        cfg = NetConfig.from_dict(card["net"])
-        net = GUNETRpp(cfg, deep_supervision=False)
+        net = build_network(card)
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
     except (ValueError, TypeError, RuntimeError) as err:
         raise ModelFileError(f"{path}: weights do not match the network described by its card: {str(err)[:300]}") from None

@@ -12,15 +12,26 @@ BUNDLED = {
     "phantom-small": "Small G-UNETR++ pair trained on synthetic phantoms only. Not for clinical use.",
 }
 DEFAULT_MODEL = "phantom-small"
+IMPORTABLE = {
+    "pyliverlesionseg": "KU Leuven whole-liver and liver-lesion U-Nets (pyliverlesionseg 0.3, CT and MR trained, "
+                        "Apache-2.0), imported with 'livertumorseg models import pyliverlesionseg'. Not for clinical use.",
+}
 
 
 def model_files(name_or_path: str | Path = DEFAULT_MODEL) -> tuple[Path, Path]:
-    """(liver, tumor) model files of a bundled model name, or of a folder holding liver.ltsm + tumor.ltsm."""
+    """(liver, tumor) model files of a bundled or imported model name, or of a folder holding liver.ltsm + tumor.ltsm."""
     key = str(name_or_path)
-    folder = WEIGHTS_DIR / key if key in BUNDLED else Path(key)
+    if key in IMPORTABLE:
+        from .importer import imported_folder
+
+        folder = imported_folder()
+        if not folder.is_dir():
+            raise ModelFileError(f"'{key}' is not imported yet: run 'livertumorseg models import {key}' (downloads it once).")
+    else:
+        folder = WEIGHTS_DIR / key if key in BUNDLED else Path(key)
     if not folder.is_dir():
-        names = ", ".join(BUNDLED)
-        raise ModelFileError(f"Unknown model '{key}': give a bundled name ({names}) or a folder with liver.ltsm and tumor.ltsm.")
+        names = ", ".join([*BUNDLED, *IMPORTABLE])
+        raise ModelFileError(f"Unknown model '{key}': give a model name ({names}) or a folder with liver.ltsm and tumor.ltsm.")
     files = folder / "liver.ltsm", folder / "tumor.ltsm"
     for f in files:
         if not f.is_file():
