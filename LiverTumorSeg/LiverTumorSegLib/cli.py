@@ -149,10 +149,10 @@ def cmd_segment(args) -> int:
     from .devices import resolve_device
     from .imageio import write_json
     from .modelfile import load_model
-    from .registry import model_files
+    from .registry import stage_files
 
     pairs = _plan(args)
-    liver_path, tumor_path = model_files(args.model)
+    liver_path, tumor_path = stage_files(args.model, args.liver_model, args.tumor_model)
     dev = resolve_device(args.device)
     liver, tumor = load_model(liver_path, stage="liver", device=dev), load_model(tumor_path, stage="tumor", device=dev)
     reports, failed = [], 0
@@ -331,7 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("segment", help="segment the liver and liver tumors in a CT")
     s.add_argument("input", help="NIfTI/NRRD/MHA file, DICOM folder, or a folder of cases")
     s.add_argument("-o", "--output", required=True, help="output .seg.nrrd or labelmap .nii.gz/.nrrd/.mha (a folder for a folder of cases)")
-    s.add_argument("--model", default="phantom-small", help="bundled model name or a folder with liver.ltsm and tumor.ltsm")
+    s.add_argument("--model", default="phantom-small", help="model name (bundled, or imported: pyliverlesionseg) or a folder with liver.ltsm and tumor.ltsm")
+    s.add_argument("--liver-model", help="stage 1 from this .ltsm file or model name instead (e.g. pyliverlesionseg)")
+    s.add_argument("--tumor-model", help="stage 2 from this .ltsm file or model name instead")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     s.add_argument("--fast", action="store_true", help="fewer tiles (step 1.0) and bf16 where the CPU has it")
     s.add_argument("--report", help="write a JSON report (device, timings, tiles, models)")

@@ -63,6 +63,13 @@ def liver_input(hu_ras: np.ndarray, spacing, voxel_mm: float) -> np.ndarray:
     return np.clip(coarse / 1000.0, -CT_WINDOW_HU / 1000, CT_WINDOW_HU / 1000) * (0.5 / (CT_WINDOW_HU / 1000))
 
 
+def _run(net: KULUNet, patch: np.ndarray) -> np.ndarray:
+    """The network on one patch, on the device its weights are on."""
+    device = next(net.parameters()).device
+    with torch.no_grad():
+        return net(torch.from_numpy(patch)[None, None].to(device))[0, 0].float().cpu().numpy()
+
+
 def centred_patch_probability(net: KULUNet, image: np.ndarray) -> np.ndarray:
     """Their centre sampling: one input patch centred on the image (voxel n // 2 at patch index d // 2,
     zeros outside), its output written back, uncovered voxels filled from the nearest covered one."""
@@ -75,8 +82,7 @@ def centred_patch_probability(net: KULUNet, image: np.ndarray) -> np.ndarray:
     src = tuple(slice(max(s, 0), min(s + d, n)) for s, d, n in zip(start, d_in, image.shape))
     dst = tuple(slice(a.start - s, a.stop - s) for a, s in zip(src, start))
     patch[dst] = image[src]
-    with torch.no_grad():
-        out = net(torch.from_numpy(patch)[None, None])[0, 0].numpy()
+    out = _run(net, patch)
     prob = np.full(image.shape, np.nan, np.float32)
     ostart = start + margin
     src = tuple(slice(max(s, 0), min(s + d, n)) for s, d, n in zip(ostart, d_out, image.shape))
@@ -143,8 +149,7 @@ def tiled_probability(net: KULUNet, image: np.ndarray) -> np.ndarray:
                 patch = np.zeros(cfg.patch_in, np.float32)
                 src = tuple(slice(max(f, 0), min(f + d, n)) for f, d, n in zip(first, d_in, image.shape))
                 patch[tuple(slice(a.start - f, a.stop - f) for a, f in zip(src, first))] = image[src]
-                with torch.no_grad():
-                    out = net(torch.from_numpy(patch)[None, None])[0, 0].numpy()
+                out = _run(net, patch)
                 ofirst = first + margin
                 region = tuple(slice(s, min(s + n, total)) for s, n, total in zip(start, size, image.shape))
                 prob[region] = out[tuple(slice(r.start - o, r.stop - o) for r, o in zip(region, ofirst))]

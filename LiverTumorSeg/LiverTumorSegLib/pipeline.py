@@ -10,13 +10,13 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from . import devices
+from . import devices, kulpipeline
 from .imageio import check_ct, write_npz
 from .masks import bounding_box
-from .modelfile import StageModel
+from .modelfile import KUL_UNET, StageModel
 from .orientation import to_canonical
 from .preprocess import model_shape, model_spacing, resize, scale_hu
-from .slidingwindow import count_tiles, sliding_window_probabilities
+from .slidingwindow import check_cancel, count_tiles, sliding_window_probabilities
 from .volume import Volume
 
 LABEL_LIVER, LABEL_TUMOR, LABEL_CYST = 1, 2, 3
@@ -112,6 +112,11 @@ def tumor_stage_input(hu: np.ndarray, liver: np.ndarray, spacing, pre: dict):
     return img, mask, box
 
 
+def is_imported(model: StageModel) -> bool:
+    """A pyliverlesionseg network, which runs its own stage (``kulpipeline``)."""
+    return model.card.get("architecture") == KUL_UNET
+
+
 def stage_step(model: StageModel, fast: bool) -> float:
     inf = model.card["inference"]
     return inf.get("fast_step", 1.0) if fast else inf.get("step", 0.5)
@@ -173,19 +178,29 @@ def segment(
     prog.message(0.01, "Stage 1: liver")
 
     t = time.perf_counter()
-    img = liver_stage_input(hu, spacing, liver_model.card["preprocessing"])
-    tiles1 = count_tiles(img.shape, liver_model.cfg.tile, stage_step(liver_model, fast))
-    liver_u8 = stage_probability(liver_model, img, hu.shape, dev, fast, batch, prog.stage("Liver"), cancel)
-    liver = largest_component(liver_u8 >= uint8_threshold(liver_model))
+    if is_imported(liver_model):  # pyliverlesionseg's liver stage, on the volume's own grid
+        liver = reorient.to_canonical(kulpipeline.segment_liver(volume, liver_model.net))
+        liver_u8, tiles1 = np.where(liver, 255, 0).astype(np.uint8), 1
+    else:
+        img = liver_stage_input(hu, spacing, liver_model.card["preprocessing"])
+        tiles1 = count_tiles(img.shape, liver_model.cfg.tile, stage_step(liver_model, fast))
+        liver_u8 = stage_probability(liver_model, img, hu.shape, dev, fast, batch, prog.stage("Liver"), cancel)
+        liver = largest_component(liver_u8 >= uint8_threshold(liver_model))
     timings["liver_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     tiles2, box, tumor_box_u8 = 0, (slice(0, 0),) * 3, np.zeros((0, 0, 0), np.uint8)
     if liver.any():
         prog.message(0.45, "Stage 2: tumors")
-        img, mask, box = tumor_stage_input(hu, liver, spacing, tumor_model.card["preprocessing"])
-        tiles2 = count_tiles(img.shape, tumor_model.cfg.tile, stage_step(tumor_model, fast))
-        tumor_box_u8 = stage_probability(tumor_model, img, hu[box].shape, dev, fast, batch, prog.stage("Tumors"), cancel, mask)
+        check_cancel(cancel)
+        if is_imported(tumor_model):  # pyliverlesionseg's lesion stage: a mask, no probabilities
+            lesions = reorient.to_canonical(kulpipeline.segment_lesions(volume, reorient.from_canonical(liver), tumor_model.net))
+            box = bounding_box(liver | lesions) or (slice(0, 0),) * 3
+            tumor_box_u8, tiles2 = np.where(lesions[box], 255, 0).astype(np.uint8), None
+        else:
+            img, mask, box = tumor_stage_input(hu, liver, spacing, tumor_model.card["preprocessing"])
+            tiles2 = count_tiles(img.shape, tumor_model.cfg.tile, stage_step(tumor_model, fast))
+            tumor_box_u8 = stage_probability(tumor_model, img, hu[box].shape, dev, fast, batch, prog.stage("Tumors"), cancel, mask)
     timings["tumor_s"] = time.perf_counter() - t
 
     labels = np.zeros(hu.shape, np.uint8)
@@ -207,7 +222,7 @@ def segment(
         "batch": batch,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "tiles": {"liver": tiles1, "tumor": tiles2},
-        "steps": {"liver": stage_step(liver_model, fast), "tumor": stage_step(tumor_model, fast)},
+        "steps": {m.card["stage"]: None if is_imported(m) else stage_step(m, fast) for m in (liver_model, tumor_model)},
         "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if dev.type == "cuda" else None,
         "peak_process_ram_mb": devices.peak_ram_mb(),
         "models": {m.card["stage"]: {"name": m.card["name"], "file": m.path.name, "sha256": m.sha256} for m in (liver_model, tumor_model)},

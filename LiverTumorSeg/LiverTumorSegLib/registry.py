@@ -37,3 +37,16 @@ def model_files(name_or_path: str | Path = DEFAULT_MODEL) -> tuple[Path, Path]:
         if not f.is_file():
             raise ModelFileError(f"Model folder {folder} lacks {f.name}.")
     return files
+
+
+def stage_files(model: str | Path = DEFAULT_MODEL, liver: str | Path | None = None,
+                tumor: str | Path | None = None) -> tuple[Path, Path]:
+    """(liver, tumor) files: the pair of ``model``, with either stage replaced by a model file or by
+    that stage of another named model or folder (e.g. the imported liver network with our tumors)."""
+    files = list(model_files(model)) if model is not None else [None, None]
+    for i, choice in enumerate((liver, tumor)):
+        if choice is None:
+            continue
+        path = Path(str(choice))
+        files[i] = path if path.is_file() else model_files(choice)[i]
+    return files[0], files[1]

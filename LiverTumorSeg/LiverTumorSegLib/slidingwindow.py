@@ -48,7 +48,7 @@ def count_tiles(shape, tile, step) -> int:
     return int(np.prod([len(window_starts(max(s, t), t, step)) for s, t in zip(shape, tile)]))
 
 
-def _check_cancel(cancel) -> None:
+def check_cancel(cancel) -> None:
     if cancel is not None and (cancel.is_set() if hasattr(cancel, "is_set") else cancel()):
         raise Cancelled("Cancelled by the user.")
 
@@ -67,7 +67,7 @@ def _predict(net, image, tile, step, batch, device, accum_device, amp_dtype, pro
     weights = torch.zeros(image.shape, dtype=torch.float32, device=accum_device)
     gauss = torch.from_numpy(gaussian_importance(tuple(tile))).to(accum_device)
     for done in range(0, len(origins), batch):
-        _check_cancel(cancel)
+        check_cancel(cancel)
         slices = [tuple(slice(o, o + t) for o, t in zip(origin, tile)) for origin in origins[done : done + batch]]
         x = torch.stack([image[s] for s in slices]).unsqueeze(1)
         with _autocast(device, amp_dtype):
