@@ -286,6 +286,12 @@ def cmd_train(args) -> int:
     return run_train(args)
 
 
+def cmd_pseudolabel(args) -> int:
+    from .teacher import run_pseudolabel
+
+    return run_pseudolabel(args)
+
+
 def cmd_postprocess(args) -> int:
     from .postprocess_cli import run_postprocess
 
@@ -404,6 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     s.add_argument("--overwrite", action="store_true", help="start over in a run folder that has this stage")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("pseudolabel", help="label unlabelled CTs with a teacher model, as a data set for train (pseudo-labels)")
+    s.add_argument("inputs", nargs="+", help="CT files, or folders of CT files / a DICOM series")
+    s.add_argument("-o", "--out", required=True, type=Path, help="folder for X_ct.nii.gz + X_label.nii.gz pairs and pseudo-labels.json")
+    s.add_argument("--model", default="pyliverlesionseg", help="teacher: a model name or folder (default: the imported pyliverlesionseg)")
+    s.add_argument("--liver-model", help="stage 1 from this file or model name instead")
+    s.add_argument("--tumor-model", help="stage 2 from this file or model name instead")
+    s.add_argument("--with-tumors", action="store_true", help="also label lesions (default: liver only)")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_pseudolabel)
 
     s = sub.add_parser("models", help="list the bundled and imported models; 'models import pyliverlesionseg' imports one")
     s.add_argument("action", nargs="?", default="list", choices=["list", "import"])

@@ -148,7 +148,7 @@ def planned_tiles(model: StageModel, shape, spacing, fast: bool) -> int:
 def segment(
     volume: Volume,
     liver_model: StageModel,
-    tumor_model: StageModel,
+    tumor_model: StageModel | None,
     *,
     device: str = "auto",
     fast: bool = False,
@@ -157,6 +157,8 @@ def segment(
     cancel=None,
 ) -> Result:
     """Run both stages on a CT volume; labels (0 bg, 1 liver, 2 tumor) on the input's grid.
+
+    ``tumor_model`` None runs the liver stage only (e.g. liver pseudo-labels).
 
     A CT where stage 1 finds no liver is a result, not an error: the labels are empty and the
     report says so (``liver_found`` false, a warning), so batch runs go on.
@@ -168,7 +170,8 @@ def segment(
     check_ct(volume)
     dev = devices.resolve_device(device)
     batch = batch or (8 if dev.type == "cuda" else 2)
-    for m in (liver_model, tumor_model):
+    models = [m for m in (liver_model, tumor_model) if m is not None]
+    for m in models:
         m.net.to(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -190,7 +193,7 @@ def segment(
 
     t = time.perf_counter()
     tiles2, box, tumor_box_u8 = 0, (slice(0, 0),) * 3, np.zeros((0, 0, 0), np.uint8)
-    if liver.any():
+    if liver.any() and tumor_model is not None:
         prog.message(0.45, "Stage 2: tumors")
         check_cancel(cancel)
         if is_imported(tumor_model):  # pyliverlesionseg's lesion stage: a mask, no probabilities
@@ -205,7 +208,8 @@ def segment(
 
     labels = np.zeros(hu.shape, np.uint8)
     labels[liver] = LABEL_LIVER
-    labels[box][tumor_box_u8 >= uint8_threshold(tumor_model)] = LABEL_TUMOR
+    if tumor_model is not None:
+        labels[box][tumor_box_u8 >= uint8_threshold(tumor_model)] = LABEL_TUMOR
     tumor_u8 = np.zeros(hu.shape, np.uint8)
     tumor_u8[box] = tumor_box_u8
 
@@ -222,10 +226,10 @@ def segment(
         "batch": batch,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "tiles": {"liver": tiles1, "tumor": tiles2},
-        "steps": {m.card["stage"]: None if is_imported(m) else stage_step(m, fast) for m in (liver_model, tumor_model)},
+        "steps": {m.card["stage"]: None if is_imported(m) else stage_step(m, fast) for m in models},
         "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if dev.type == "cuda" else None,
         "peak_process_ram_mb": devices.peak_ram_mb(),
-        "models": {m.card["stage"]: {"name": m.card["name"], "file": m.path.name, "sha256": m.sha256} for m in (liver_model, tumor_model)},
+        "models": {m.card["stage"]: {"name": m.card["name"], "file": m.path.name, "sha256": m.sha256} for m in models},
         "voxels": {"liver": int((labels == LABEL_LIVER).sum() + (labels == LABEL_TUMOR).sum()), "tumor": int((labels == LABEL_TUMOR).sum())},
         "voxel_volume_ml": float(np.prod(volume.spacing)) / 1000.0,
         "liver_found": bool(liver.any()),

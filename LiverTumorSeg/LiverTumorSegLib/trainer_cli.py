@@ -57,6 +57,24 @@ def check_split(split: dict, cases: dict) -> list[str]:
     return warnings
 
 
+def pseudo_label_manifest(case) -> dict | None:
+    """The pseudo-labels.json of the folder a case comes from, when its labels are a teacher's."""
+    from .teacher import MANIFEST
+
+    path = Path(case.image).parent / MANIFEST
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _usable_for_stage(cases: dict, stage: str, show: bool) -> dict:
+    """Liver-only pseudo-labels teach the liver stage only: the tumor stage leaves those cases out."""
+    if stage != "tumor":
+        return cases
+    liver_only = [n for n, c in cases.items() if (m := pseudo_label_manifest(c)) and "liver 1 only" in m["what"]]
+    if liver_only and show:
+        print(f"warning: {len(liver_only)} case(s) have liver-only pseudo-labels; the tumor stage leaves them out.", file=sys.stderr)
+    return {n: c for n, c in cases.items() if n not in liver_only}
+
+
 def _stage_files(run_dir: Path, stage: str) -> list[Path]:
     return [run_dir / f"{stage}.{suffix}" for suffix in ("ltsm", "checkpoint.pt", "best.pt", "history.json", "curves.png", "config.json")]
 
@@ -98,6 +116,7 @@ def run_train(args) -> int:
     device = distributed.start(world, resolve_device(args.device))
     try:
         cases = gather_cases([Path(d) for d in args.data], args.format)
+        cases = _usable_for_stage(cases, stage, world.main)
         split, split_source = choose_split(cases, config, run_dir, args.split)
         for warning in check_split(split, cases) if world.main else []:
             print(f"warning: {warning}", file=sys.stderr)
@@ -154,10 +173,13 @@ def _write_model(args, trainer, config, cases, split, device, world, outcome, in
     stage, run_dir = args.stage, Path(args.output)
     net, epoch = trainer.final_network()
     present = {part: [n for n in split[part] if n in cases] for part in SPLITS}
+    used = {n for part in SPLITS for n in present[part]}
+    teachers = {json.dumps(m["teacher"], sort_keys=True): m for n in used if (m := pseudo_label_manifest(cases[n]))}
     data = {
         "folders": [Path(d).resolve().name for d in args.data],
         "format": args.format,
         **{f"{part}_cases": present[part] for part in SPLITS},
+        "pseudo_labels": [{"what": m["what"], "teacher": m["teacher"]} for m in teachers.values()] or None,
     }
     name = args.name or f"{run_dir.resolve().name}-{stage}"
     command = "livertumorseg " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "livertumorseg train"

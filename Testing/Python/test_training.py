@@ -323,3 +323,29 @@ def main_card(path: Path) -> str:
     from LiverTumorSegLib.modelfile import read_card
 
     return json.dumps(read_card(path))
+
+
+def test_pseudo_labels_train_the_liver_stage_and_say_so(phantoms, tmp_path, capsys):
+    """A teacher (here the bundled model, offline) labels CTs; train marks the card; the tumor stage
+    leaves liver-only pseudo-labels out."""
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    for ct in sorted(phantoms.glob("*_ct.nii.gz"))[:4]:
+        (unlabelled / ct.name.replace("_ct", "")).symlink_to(ct)
+    pseudo = tmp_path / "pseudo"
+    assert main(["pseudolabel", str(unlabelled), "-o", str(pseudo), "--model", "phantom-small", "--device", "cpu"]) == 0
+    manifest = json.loads((pseudo / "pseudo-labels.json").read_text(encoding="utf-8"))
+    assert manifest["pseudo_labels"] and "liver 1 only" in manifest["what"] and len(manifest["cases"]) == 4
+    assert set(manifest["teacher"]) == {"liver"}
+    from LiverTumorSegLib.imageio import read_labels as read
+
+    assert set(np.unique(read(pseudo / "case_1100_label.nii.gz").array)) == {0, 1}
+    cfg_file = tmp_path / "tiny.json"
+    cfg_file.write_text(json.dumps(tiny_config(epochs=1, split=[2, 1, 1])), encoding="utf-8")
+    run = tmp_path / "run"
+    assert main(["train", "--stage", "liver", "--data", str(pseudo), "--config", str(cfg_file), "-o", str(run)]) == 0
+    card = json.loads(main_card(run / "liver.ltsm"))
+    assert card["training"]["data"]["pseudo_labels"][0]["teacher"]["liver"]["name"] == "phantom-small-liver"
+    capsys.readouterr()
+    assert main(["train", "--stage", "tumor", "--data", str(pseudo), "--config", str(cfg_file), "-o", str(run)]) == 2
+    assert "liver-only pseudo-labels" in capsys.readouterr().err
