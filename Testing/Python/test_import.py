@@ -71,3 +71,16 @@ def test_imported_networks_segment_a_real_ct(imported, shared_data, tmp_path, ca
     assert main(["segment", str(ct_file), "-o", str(mixed), "--liver-model", "pyliverlesionseg", "--device", "cpu",
                  "--no-postprocess"]) == 0
     assert dice(read_labels(mixed).array >= 1, labels.array >= 1) > 0.99  # the same stage 1 (lesions may leave the liver)
+
+
+def test_imported_liver_network_pseudo_labels_an_unlabelled_real_ct(imported, shared_data, tmp_path):
+    import json
+
+    ct_file = shared_data("totalseg-example/example_ct_sm.nii.gz")
+    out = tmp_path / "pseudo"
+    assert main(["pseudolabel", str(ct_file), "-o", str(out), "--device", "cpu"]) == 0  # default teacher: pyliverlesionseg
+    manifest = json.loads((out / "pseudo-labels.json").read_text(encoding="utf-8"))
+    assert manifest["teacher"]["liver"]["name"] == "pyliverlesionseg-0.3-liver" and manifest["teacher"]["liver"]["citation"]
+    labels = read_labels(out / "example_ct_sm_label.nii.gz", read_volume(out / "example_ct_sm_ct.nii.gz")).array
+    reference = read_labels(shared_data("totalseg-example/example_seg.nii.gz"), read_volume(ct_file)).array == 5
+    assert set(np.unique(labels)) == {0, 1} and dice(labels == 1, reference) > 0.85
