@@ -35,7 +35,7 @@ except ImportError:  # Slicer's MRML libraries alone (slicer-core): Logic and Te
 from slicer.util import VTKObservationMixin
 
 from LiverTumorSegLib.imageio import check_ct, ct_warnings, write_volume
-from LiverTumorSegLib.registry import BUNDLED, DEFAULT_MODEL, model_files
+from LiverTumorSegLib.registry import BUNDLED, DEFAULT_MODEL, IMPORTABLE, model_files
 from LiverTumorSegSlicerLib import dependencies, mrml, panel, runner
 from LiverTumorSegSlicerLib.session import LiveResult
 
@@ -175,7 +175,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.timeout.connect(self.onPoll)
         ui = self.ui
         ui.inputVolumeSelector.addAttribute("vtkMRMLScalarVolumeNode", "LabelMap", "0")
-        for name in BUNDLED:
+        for name in [*BUNDLED, *(n for n in IMPORTABLE if self.logic.model_problem(n) is None)]:
             ui.modelSelector.addItem(name, name)
         ui.deviceSelector.addItem("auto", "auto")
         ui.deviceSelector.addItem("CPU", "cpu")
