@@ -324,7 +324,7 @@ def cmd_models(args) -> int:
                 card = read_card(f)
                 print(f"  {card['stage']}: {f}  metrics: {json.dumps(card.get('metrics', {}))}")
         except LiverTumorSegError as err:
-            print(f"  not available: {err}")
+            print(f"  {'not imported yet' if name in IMPORTABLE else 'not available'}: {err}")
     return 0
 
 
