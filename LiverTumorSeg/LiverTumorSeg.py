@@ -49,7 +49,7 @@ class LiverTumorSeg(ScriptedLoadableModule):
         self.parent.helpText = (
             "Segments the liver, liver tumors and cysts in a CT with a two-stage G-UNETR++ network, then lets you "
             "tune small-tumor dilation and the HU Gaussian cyst filter live, region by region. "
-            "Research use only; the bundled weights are trained on synthetic phantoms: not for clinical use.")
+            "Research use only; the bundled weights are trained on synthetic phantoms (and one real CT): not for clinical use.")
         self.parent.acknowledgementText = "G-UNETR++ (Lee et al.), UNETR++ (Shaker et al.); built on 3D Slicer, PyTorch and MONAI."
 
 

@@ -9,7 +9,7 @@ from .errors import ModelFileError
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 
 BUNDLED = {
-    "phantom-small": "Small G-UNETR++ pair trained on synthetic phantoms only. Not for clinical use.",
+    "phantom-small": "Small G-UNETR++ pair trained on synthetic phantoms and one real CT (LiTS 117, cropped). Not for clinical use.",
 }
 DEFAULT_MODEL = "phantom-small"
 IMPORTABLE = {
