@@ -1,6 +1,6 @@
 """LiverTumorSeg: liver, liver tumor and cyst segmentation on CT, with live post-processing.
 
-Widget = Qt only (copies ``LiverTumorSegSlicerLib.panel`` rules onto widgets); Logic = MRML only,
+Widget = Qt only (copies ``LiverTumorSegSlicer.panel`` rules onto widgets); Logic = MRML only,
 importable without Qt (tested on the PyPI package slicer-core); Test = the self-test, whose cases
 also run in CI. Data flows one way: volume node -> core (in a child process) -> labels + region
 table -> segments.
@@ -36,8 +36,8 @@ from slicer.util import VTKObservationMixin
 
 from LiverTumorSegLib.imageio import check_ct, ct_warnings, write_volume
 from LiverTumorSegLib.registry import BUNDLED, DEFAULT_MODEL, IMPORTABLE, model_files
-from LiverTumorSegSlicerLib import dependencies, mrml, panel, runner
-from LiverTumorSegSlicerLib.session import LiveResult
+from LiverTumorSegSlicer import dependencies, mrml, panel, runner
+from LiverTumorSegSlicer.session import LiveResult
 
 
 class LiverTumorSeg(ScriptedLoadableModule):

@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmark_postprocess import synthetic_case  # noqa: E402
 from LiverTumorSegLib.pipeline import Probabilities  # noqa: E402
 from LiverTumorSegLib.postprocess import PostParams  # noqa: E402
-from LiverTumorSegSlicerLib import mrml  # noqa: E402
-from LiverTumorSegSlicerLib.session import LiveResult  # noqa: E402
+from LiverTumorSegSlicer import mrml  # noqa: E402
+from LiverTumorSegSlicer.session import LiveResult  # noqa: E402
 
 
 def main() -> None:

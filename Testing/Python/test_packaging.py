@@ -11,9 +11,9 @@ FORBIDDEN = {"slicer", "qt", "ctk", "vtk", "PythonQt"}
 
 def test_every_core_python_file_is_listed_in_module_cmake():
     cmake = (REPO / "LiverTumorSeg" / "CMakeLists.txt").read_text(encoding="utf-8")
-    listed = set(re.findall(r"LiverTumorSeg(?:Slicer)?Lib/[\w/]+\.py", cmake))
+    listed = set(re.findall(r"(?:LiverTumorSegLib|LiverTumorSegSlicer)/[\w/]+\.py", cmake))
     on_disk = {p.relative_to(REPO / "LiverTumorSeg").as_posix()
-               for lib in (LIB, REPO / "LiverTumorSeg" / "LiverTumorSegSlicerLib") for p in lib.rglob("*.py")}
+               for lib in (LIB, REPO / "LiverTumorSeg" / "LiverTumorSegSlicer") for p in lib.rglob("*.py")}
     assert on_disk == listed
     assert "${MODULE_NAME}.py" in cmake and (REPO / "LiverTumorSeg" / "LiverTumorSeg.py").is_file()
     for resource in ("Resources/UI/${MODULE_NAME}.ui", "Resources/Icons/${MODULE_NAME}.png"):

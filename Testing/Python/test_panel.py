@@ -9,8 +9,8 @@ from conftest import REPO
 sys.path.insert(0, str(REPO / "LiverTumorSeg"))
 
 from LiverTumorSegLib.postprocess import PostParams  # noqa: E402
-from LiverTumorSegSlicerLib import dependencies, panel  # noqa: E402
-from LiverTumorSegSlicerLib.panel import PanelInputs, panel_view  # noqa: E402
+from LiverTumorSegSlicer import dependencies, panel  # noqa: E402
+from LiverTumorSegSlicer.panel import PanelInputs, panel_view  # noqa: E402
 
 
 def test_no_input_turns_the_button_off_with_every_reason():

@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO / "LiverTumorSeg"))
 from LiverTumorSegLib.imageio import read_labels, write_volume  # noqa: E402
 from LiverTumorSegLib.phantom import generate_case  # noqa: E402
 from LiverTumorSegLib.pipeline import Probabilities  # noqa: E402
-from LiverTumorSegSlicerLib.runner import ChildRun, Finished, Log, Progress, child_environment, segment_command  # noqa: E402
+from LiverTumorSegSlicer.runner import ChildRun, Finished, Log, Progress, child_environment, segment_command  # noqa: E402
 
 
 @pytest.fixture(scope="module")

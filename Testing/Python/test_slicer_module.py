@@ -37,7 +37,7 @@ def test_failed_run_leaves_the_scene_as_it_was(slicer_scene, monkeypatch):
 
     import LiverTumorSeg
     from LiverTumorSegLib.phantom import generate_case
-    from LiverTumorSegSlicerLib import mrml
+    from LiverTumorSegSlicer import mrml
 
     ct, _ = generate_case(7, spacing=(3.0, 3.0, 6.0), matrix=96)
     node = mrml.volume_node_from(slicer_scene, ct, "CT")

@@ -24,7 +24,7 @@ from LiverTumorSegLib.imageio import read_labels, read_volume  # noqa: E402
 from LiverTumorSegLib.phantom import generate_case  # noqa: E402
 from LiverTumorSegLib.terminology import SEGMENTS  # noqa: E402
 from LiverTumorSegLib.volume import Volume  # noqa: E402
-from LiverTumorSegSlicerLib import mrml  # noqa: E402
+from LiverTumorSegSlicer import mrml  # noqa: E402
 
 
 @pytest.fixture
@@ -198,7 +198,7 @@ def test_nodes_that_are_not_a_ct_are_refused(scene):
 def _lesion_case(scene, direction=np.eye(3)):
     """A phantom with tumors and cysts; the network output stands in as the truth's lesions."""
     from LiverTumorSegLib.pipeline import Probabilities
-    from LiverTumorSegSlicerLib.session import LiveResult
+    from LiverTumorSegSlicer.session import LiveResult
 
     ct, labels = generate_case(2006, spacing=(1.6, 1.6, 3.0), matrix=240, orientation=False)
     ct = Volume(ct.array, ct.spacing, ct.origin, direction)
@@ -238,7 +238,7 @@ def test_live_post_processing_writes_what_the_core_computes(scene):
 
 def test_settings_and_decisions_are_stored_on_the_node(scene):
     from LiverTumorSegLib.postprocess import PostParams
-    from LiverTumorSegSlicerLib.session import LiveResult, _stored_overrides, _stored_params
+    from LiverTumorSegSlicer.session import LiveResult, _stored_overrides, _stored_params
 
     live, _ = _lesion_case(scene)
     live.update(PostParams(cyst_threshold_hu=60.0, dilate_iterations=1))
@@ -301,7 +301,7 @@ def test_choices_settings_and_decisions_survive_scene_save_and_reload(scene, tmp
     import os
 
     from LiverTumorSegLib.postprocess import PostParams
-    from LiverTumorSegSlicerLib.session import _stored_overrides, _stored_params
+    from LiverTumorSegSlicer.session import _stored_overrides, _stored_params
 
     live, _ = _lesion_case(scene)
     live.update(PostParams(cyst_threshold_hu=70.0))
