@@ -90,11 +90,12 @@ def _card(stage: str, network: str, member: str, sha: str, voxel_size: list[floa
 
     if stage == "liver":
         pre = {"pipeline": "pyliverlesionseg liver stage (kulpipeline)", "voxel_size_mm": voxel_size,
-               "steps": "RAS array order; linear resampling to voxel_size/2, 3-voxel median filter, resampling to "
+               "steps": "their CT abdomen box (lung base + 70 mm to hip - 20 mm, the body in x and y, at most "
+                        "489 x 408 x 408 mm; the whole image, with a warning, where it finds no landmarks); RAS "
+                        "array order; linear resampling to voxel_size/2, 3-voxel median filter, resampling to "
                         "voxel_size; HU clipped to [-200, 200] -> [-0.5, 0.5]; one 189x162x162 patch centred on "
-                        "the image (zeros outside); p > 0.5, erosion, largest 6-connected component, dilation, "
-                        "linear resampling back (>= 0.5)",
-               "not_ported": "the abdomen-cropping heuristic (the patch covers 489 x 408 x 408 mm around the image centre)"}
+                        "the box (zeros outside); p > 0.5, erosion, largest 6-connected component, dilation, "
+                        "linear resampling back (>= 0.5), zero outside the box"}
     else:
         pre = {"pipeline": "pyliverlesionseg lesion stage (kulpipeline)", "voxel_size_mm": voxel_size,
                "steps": "HU clipped to [-200, 200] -> [-0.5, 0.5] on the CT grid; resampled to voxel_size; the liver "

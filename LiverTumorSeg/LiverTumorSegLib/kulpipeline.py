@@ -1,11 +1,13 @@
 """The two stages of pyliverlesionseg 0.3 with the ported networks (``kulunet``), on our volumes.
 
-Liver, as their package runs it on CT: the CT in RAS array order (x, y, z); resampled to
-1.5 mm, median-filtered (3 voxels), resampled to 3 mm (the voxel size stored in the weight file);
+Liver, as their package runs it on CT: the CT cropped to their abdomen box (``kulcrop``: lung
+base + 70 mm down to the hip - 20 mm, the body in x and y, at most 489 x 408 x 408 mm), in RAS
+array order (x, y, z); resampled to 1.5 mm, median-filtered (3 voxels), resampled to 3 mm (the voxel size stored in the weight file);
 HU clipped to [-200, 200] and mapped to [-0.5, 0.5]; one patch of 189 x 162 x 162 voxels centred
 on the image (zero outside it), its 163 x 136 x 136 output placed back, uncovered voxels given
 the nearest covered value; then p > 0.5, one erosion (3x3x3, 18-neighbourhood), the largest
-6-connected component, one dilation, and linear resampling back to the CT grid (>= 0.5).
+6-connected component, one dilation, linear resampling back to the box (>= 0.5), and zero
+outside the box.
 
 Lesions: HU clipped to [-200, 200] and mapped to [-0.5, 0.5] on the CT grid, resampled to
 1 x 1 x 3 mm (the lesion file's voxel size) with the liver mask (> 0.5 after resampling), the
@@ -14,10 +16,11 @@ to it; tiles of 180 x 172 x 86 voxels (zeros outside the crop) whose 92 x 84 x 4
 written in order, later tiles overwriting earlier ones (starts 0, O, 2O, ... and a last one
 flush with the end); p > 0.5, linear resampling back to the CT grid, any positive value kept.
 
-Differences, stated: their abdomen-cropping heuristic is not ported (the patch is centred on the
-whole image, which covers 489 x 408 x 408 mm: enough for an abdominal CT, not for a whole-body
-one), and resampling is our separable linear interpolation, not pymirc's ``zoom3d`` (which also
-darkens the edge voxels).
+Differences, stated: where their crop heuristic would fail (no lungs in the field of view, no
+bone profile) the whole image is used and a warning says why; when the liver reaches the box's
+lower face (their hip rule misfires on CTs without the pelvis) the box is widened down to the
+408 mm cap and the stage rerun, with a warning; resampling is our separable
+linear interpolation, not pymirc's ``zoom3d`` (which also darkens the edge voxels).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .kulcrop import CropRules, abdomen_box
 from .kulunet import LESION, LIVER, KULUNet
 from .orientation import to_canonical
 from .preprocess import resize
@@ -111,13 +115,42 @@ def liver_postprocess(prob: np.ndarray, out_shape) -> np.ndarray:
     return out
 
 
-def segment_liver(volume: Volume, net: KULUNet, voxel_mm: float = 3.0) -> np.ndarray:
-    """The liver mask (bool, k, j, i) of a CT volume."""
+def ras_box(lps_box, shape) -> tuple[slice, slice, slice]:
+    """A box in LPS index order as a box of the RAS-ordered array (x and y counted from the end)."""
+    x, y, z = lps_box
+    return slice(shape[0] - x.stop, shape[0] - x.start), slice(shape[1] - y.stop, shape[1] - y.start), z
+
+
+def segment_liver(volume: Volume, net: KULUNet, voxel_mm: float = 3.0, warnings: list | None = None) -> np.ndarray:
+    """The liver mask (bool, k, j, i) of a CT volume; crop fallbacks are appended to ``warnings``."""
     if net.cfg is not LIVER:
         raise ValueError("segment_liver needs the liver network")
+    notes = warnings if warnings is not None else []
     hu, spacing, reorient = ras_array(volume)
-    prob = centred_patch_probability(net, liver_input(hu, spacing, voxel_mm))
-    return from_ras(liver_postprocess(prob, hu.shape), reorient)
+    found = abdomen_box(np.flip(hu, (0, 1)), spacing)
+    if found.fallback:
+        notes.append(f"pyliverlesionseg abdomen box not found ({found.fallback}): the liver network saw the whole image")
+    box = ras_box(found.box, hu.shape)
+    liver = _liver_in_box(net, hu, spacing, box, voxel_mm)
+    z = box[2]
+    start = max(0, z.stop - int(CropRules().max_mm[2] / spacing[2]))
+    if start < z.start and liver[:, :, z.start].any():
+        # (ours) their hip rule expects the pelvis in the field of view; without it the box can cut the
+        # liver (measured: HCC-TACE-Seg HCC_048 loses 340 of 1391 mL). Widen down to the 408 mm cap.
+        notes.append(f"the liver reached the lower face of the pyliverlesionseg abdomen box (slice {z.start}); "
+                     f"rerun with the box widened down to slice {start}")
+        box = (box[0], box[1], slice(start, z.stop))
+        liver = _liver_in_box(net, hu, spacing, box, voxel_mm)
+    return from_ras(liver, reorient)
+
+
+def _liver_in_box(net: KULUNet, hu: np.ndarray, spacing, box, voxel_mm: float) -> np.ndarray:
+    """Their liver stage on ``hu[box]`` (RAS order), placed in a mask of the whole image."""
+    crop = hu[box]
+    prob = centred_patch_probability(net, liver_input(crop, spacing, voxel_mm))
+    mask = np.zeros(hu.shape, bool)
+    mask[box] = liver_postprocess(prob, crop.shape)
+    return mask
 
 
 def _normalise_ct(hu: np.ndarray) -> np.ndarray:

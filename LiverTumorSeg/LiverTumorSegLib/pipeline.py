@@ -179,10 +179,11 @@ def segment(
     timings = {}
     prog = _Progress(progress)
     prog.message(0.01, "Stage 1: liver")
+    notes: list[str] = []
 
     t = time.perf_counter()
     if is_imported(liver_model):  # pyliverlesionseg's liver stage, on the volume's own grid
-        liver = reorient.to_canonical(kulpipeline.segment_liver(volume, liver_model.net))
+        liver = reorient.to_canonical(kulpipeline.segment_liver(volume, liver_model.net, warnings=notes))
         liver_u8, tiles1 = np.where(liver, 255, 0).astype(np.uint8), 1
     else:
         img = liver_stage_input(hu, spacing, liver_model.card["preprocessing"])
@@ -233,6 +234,6 @@ def segment(
         "voxels": {"liver": int((labels == LABEL_LIVER).sum() + (labels == LABEL_TUMOR).sum()), "tumor": int((labels == LABEL_TUMOR).sum())},
         "voxel_volume_ml": float(np.prod(volume.spacing)) / 1000.0,
         "liver_found": bool(liver.any()),
-        "warnings": [] if liver.any() else [NO_LIVER],
+        "warnings": notes + ([] if liver.any() else [NO_LIVER]),
     }
     return Result(labels, probs, report)

@@ -6,7 +6,10 @@ The network is used only to download the wheel, once: it is cached in $LIVERTUMO
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +18,7 @@ import pytest
 from LiverTumorSegLib.cli import main
 from LiverTumorSegLib.errors import ModelFileError
 from LiverTumorSegLib.imageio import read_labels, read_volume
-from LiverTumorSegLib.importer import CITATION, import_pyliverlesionseg
+from LiverTumorSegLib.importer import CITATION, WHEEL, WHEEL_SHA256, download_wheel, import_pyliverlesionseg
 from LiverTumorSegLib.metrics import dice
 from LiverTumorSegLib.modelfile import load_model, read_card
 
@@ -41,6 +44,57 @@ def imported():
             os.environ.pop("LIVERTUMORSEG_HOME", None)
         else:
             os.environ["LIVERTUMORSEG_HOME"] = previous
+
+
+@pytest.fixture(scope="module")
+def wheel() -> Path:
+    """The pyliverlesionseg 0.3 wheel (sha256 checked), downloaded once into the test cache."""
+    path = CACHE / WHEEL
+    if not path.is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        try:
+            download_wheel(CACHE)
+        except ModelFileError as err:
+            if os.environ.get("CI") != "true":
+                pytest.skip(f"pyliverlesionseg could not be downloaded (offline?): {err}")
+            raise
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == WHEEL_SHA256
+    return path
+
+
+def their_crop_ct_image(wheel: Path):
+    """Their ``crop_ct_image``, compiled from the wheel (run here as the reference, not shipped).
+
+    Only ``find_objects`` is adapted: SciPy >= 1.11 refuses the boolean arrays their code passes.
+    """
+    from scipy import ndimage, signal
+
+    source = zipfile.ZipFile(wheel).read("pyliverlesionseg/cnn_liver_lesion_seg_CT_MR_functions.py").decode("utf-8")
+    func = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "crop_ct_image")
+    namespace = {
+        "np": np, "convolve": signal.convolve, "argrelextrema": signal.argrelextrema, "label": ndimage.label,
+        "binary_erosion": ndimage.binary_erosion, "binary_opening": ndimage.binary_opening,
+        "labeled_comprehension": ndimage.labeled_comprehension,
+        "find_objects": lambda a, *rest: ndimage.find_objects(np.asarray(a).astype(np.int32), *rest),
+    }
+    exec(compile(ast.Module([func], []), "crop_ct_image", "exec"), namespace)
+    return namespace["crop_ct_image"]
+
+
+@pytest.mark.parametrize("case", ["hcc-tace-seg-hcc048/ct.nii.gz", "lits-volume0-ct/ct.nii.gz",
+                                  "totalseg-example/example_ct_sm.nii.gz"])
+def test_our_abdomen_box_is_theirs_on_real_ct(wheel, shared_data, case):
+    from LiverTumorSegLib.kulcrop import abdomen_box
+    from LiverTumorSegLib.kulpipeline import ras_array
+
+    hu, spacing, _ = ras_array(read_volume(shared_data(case)))
+    lps = np.ascontiguousarray(np.flip(hu, (0, 1)))  # their input: LPS index order, z toward the head
+    theirs = their_crop_ct_image(wheel)(lps, spacing, size_mm_max=[489, 408, 408], tissue_th=-150, lung_th=-600,
+                                        bone_th=500, bone_hip_ratio=0.7, liver_height_max=400,
+                                        liver_dome_margin_mm=70.0, hip_margin_mm=20.0)
+    ours = abdomen_box(lps, spacing)
+    assert ours.fallback is None
+    assert [(int(s.start), int(s.stop)) for s in ours.box] == [(int(s.start), int(s.stop)) for s in theirs]
 
 
 def test_import_writes_full_cards_and_a_second_call_does_nothing(imported):
