@@ -138,3 +138,19 @@ def test_imported_liver_network_pseudo_labels_an_unlabelled_real_ct(imported, sh
     labels = read_labels(out / "example_ct_sm_label.nii.gz", read_volume(out / "example_ct_sm_ct.nii.gz")).array
     reference = read_labels(shared_data("totalseg-example/example_seg.nii.gz"), read_volume(ct_file)).array == 5
     assert set(np.unique(labels)) == {0, 1} and dice(labels == 1, reference) > 0.85
+
+
+def test_a_liver_cut_by_their_box_is_segmented_again_in_a_taller_box(imported, shared_data):
+    """HCC_048 has no pelvis in view: their hip rule puts the box's lower face through the liver."""
+    from LiverTumorSegLib.kulcrop import abdomen_box
+    from LiverTumorSegLib.kulpipeline import ras_array, segment_liver
+
+    ct = read_volume(shared_data("hcc-tace-seg-hcc048/ct.nii.gz"))
+    hu, spacing, reorient = ras_array(ct)
+    their_z = abdomen_box(np.flip(hu, (0, 1)), spacing).box[2]
+    notes = []
+    liver = segment_liver(ct, load_model(imported / "liver.ltsm", stage="liver").net, warnings=notes)
+    assert len(notes) == 1 and "lower face" in notes[0] and f"slice {their_z.start}" in notes[0]
+    liver_z = np.flatnonzero(reorient.to_canonical(liver).any(axis=(1, 2)))  # canonical: axis 0 is z, feet first
+    assert liver_z[0] < their_z.start - 10 and liver_z[-1] < their_z.stop  # the liver goes on below their box
+    assert 1000 < liver.sum() * np.prod(ct.spacing) / 1000 < 2500  # mL: one whole liver
