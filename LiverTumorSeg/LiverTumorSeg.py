@@ -34,10 +34,11 @@ except ImportError:  # Slicer's MRML libraries alone (slicer-core): Logic and Te
     ScriptedLoadableModuleTest = unittest.TestCase
 from slicer.util import VTKObservationMixin
 
+# Only what Slicer itself provides (numpy, SimpleITK, MRML) is imported here: the module must load
+# before the core's other packages (torch, cc3d, MONAI, ...) are installed. ``finish`` imports the rest.
 from LiverTumorSegLib.imageio import check_ct, ct_warnings, write_volume
 from LiverTumorSegLib.registry import BUNDLED, DEFAULT_MODEL, IMPORTABLE, model_files
 from LiverTumorSegSlicer import dependencies, mrml, panel, runner
-from LiverTumorSegSlicer.session import LiveResult
 
 
 class LiverTumorSeg(ScriptedLoadableModule):
@@ -61,7 +62,9 @@ class LiverTumorSegLogic(ScriptedLoadableModuleLogic):
 
     ``start`` -> poll ``run`` (or ``wait``) -> ``finish`` creates/updates the segmentation node and
     returns a ``LiveResult`` whose ``update``/``set_decision`` re-run only the post-processing.
-    A failed or cancelled run leaves the scene exactly as it was.
+    A failed or cancelled run leaves the scene exactly as it was. If writing would overwrite
+    segments the user edited, ``finish`` raises ``mrml.EditedSegmentsError`` and keeps the result
+    pending: ``finish(..., overwrite_edited=True)`` writes it, ``discard`` drops it.
     """
 
     def __init__(self):
@@ -70,6 +73,7 @@ class LiverTumorSegLogic(ScriptedLoadableModuleLogic):
         self.run: runner.ChildRun | None = None
         self.work_dir: Path | None = None
         self.live: LiveResult | None = None
+        self.pending: tuple[LiveResult, bool] | None = None  # (result, node created for it) awaiting an answer
 
     @staticmethod
     def input_problem(volume_node) -> str | None:
@@ -96,12 +100,16 @@ class LiverTumorSegLogic(ScriptedLoadableModuleLogic):
         """Write the CT to a temporary folder and start the child process on it."""
         volume = mrml.volume_from_node(volume_node)
         check_ct(volume)
-        self.cleanup()
+        self.discard()
         self.work_dir = Path(tempfile.mkdtemp(prefix="LiverTumorSeg-"))
-        ct_file = write_volume(volume, self.work_dir / "ct.nrrd")
-        cmd = runner.segment_command(python or runner.python_for_child(), ct_file, self.work_dir,
-                                     model=model, device=device, fast=fast)
-        self.run = runner.ChildRun(cmd, env=runner.child_environment(runner.default_threads()))
+        try:
+            ct_file = write_volume(volume, self.work_dir / "ct.nrrd")
+            cmd = runner.segment_command(python or runner.python_for_child(), ct_file, self.work_dir,
+                                         model=model, device=device, fast=fast)
+            self.run = runner.ChildRun(cmd, env=runner.child_environment(runner.default_threads()))
+        except Exception:
+            self.cleanup()
+            raise
         return self.run
 
     def warnings(self, volume_node) -> list[str]:
@@ -109,28 +117,58 @@ class LiverTumorSegLogic(ScriptedLoadableModuleLogic):
 
     def finish(self, volume_node, seg_node=None, *, overwrite_edited: bool = False) -> LiveResult:
         """Bring the finished run's output into the scene (a new segmentation node unless one is given)."""
+        if self.pending is None:
+            self.pending = self._read_result(volume_node, seg_node)
+        live, created = self.pending
+        try:
+            live.update(overwrite_edited=overwrite_edited)
+        except mrml.EditedSegmentsError:
+            raise  # still pending: the caller asks the user
+        except Exception:
+            self.discard()
+            raise
+        self.pending, self.live = None, live
+        return live
+
+    def _read_result(self, volume_node, seg_node) -> tuple[LiveResult, bool]:
+        from LiverTumorSegSlicer.session import LiveResult  # needs the core's packages (torch, cc3d)
+
         if self.work_dir is None or not (self.work_dir / "labels.nii.gz").is_file():
             raise RuntimeError("No finished segmentation to load.")
+        if self.live is not None:  # stores its fingerprints, so the new writer sees the user's edits
+            self.live.close()
+            self.live = None
         created = seg_node is None
         if created:
             seg_node = mrml.create_segmentation_node(volume_node)
         try:
-            if self.live is not None:
-                self.live.close()
-            self.live = LiveResult.from_folder(volume_node, seg_node, self.work_dir)
-            self.live.update(overwrite_edited=overwrite_edited)
+            return LiveResult.from_folder(volume_node, seg_node, self.work_dir), created
         except Exception:
             if created:
                 volume_node.GetScene().RemoveNode(seg_node)
             raise
         finally:
             self.cleanup()
-        return self.live
+
+    def discard(self) -> None:
+        """Drop a pending result (the user kept their edits) and the temporary folder."""
+        if self.pending is not None:
+            live, created = self.pending
+            live.close()
+            if created:
+                live.seg_node.GetScene().RemoveNode(live.seg_node)
+            self.pending = None
+        self.cleanup()
 
     def segment(self, volume_node, seg_node=None, *, timeout: float | None = None, **options) -> LiveResult:
         """Blocking: start, wait, finish (scripts and self-tests)."""
         self.start(volume_node, **options)
-        done = self.run.wait(timeout)[-1]
+        try:
+            done = self.run.wait(timeout)[-1]
+        except BaseException:  # a timeout (or an interrupt): stop the child, remove its folder
+            self.cancel()
+            self.cleanup()
+            raise
         if done.returncode != 0:
             self.cleanup()
             raise RuntimeError(done.error or "segmentation cancelled")
@@ -179,8 +217,8 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.modelSelector.addItem(name, name)
         ui.deviceSelector.addItem("auto", "auto")
         ui.deviceSelector.addItem("CPU", "cpu")
-        for label in _cuda_devices():
-            ui.deviceSelector.addItem(label, "cuda")
+        for label, device in _cuda_devices():
+            ui.deviceSelector.addItem(label, device)
         ui.regionTable.setColumnCount(len(panel.REGION_COLUMNS))
         ui.regionTable.setHorizontalHeaderLabels(list(panel.REGION_COLUMNS))
         ui.regionTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
@@ -243,6 +281,9 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.logic.live.writer.flush_fingerprints()
 
     def onSceneEndClose(self, *_):
+        if self.logic.run is not None and self.logic.run.running():  # its volume is gone
+            self.logic.cancel()
+        self.logic.discard()
         if self.logic.live is not None:
             self.logic.live.close()
             self.logic.live = None
@@ -250,9 +291,11 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateView()
 
     def cleanup(self):
+        if self.timer is not None:
+            self.timer.stop()
         if self.logic is not None:
             self.logic.cancel()
-            self.logic.cleanup()
+            self.logic.discard()
         self.removeObservers()
 
     # ------------------------------------------------------------ state
@@ -329,22 +372,32 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.updateView()
 
     def onFinished(self, event):
-        volume = self.ui.inputVolumeSelector.currentNode()
         if event.cancelled or event.returncode != 0:
             self.logic.cleanup()
             self.ui.statusLabel.text = "Cancelled; the scene is unchanged." if event.cancelled else f"Failed: {event.error}"
             if not event.cancelled:
                 self.ui.logCollapsibleButton.collapsed = False
             return
+        volume, seg = self.ui.inputVolumeSelector.currentNode(), self.ui.outputSegmentationSelector.currentNode()
         try:
-            live = self.logic.finish(volume, self.ui.outputSegmentationSelector.currentNode())
-        except mrml.EditedSegmentsError as err:
-            if not slicer.util.confirmOkCancelDisplay(f"{err} Replace them?"):
-                self.logic.cleanup()
-                self.ui.statusLabel.text = "Kept your edits; the new result was not written."
-                return
-            live = self.logic.finish(volume, self.ui.outputSegmentationSelector.currentNode(), overwrite_edited=True)
+            try:
+                live = self.logic.finish(volume, seg)
+            except mrml.EditedSegmentsError as err:
+                if not slicer.util.confirmOkCancelDisplay(f"{err} Replace them?"):
+                    self.logic.discard()
+                    self.ui.statusLabel.text = "Kept your edits; the new result was not written."
+                    return
+                live = self.logic.finish(volume, seg, overwrite_edited=True)
+        except Exception as err:  # noqa: BLE001 - e.g. the volume was removed during the run
+            self.logic.discard()
+            self.ui.statusLabel.text = f"Failed to load the result: {err}"
+            self.ui.logText.appendPlainText(f"error: {err}")
+            self.ui.logCollapsibleButton.collapsed = False
+            return
+        finally:
+            self.updateView()
         self.ui.outputSegmentationSelector.setCurrentNode(live.seg_node)
+        self.showSettings(live.params)
         self.ui.statusLabel.text = panel.status_line(live.report)
         self.showRegions()
 
@@ -370,10 +423,14 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if not slicer.util.confirmOkCancelDisplay(
                     f"LiverTumorSeg needs these Python packages: {', '.join(rest)}. Install them now?"):
                 return False
-            constraints = Path(tempfile.mkdtemp(prefix="LiverTumorSeg-pip-")) / "constraints.txt"
-            constraints.write_text(dependencies.constraints_text(), encoding="utf-8")
-            with slicer.util.WaitCursor():
-                slicer.util.pip_install(dependencies.pip_arguments(rest, constraints))
+            folder = Path(tempfile.mkdtemp(prefix="LiverTumorSeg-pip-"))
+            try:
+                constraints = folder / "constraints.txt"
+                constraints.write_text(dependencies.constraints_text(), encoding="utf-8")
+                with slicer.util.WaitCursor():
+                    slicer.util.pip_install(dependencies.pip_arguments(rest, constraints))
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
         self.onInputsChanged()
         return not dependencies.missing()
 
@@ -385,7 +442,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         ui = self.ui
         params = panel.params_from_controls(
-            dilate_iterations=ui.dilateIterationsSpinBox.value, dilate_max_area_px=ui.dilateMaxAreaSpinBox.value,
+            live.params, dilate_iterations=ui.dilateIterationsSpinBox.value, dilate_max_area_px=ui.dilateMaxAreaSpinBox.value,
             cyst_filter=ui.cystFilterCheckBox.checked, cyst_threshold_hu=ui.cystThresholdSlider.value)
         ui.cystThresholdSlider.enabled = params.cyst_filter
         self._guarded(lambda overwrite: live.update(params, overwrite_edited=overwrite))
@@ -395,14 +452,30 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if live is not None and region is not None:
             self._guarded(lambda overwrite: live.set_decision(region, decision, overwrite_edited=overwrite))
 
-    def _guarded(self, change):
-        """Run a change; if it would overwrite the user's edits, ask first."""
+    def showSettings(self, params):
+        """Put post-processing settings (e.g. restored from the node) onto the controls, silently."""
+        values, ui, self._updating = panel.controls_from_params(params), self.ui, True
         try:
-            change(False)
-        except mrml.EditedSegmentsError as err:
-            if not slicer.util.confirmOkCancelDisplay(f"{err} Replace them?"):
-                return
-            change(True)
+            ui.dilateIterationsSpinBox.value = values["dilate_iterations"]
+            ui.dilateMaxAreaSpinBox.value = values["dilate_max_area_px"]
+            ui.cystFilterCheckBox.checked = values["cyst_filter"]
+            ui.cystThresholdSlider.value = values["cyst_threshold_hu"]
+            ui.cystThresholdSlider.enabled = values["cyst_filter"]
+        finally:
+            self._updating = False
+
+    def _guarded(self, change):
+        """Run a change; if it would overwrite the user's edits, ask first. Refused: nothing changes."""
+        try:
+            try:
+                change(False)
+            except mrml.EditedSegmentsError as err:
+                if not slicer.util.confirmOkCancelDisplay(f"{err} Replace them?"):
+                    self.showSettings(self.logic.live.params)  # the controls go back to what is shown
+                    return
+                change(True)
+        except Exception as err:  # noqa: BLE001 - shown, never a traceback in a slot
+            slicer.util.errorDisplay(f"Post-processing failed: {err}")
         self.showRegions()
 
     def showRegions(self):
@@ -441,12 +514,12 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         slicer.modules.plots.logic().ShowChartInLayout(chart)
 
 
-def _cuda_devices() -> list[str]:
-    """'CUDA: <GPU name>' per visible GPU (none without torch or a GPU)."""
+def _cuda_devices() -> list[tuple[str, str]]:
+    """('CUDA N: <GPU name>', 'cuda:N') per visible GPU (none without torch or a GPU)."""
     try:
         import torch
 
-        return [f"CUDA: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+        return [(f"CUDA {i}: {torch.cuda.get_device_name(i)}", f"cuda:{i}") for i in range(torch.cuda.device_count())]
     except Exception:  # noqa: BLE001 - no torch yet, or no driver
         return []
 

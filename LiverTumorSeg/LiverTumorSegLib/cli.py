@@ -18,6 +18,14 @@ LABEL_EXTS = (".nii.gz", ".nii", ".nrrd", ".mha")
 INPUT_EXTS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
+
+def device_arg(text: str) -> str:
+    """--device: auto, cpu, cuda or cuda:N (N a GPU index); ``devices.resolve_device`` checks the GPU."""
+    head, _, index = text.partition(":")
+    if text in ("auto", "cpu", "cuda") or (head == "cuda" and index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"'{text}' is not auto, cpu, cuda or cuda:N")
+
 def extension_of(path: Path, exts) -> str | None:
     name = path.name.lower()
     if name.endswith(".seg.nrrd"):
@@ -340,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="phantom-small", help="model name (bundled, or imported: pyliverlesionseg) or a folder with liver.ltsm and tumor.ltsm")
     s.add_argument("--liver-model", help="stage 1 from this .ltsm file or model name instead (e.g. pyliverlesionseg)")
     s.add_argument("--tumor-model", help="stage 2 from this .ltsm file or model name instead")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda|cuda:N")
     s.add_argument("--fast", action="store_true", help="fewer tiles (step 1.0) and bf16 where the CPU has it")
     s.add_argument("--report", help="write a JSON report (device, timings, tiles, models)")
     s.add_argument("--probabilities", help="cache the network output (.npz) for later post-processing")
@@ -372,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="with --model: data set layout")
     s.add_argument("--split", type=Path, help="with --model: split file (default: the model folder's split.json, else all cases)")
     s.add_argument("--part", default="test", choices=["train", "val", "test"], help="with --model: which part of the split (default test)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda|cuda:N")
     s.add_argument("--fast", action="store_true", help="with --model: fewer tiles (step 1.0)")
     s.add_argument("-o", "--out", required=True, type=Path, help="folder for metrics.csv, summary.md, summary.json and boxplot.png")
     s.add_argument("--overwrite", action="store_true")
@@ -382,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--out", default="demo-output", type=Path)
     s.add_argument("--ct", help="segment this CT instead of a phantom")
     s.add_argument("--model", default="phantom-small")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda|cuda:N")
     s.add_argument("--fast", action="store_true")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_demo)
@@ -404,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, type=Path, help="run folder")
     s.add_argument("--split", type=Path, help="split file (train/val/test case names); default: the run folder's, else a new one")
     s.add_argument("--epochs", type=int, help="override the config's number of epochs")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda|cuda:N")
     s.add_argument("--init", type=Path, help="fine-tune: start from this model file's weights (same network configuration)")
     s.add_argument("--name", help="model name in the card (default: <run folder>-<stage>)")
     s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
@@ -418,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--liver-model", help="stage 1 from this file or model name instead")
     s.add_argument("--tumor-model", help="stage 2 from this file or model name instead")
     s.add_argument("--with-tumors", action="store_true", help="also label lesions (default: liver only)")
-    s.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    s.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda|cuda:N")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_pseudolabel)
 

@@ -12,13 +12,16 @@ from .errors import LiverTumorSegError
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """'auto' -> CUDA when PyTorch sees a GPU, else CPU; 'cuda' without a GPU is an error."""
+    """'auto' -> CUDA when PyTorch sees a GPU, else CPU; 'cuda' or 'cuda:N' without that GPU is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    head, _, index = device.partition(":")
+    if not (device in ("cpu", "cuda") or (head == "cuda" and index.isdigit())):
+        raise LiverTumorSegError(f"Unknown device '{device}': use auto, cpu, cuda or cuda:N.")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise LiverTumorSegError("--device cuda was asked for, but PyTorch sees no CUDA GPU (CPU-only build or no driver). Use --device cpu or auto.")
-    if device not in ("cpu",) and not device.startswith("cuda"):
-        raise LiverTumorSegError(f"Unknown device '{device}': use auto, cpu or cuda.")
+        raise LiverTumorSegError(f"--device {device} was asked for, but PyTorch sees no CUDA GPU (CPU-only build or no driver). Use --device cpu or auto.")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise LiverTumorSegError(f"--device {device}: PyTorch sees {torch.cuda.device_count()} GPU(s), numbered from 0.")
     return torch.device(device)
 
 

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
-import slicerio
-from slicerio.segmentation import terminology_entry_from_string
 
 from .errors import InputError, OutputError
 from .terminology import SEGMENTS
@@ -65,6 +63,8 @@ def read_labels(path, reference: Volume | None = None) -> Volume:
 
 
 def _read_seg_nrrd(path: Path) -> Volume:
+    import slicerio  # here, not at the top: Slicer imports this module before its packages are installed
+
     if not path.exists():
         raise InputError(f"'{path}' does not exist; check the path.")
     try:
@@ -336,6 +336,9 @@ def write_seg_nrrd(labels: np.ndarray, reference: Volume, path, *, overwrite: bo
     Every segment of ``terminology.SEGMENTS`` is written (empty or not), in one layer, with its
     fixed ID, name, colour and terminology; its label value in the file equals ours.
     """
+    import slicerio  # here, not at the top: Slicer imports this module before its packages are installed
+    from slicerio.segmentation import terminology_entry_from_string
+
     path, suffix = _output_path(path, (SEG_SUFFIX,), overwrite)
     voxels = _as_uint8_labels(labels, reference).transpose(2, 1, 0)  # slicerio indexes (i, j, k)
     top = max(spec["label"] for spec in SEGMENTS)

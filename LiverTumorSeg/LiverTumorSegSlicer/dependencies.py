@@ -20,6 +20,7 @@ REQUIREMENTS = {  # import name -> pip requirement (as pyproject.toml)
     "scipy": "scipy>=1.10",
     "tqdm": "tqdm>=4.60",
     "matplotlib": "matplotlib>=3.7",
+    "h5py": "h5py>=3.8",
 }
 PROTECTED = ("numpy", "SimpleITK", "requests", "torch")  # Slicer's own, or the PyTorch extension's
 

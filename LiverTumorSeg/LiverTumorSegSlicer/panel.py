@@ -3,15 +3,13 @@ post-processing controls mean. The Qt widget only copies these values onto its w
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
-from LiverTumorSegLib.postprocess import PostParams
-
 SEGMENT_TEXT, CANCEL_TEXT = "Segment tumors", "Cancel"
-DILATE_ITERATIONS = (0, 3)
+DILATE_ITERATIONS = (0, 3)  # postprocess.MAX_DILATE_ITERATIONS is the upper bound (tested)
 DILATE_MAX_AREA_PX = (0, 1000)
 CYST_THRESHOLD_HU = (-20.0, 120.0)
-DEFAULTS = PostParams()
 
 
 @dataclass(frozen=True)
@@ -20,7 +18,6 @@ class PanelInputs:
 
     volume_problem: str | None = "Select a CT volume."
     model_problem: str | None = None
-    device_problem: str | None = None
     missing_packages: tuple[str, ...] = ()
     running: bool = False
     has_result: bool = False
@@ -42,7 +39,7 @@ def panel_view(state: PanelInputs) -> PanelView:
     if state.running:
         return PanelView(CANCEL_TEXT, True, "Stop the segmentation (the scene is left as it was).",
                          inputs_enabled=False, postprocessing_enabled=False, progress_visible=True)
-    reasons = [r for r in (state.volume_problem, state.model_problem, state.device_problem) if r]
+    reasons = [r for r in (state.volume_problem, state.model_problem) if r]
     tooltip = "\n".join(reasons) if reasons else "Segment the liver, liver tumors and cysts in the selected CT."
     if state.missing_packages and not reasons:
         tooltip += f"\nFirst asks to install: {', '.join(state.missing_packages)}."
@@ -55,15 +52,23 @@ def _clamp(value, bounds):
     return min(max(value, lo), hi)
 
 
-def params_from_controls(*, dilate_iterations: int, dilate_max_area_px: int, cyst_filter: bool,
-                         cyst_threshold_hu: float) -> PostParams:
-    """Post-processing settings from the panel's controls (clamped to their ranges)."""
-    return PostParams(
+def params_from_controls(current, *, dilate_iterations: int, dilate_max_area_px: int, cyst_filter: bool,
+                         cyst_threshold_hu: float):
+    """``current`` (a ``PostParams``) with the panel's controls (clamped to their ranges); the
+    settings the panel does not show (bin width, smoothing, ...) are kept."""
+    return dataclasses.replace(
+        current,
         cyst_filter=bool(cyst_filter),
         cyst_threshold_hu=float(_clamp(cyst_threshold_hu, CYST_THRESHOLD_HU)),
         dilate_iterations=int(_clamp(dilate_iterations, DILATE_ITERATIONS)),
         dilate_max_area_px=int(_clamp(dilate_max_area_px, DILATE_MAX_AREA_PX)),
     )
+
+
+def controls_from_params(params) -> dict:
+    """The control values that show ``params`` (a ``PostParams``): the inverse of ``params_from_controls``."""
+    return {"dilate_iterations": params.dilate_iterations, "dilate_max_area_px": params.dilate_max_area_px,
+            "cyst_filter": params.cyst_filter, "cyst_threshold_hu": params.cyst_threshold_hu}
 
 
 REGION_COLUMNS = ("Region", "Volume (mL)", "Fitted mean (HU)", "Decision", "Why")

@@ -3,7 +3,9 @@ post-processing, and the segmentation node it keeps up to date (MRML, no Qt).
 
 Moving a slider calls ``update``: the core re-derives labels from its cache (no network) and
 ``SegmentWriter`` rewrites only the segments that changed. Settings and manual decisions are
-stored on the segmentation node, so they are saved with the scene.
+stored on the segmentation node, so they are saved with the scene. A new run into the same node
+keeps the settings but starts with no manual decisions: region numbers belong to one run.
+A change the user refuses (it would overwrite their edits) leaves everything as it was.
 """
 
 from __future__ import annotations
@@ -35,9 +37,9 @@ class LiveResult:
         self.processor = PostProcessor(self.volume, raw_labels, probabilities.tumor_full())
         self.writer = mrml.SegmentWriter(seg_node, volume_node)
         self.params = _stored_params(seg_node)
-        self.overrides = _stored_overrides(seg_node, self.processor.region_ids)
+        self.overrides: dict[int, str] = {}
+        self._applied: dict[int, str] = {}  # the decisions the node shows
         self.labels, self.rows = None, []
-        self._buffer = None  # the labels array the core updates in place
 
     @classmethod
     def from_folder(cls, volume_node, seg_node, folder: Path) -> "LiveResult":
@@ -50,28 +52,36 @@ class LiveResult:
 
     def update(self, params: PostParams | None = None, *, overwrite_edited: bool = False) -> list[str]:
         """Apply ``params`` (default: the current ones) and the manual decisions; returns the
-        rewritten segment IDs. ``mrml.EditedSegmentsError`` when it would overwrite user edits."""
+        rewritten segment IDs. ``mrml.EditedSegmentsError`` when it would overwrite user edits
+        (then nothing changes)."""
         params = params or self.params
-        labels, rows = self.processor.apply(params, self.overrides, out=self._buffer)
-        self._buffer = labels
-        changed = self.writer.write(labels, box=self.processor.active_box or (slice(0, 0),) * 3,
-                                    overwrite_edited=overwrite_edited)
-        self.params, self.labels, self.rows = params, labels, rows
+        labels, rows = self.processor.apply(params, self.overrides, out=self.labels)
+        try:
+            changed = self.writer.write(labels, box=self.processor.active_box or (slice(0, 0),) * 3,
+                                        overwrite_edited=overwrite_edited)
+        except Exception:
+            if self.labels is not None:  # the core wrote into the shown labels: put them back
+                self.processor.apply(self.params, self._applied, out=self.labels)
+            raise
+        self.params, self.labels, self.rows, self._applied = params, labels, rows, dict(self.overrides)
         self.seg_node.SetAttribute(PARAMS_ATTRIBUTE, json.dumps(dataclasses.asdict(params)))
+        self.seg_node.SetAttribute(OVERRIDES_ATTRIBUTE, json.dumps({str(k): v for k, v in self.overrides.items()}))
         return changed
 
     def set_decision(self, region_id: int, decision: str | None, *, overwrite_edited: bool = False) -> list[str]:
         """Flip a region by hand ('tumor' or 'cyst'), or give it back to the filter (None)."""
+        if decision not in (None, "tumor", "cyst"):
+            raise ValueError(f"a region is 'tumor' or 'cyst', not {decision!r}")
+        previous = dict(self.overrides)
         if decision is None:
             self.overrides.pop(region_id, None)
         else:
-            if decision not in ("tumor", "cyst"):
-                raise ValueError(f"a region is 'tumor' or 'cyst', not {decision!r}")
             self.overrides[region_id] = decision
         try:
             return self.update(overwrite_edited=overwrite_edited)
-        finally:
-            self.seg_node.SetAttribute(OVERRIDES_ATTRIBUTE, json.dumps({str(k): v for k, v in self.overrides.items()}))
+        except Exception:
+            self.overrides = previous
+            raise
 
     def region_centre_ras(self, region_id: int) -> tuple[float, float, float]:
         """Where to centre the slice views on a region (RAS mm, in the volume's own frame)."""
@@ -138,12 +148,3 @@ def _stored_params(seg_node) -> PostParams:
         return PostParams(**{k: v for k, v in json.loads(text).items() if k in known})
     except (ValueError, TypeError):
         return PostParams()
-
-
-def _stored_overrides(seg_node, region_ids) -> dict[int, str]:
-    text = seg_node.GetAttribute(OVERRIDES_ATTRIBUTE)
-    try:
-        stored = {int(k): v for k, v in json.loads(text).items()} if text else {}
-    except (ValueError, TypeError, AttributeError):
-        return {}
-    return {k: v for k, v in stored.items() if k in region_ids and v in ("tumor", "cyst")}

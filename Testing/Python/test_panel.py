@@ -38,12 +38,34 @@ def test_post_processing_only_with_a_result():
 
 
 def test_controls_map_to_post_processing_settings_within_their_ranges():
-    params = panel.params_from_controls(dilate_iterations=1, dilate_max_area_px=50, cyst_filter=True, cyst_threshold_hu=60)
-    assert params == PostParams(dilate_iterations=1, dilate_max_area_px=50, cyst_threshold_hu=60.0)
-    clamped = panel.params_from_controls(dilate_iterations=9, dilate_max_area_px=-5, cyst_filter=False, cyst_threshold_hu=500)
+    current = PostParams(bin_width_hu=2.0, smoothing_bins=0.0, min_tissue_hu=-300.0)  # settings the panel does not show
+    params = panel.params_from_controls(current, dilate_iterations=1, dilate_max_area_px=50, cyst_filter=True, cyst_threshold_hu=60)
+    assert params == PostParams(dilate_iterations=1, dilate_max_area_px=50, cyst_threshold_hu=60.0,
+                                bin_width_hu=2.0, smoothing_bins=0.0, min_tissue_hu=-300.0)
+    clamped = panel.params_from_controls(current, dilate_iterations=9, dilate_max_area_px=-5, cyst_filter=False, cyst_threshold_hu=500)
     assert (clamped.dilate_iterations, clamped.dilate_max_area_px, clamped.cyst_threshold_hu) == (3, 0, 120.0)
     assert not clamped.cyst_filter
-    assert panel.DEFAULTS.cyst_threshold_hu == 45.0 and panel.CYST_THRESHOLD_HU == (-20.0, 120.0)
+    restored = PostParams(cyst_threshold_hu=70.0, dilate_iterations=0, cyst_filter=False)
+    assert panel.params_from_controls(restored, **panel.controls_from_params(restored)) == restored
+
+
+def test_ui_control_ranges_and_defaults_are_the_panels_and_the_cores():
+    import xml.etree.ElementTree as ET
+
+    from LiverTumorSegLib.postprocess import MAX_DILATE_ITERATIONS
+
+    ui = ET.parse(REPO / "LiverTumorSeg" / "Resources" / "UI" / "LiverTumorSeg.ui")
+    props = {w.get("name"): {p.get("name"): "".join(p.itertext()).strip() for p in w.findall("property")} for w in ui.iter("widget")}
+    defaults = panel.controls_from_params(PostParams())
+    for name, bounds, key in (("dilateIterationsSpinBox", panel.DILATE_ITERATIONS, "dilate_iterations"),
+                              ("dilateMaxAreaSpinBox", panel.DILATE_MAX_AREA_PX, "dilate_max_area_px"),
+                              ("cystThresholdSlider", panel.CYST_THRESHOLD_HU, "cyst_threshold_hu")):
+        p = props[name]
+        assert (float(p["minimum"]), float(p["maximum"])) == bounds, name
+        assert float(p["value"]) == defaults[key], name
+    assert (props["cystFilterCheckBox"]["checked"] == "true") == defaults["cyst_filter"]
+    assert panel.DILATE_ITERATIONS[1] == MAX_DILATE_ITERATIONS
+    assert panel.CYST_THRESHOLD_HU == (-20.0, 120.0) and defaults["cyst_threshold_hu"] == 45.0  # the slider
 
 
 def test_region_table_cells_and_status_line():
@@ -61,4 +83,15 @@ def test_installs_never_replace_slicers_own_packages(tmp_path):
     assert "numpy==" in text and "SimpleITK==" in text  # installed here, so pinned
     args = dependencies.pip_arguments(["torch", "monai>=1.4"], tmp_path / "c.txt")
     assert args == ["monai>=1.4", "-c", str(tmp_path / "c.txt")]
-    assert dependencies.missing() == []  # this environment has everything the core needs
+
+
+
+def test_slicer_installs_what_pyproject_requires():
+    import re
+    import tomllib
+
+    required = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
+    names = {re.split(r"[<>=!~ ]", r, maxsplit=1)[0].lower() for r in required}
+    installed_by_us = {re.split(r"[<>=!~ ]", r, maxsplit=1)[0].lower() for r in dependencies.REQUIREMENTS.values()}
+    assert names - installed_by_us == {p.lower() for p in dependencies.PROTECTED if p.lower() in names}
+    assert installed_by_us <= names

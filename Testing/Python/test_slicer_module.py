@@ -57,3 +57,68 @@ def test_every_widget_name_the_code_uses_is_in_the_ui_file():
     used = set(re.findall(r"\bui\.(\w+)", source))
     declared = {w.get("name") for w in ET.parse(MODULE_DIR / "Resources" / "UI" / "LiverTumorSeg.ui").iter("widget")}
     assert used and used <= declared, sorted(used - declared)
+
+
+def test_module_loads_before_the_cores_packages_are_installed():
+    """Slicer imports the module before ``ensureDependencies`` can install torch, cc3d, MONAI, ...:
+    with those blocked the module, its Logic and the input checks still work."""
+    import subprocess
+
+    blocked = ["torch", "cc3d", "monai", "slicerio", "scipy", "skimage", "safetensors", "h5py", "matplotlib", "tqdm"]
+    code = f"""
+import sys
+for name in {blocked!r}:
+    sys.modules[name] = None  # import fails as if not installed
+sys.path.insert(0, {str(MODULE_DIR)!r})
+import slicer
+import LiverTumorSeg
+from LiverTumorSegSlicer import dependencies
+scene = slicer.vtkMRMLScene()
+node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "mask")
+logic = LiverTumorSeg.LiverTumorSegLogic()
+assert "labelmap" in logic.input_problem(node)
+assert logic.model_problem("phantom-small") is None
+print("loaded")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "loaded" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_new_run_into_an_edited_node_waits_for_an_answer(slicer_scene, monkeypatch):
+    """finish raises EditedSegmentsError and keeps the result pending; overwrite writes it,
+    discard drops it and leaves the user's segments as they were."""
+    import numpy as np
+
+    import LiverTumorSeg
+    from LiverTumorSegLib.phantom import generate_case
+    from LiverTumorSegSlicer import mrml
+
+    ct, _ = generate_case(7, spacing=(3.0, 3.0, 6.0), matrix=96)
+    node = mrml.volume_node_from(slicer_scene, ct, "CT")
+    logic = LiverTumorSeg.LiverTumorSegLogic()
+    options = dict(timeout=300, device="cpu", fast=True, python=sys.executable)
+    seg = logic.segment(node, **options).seg_node
+    liver = mrml.segment_mask(seg, "liver", ct.array.shape)
+    assert liver.any()
+    edited = liver.copy()
+    edited[tuple(np.argwhere(liver)[0])] = False  # the user erases one liver voxel
+    image = mrml._oriented_image(edited, mrml._box(liver), logic.live.writer.matrix)
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        image, seg, "liver", slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, image.GetExtent())
+    nodes = slicer_scene.GetNumberOfNodes()
+    for answer in ("keep", "replace"):
+        logic.start(node, device="cpu", fast=True, python=sys.executable)
+        assert logic.run.wait(300)[-1].returncode == 0
+        with pytest.raises(mrml.EditedSegmentsError):
+            logic.finish(node, seg)
+        assert logic.pending is not None and logic.work_dir is None  # read into memory, folder removed
+        assert np.array_equal(mrml.segment_mask(seg, "liver", ct.array.shape), edited)
+        if answer == "keep":
+            logic.discard()
+            assert logic.pending is None and logic.live is None
+            assert np.array_equal(mrml.segment_mask(seg, "liver", ct.array.shape), edited)
+        else:
+            live = logic.finish(node, seg, overwrite_edited=True)
+            assert logic.live is live and logic.pending is None
+            assert np.array_equal(mrml.segment_mask(seg, "liver", ct.array.shape), liver)
+    assert slicer_scene.GetNumberOfNodes() == nodes  # no node added or left behind

@@ -5,6 +5,7 @@ segments and user edits, and geometry for every axis flip, an oblique volume and
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import sys
 
@@ -238,14 +239,14 @@ def test_live_post_processing_writes_what_the_core_computes(scene):
 
 def test_settings_and_decisions_are_stored_on_the_node(scene):
     from LiverTumorSegLib.postprocess import PostParams
-    from LiverTumorSegSlicer.session import LiveResult, _stored_overrides, _stored_params
+    from LiverTumorSegSlicer.session import OVERRIDES_ATTRIBUTE, _stored_params
 
     live, _ = _lesion_case(scene)
     live.update(PostParams(cyst_threshold_hu=60.0, dilate_iterations=1))
     region = live.rows[-1]["id"]
     live.set_decision(region, "tumor")
     assert _stored_params(live.seg_node) == PostParams(cyst_threshold_hu=60.0, dilate_iterations=1)
-    assert _stored_overrides(live.seg_node, live.processor.region_ids) == {region: "tumor"}
+    assert json.loads(live.seg_node.GetAttribute(OVERRIDES_ATTRIBUTE)) == {str(region): "tumor"}
     hist = live.histogram(region)
     assert hist["hu"].shape == hist["histogram"].shape == hist["fit"].shape and hist["threshold_hu"] == 60.0
     x, y, z = live.region_centre_ras(region)
@@ -267,6 +268,55 @@ def test_live_update_asks_before_overwriting_a_users_edit(scene):
     assert np.array_equal(mrml.segment_mask(live.seg_node, "liver_cyst", live.labels.shape), cyst)
     live.update(PostParams(cyst_threshold_hu=-50.0), overwrite_edited=True)
     assert not mrml.segment_mask(live.seg_node, "liver_cyst", live.labels.shape).any()
+
+
+def test_a_refused_change_leaves_labels_decisions_and_node_as_they_were(scene):
+    from LiverTumorSegLib.postprocess import PostParams
+    from LiverTumorSegSlicer.session import OVERRIDES_ATTRIBUTE, PARAMS_ATTRIBUTE
+
+    live, _ = _lesion_case(scene)
+    live.update()
+    tumor = next(r["id"] for r in live.rows if r["decision"] == "tumor")
+    before = (live.labels.copy(), live.params, [dict(r) for r in live.rows], dict(live.overrides),
+              live.seg_node.GetAttribute(PARAMS_ATTRIBUTE), live.seg_node.GetAttribute(OVERRIDES_ATTRIBUTE))
+    cyst = mrml.segment_mask(live.seg_node, "liver_cyst", live.labels.shape)
+    cyst[tuple(np.argwhere(live.labels == 1)[0])] = True  # the user paints one voxel of cyst
+    image = mrml._oriented_image(cyst, mrml._box(cyst), live.writer.matrix)
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        image, live.seg_node, "liver_cyst", slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, image.GetExtent())
+    for refused in (lambda: live.set_decision(tumor, "cyst"), lambda: live.update(PostParams(cyst_threshold_hu=-50.0))):
+        with pytest.raises(mrml.EditedSegmentsError):
+            refused()
+        after = (live.labels, live.params, live.rows, live.overrides,
+                 live.seg_node.GetAttribute(PARAMS_ATTRIBUTE), live.seg_node.GetAttribute(OVERRIDES_ATTRIBUTE))
+        assert np.array_equal(after[0], before[0]) and after[1:] == before[1:]
+    # the declined flip is not applied by the next accepted change either
+    live.update(PostParams(dilate_iterations=1), overwrite_edited=True)
+    assert next(r for r in live.rows if r["id"] == tumor)["decision"] == "tumor"
+
+
+def test_a_new_run_into_the_same_node_keeps_settings_but_not_decisions(scene):
+    from LiverTumorSegLib.postprocess import PostParams
+    from LiverTumorSegSlicer.session import OVERRIDES_ATTRIBUTE, LiveResult
+
+    live, _ = _lesion_case(scene)
+    live.update(PostParams(cyst_threshold_hu=70.0))
+    live.set_decision(live.rows[0]["id"], "cyst")
+    live.close()
+    again = LiveResult(live.volume_node, live.seg_node, *_raw_and_probabilities(live))
+    assert again.params.cyst_threshold_hu == 70.0 and again.overrides == {}
+    again.update()
+    assert json.loads(live.seg_node.GetAttribute(OVERRIDES_ATTRIBUTE)) == {}
+    assert all(r["override"] is None for r in again.rows)
+
+
+def _raw_and_probabilities(live):
+    """The network output a LiveResult was built from (for a second run with the same output)."""
+    from LiverTumorSegLib.pipeline import Probabilities
+
+    raw = live.processor._labels
+    tumor = np.where(raw >= 2, 255, 0).astype(np.uint8)
+    return raw, Probabilities(np.where(raw > 0, 255, 0).astype(np.uint8), tumor, (slice(None),) * 3)
 
 
 def test_region_histogram_becomes_a_slicer_plot(scene):
@@ -301,7 +351,7 @@ def test_choices_settings_and_decisions_survive_scene_save_and_reload(scene, tmp
     import os
 
     from LiverTumorSegLib.postprocess import PostParams
-    from LiverTumorSegSlicer.session import _stored_overrides, _stored_params
+    from LiverTumorSegSlicer.session import OVERRIDES_ATTRIBUTE, _stored_params
 
     live, _ = _lesion_case(scene)
     live.update(PostParams(cyst_threshold_hu=70.0))
@@ -332,7 +382,7 @@ def test_choices_settings_and_decisions_survive_scene_save_and_reload(scene, tmp
     seg, volume = choices["seg_node"], choices["volume_node"]
     assert volume.GetName() == "CT" and seg.GetName() == "CT liver segmentation"
     assert _stored_params(seg).cyst_threshold_hu == 70.0
-    assert _stored_overrides(seg, [region]) == {region: "cyst"}
+    assert json.loads(seg.GetAttribute(OVERRIDES_ATTRIBUTE)) == {str(region): "cyst"}
     for spec in SEGMENTS:
         assert np.array_equal(mrml.segment_mask(seg, spec["id"], labels.shape), labels == spec["label"])
     writer = mrml.SegmentWriter(seg, volume)
