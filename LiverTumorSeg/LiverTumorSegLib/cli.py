@@ -18,13 +18,13 @@ LABEL_EXTS = (".nii.gz", ".nii", ".nrrd", ".mha")
 INPUT_EXTS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
-
 def device_arg(text: str) -> str:
     """--device: auto, cpu, cuda or cuda:N (N a GPU index); ``devices.resolve_device`` checks the GPU."""
     head, _, index = text.partition(":")
     if text in ("auto", "cpu", "cuda") or (head == "cuda" and index.isdigit()):
         return text
     raise argparse.ArgumentTypeError(f"'{text}' is not auto, cpu, cuda or cuda:N")
+
 
 def extension_of(path: Path, exts) -> str | None:
     name = path.name.lower()
@@ -33,12 +33,12 @@ def extension_of(path: Path, exts) -> str | None:
     return next((e for e in exts if name.endswith(e)), None)
 
 
-def _case_name(path: Path) -> str:
+def case_name(path: Path) -> str:
     ext = extension_of(path, INPUT_EXTS)
     return path.name[: -len(ext)] if ext else path.name
 
 
-def _is_dicom_folder(folder: Path) -> bool:
+def is_dicom_folder(folder: Path) -> bool:
     import SimpleITK as sitk
 
     return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
@@ -47,7 +47,7 @@ def _is_dicom_folder(folder: Path) -> bool:
 def list_cases(folder: Path) -> list[Path]:
     """Image files and DICOM sub-folders of a folder of cases."""
     cases = [p for p in sorted(folder.iterdir()) if p.is_file() and extension_of(p, INPUT_EXTS) and not p.name.endswith(".seg.nrrd")]
-    cases += [p for p in sorted(folder.iterdir()) if p.is_dir() and _is_dicom_folder(p)]
+    cases += [p for p in sorted(folder.iterdir()) if p.is_dir() and is_dicom_folder(p)]
     return cases
 
 
@@ -60,9 +60,9 @@ def output_kind(path: Path) -> str:
 
 def _side_path(output: Path, given, suffix: str, args) -> Path:
     """Where a per-case side output goes: the given name for one case, else beside each output."""
-    if not Path(args.input).is_dir() or _is_dicom_folder(Path(args.input)):
+    if not Path(args.input).is_dir() or is_dicom_folder(Path(args.input)):
         return Path(given)
-    return output.with_name(_case_name(output) + suffix)
+    return output.with_name(case_name(output) + suffix)
 
 
 def _plan(args) -> list[tuple[Path, Path]]:
@@ -70,13 +70,13 @@ def _plan(args) -> list[tuple[Path, Path]]:
     src, dst = Path(args.input), Path(args.output)
     if not src.exists():
         raise InputError(f"Input not found: {src}")
-    if src.is_dir() and not _is_dicom_folder(src):
+    if src.is_dir() and not is_dicom_folder(src):
         cases = list_cases(src)
         if not cases:
             raise InputError(f"{src} holds no DICOM series and no NIfTI/NRRD/MHA images.")
         if dst.exists() and not dst.is_dir():
             raise OutputError(f"For a folder of cases the output must be a folder; {dst} is a file.")
-        pairs = [(c, dst / f"{_case_name(c)}{args.format}") for c in cases]
+        pairs = [(c, dst / f"{case_name(c)}{args.format}") for c in cases]
     else:
         output_kind(dst)
         pairs = [(src, dst)]
@@ -192,7 +192,7 @@ def _segment_one(src: Path, dst: Path, liver, tumor, dev, args) -> dict:
     warnings = ct_warnings(volume)
     for w in warnings:
         logging.warning("%s: %s", src.name, w)
-    bar = _progress(_case_name(src), args)
+    bar = _progress(case_name(src), args)
     try:
         result = segment(volume, liver, tumor, device=str(dev), fast=args.fast, progress=bar)
     finally:

@@ -77,12 +77,3 @@ def mean(world: World, value: float) -> float:
     t = _tensor([value], torch.float64)
     dist.all_reduce(t)
     return float(t.item()) / world.size
-
-
-def broadcast_flag(world: World, flag: bool) -> bool:
-    """Rank 0's boolean, on every process."""
-    if not world.active:
-        return flag
-    t = _tensor([int(flag)], torch.int64)
-    dist.broadcast(t, 0)
-    return bool(t.item())

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .datasets import gather_cases, load_case, read_split
+from .errors import InputError
 from .evaluate_cli import NETWORK, POSTPROCESSED, case_rows, summarize_structures, summary_markdown
 from .modelfile import load_model
 from .pipeline import segment
@@ -28,6 +29,8 @@ def evaluate_model(args) -> tuple[list[dict], dict, str]:
     """Rows (one per case, output and structure), summaries by output, and the Markdown report."""
     from tqdm import tqdm
 
+    if not args.data:
+        raise InputError("evaluate --model needs --data: the labelled cases to segment and score.")
     liver_file, tumor_file = model_files(args.model)
     liver, tumor = load_model(liver_file, stage="liver"), load_model(tumor_file, stage="tumor")
     cases = gather_cases(args.data, args.format)
@@ -52,12 +55,10 @@ def evaluate_model(args) -> tuple[list[dict], dict, str]:
         rows += case_rows(name, result.labels, truth.array, spacing_zyx, output=NETWORK)
         rows += case_rows(name, post, truth.array, spacing_zyx, output=POSTPROCESSED)
     if not rows:
-        from .errors import InputError
-
         raise InputError(f"No labelled case to evaluate in {source}.")
     summary = {out: summarize_structures([r for r in rows if r["output"] == out]) for out in TITLES}
     header = (f"# Evaluation of {liver.card['name']} + {tumor.card['name']}\n\n"
-              f"Cases: {source} ({len(rows) // 6}). Liver = labels >= 1; tumor = label 2 (the network's lesions "
+              f"Cases: {source} ({len({r['case'] for r in rows})}). Liver = labels >= 1; tumor = label 2 (the network's lesions "
               "before the filter, tumors after it); lesion = labels 2 or 3.\n\n")
     markdown = header + "\n".join(summary_markdown(summary[out], TITLES[out], level=2) for out in TITLES)
     return rows, summary, markdown

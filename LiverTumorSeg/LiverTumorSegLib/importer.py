@@ -40,8 +40,9 @@ CITATION = [  # as the package's metadata gives it
 ]
 IMPORTED_NAME = f"{PACKAGE}-{VERSION}"
 MEASURED = {  # by LiverTumorSeg: scripts/measure_imported.py, 2-core x86-64 CPU, 1 thread (other core busy), 2026-11-23
-    "ircad_1_1": {"liver_dice": 0.9639, "tumor_dice": 0.8884, "tumors_detected": "5 of 7, no false positive",
-                  "seconds": {"liver": 29.5, "lesions": 219.4, "of_which_abdomen_box": 3.2},
+    "ircad_1_1": {"liver_dice": 0.9639, "tumor_dice": 0.8884,
+                  "tumor_detection": {"truth_lesions": 7, "detected": 5, "false_positives": 0},
+                  "seconds": {"liver": 29.5, "lesions": 219.4, "abdomen_box": 3.2}, "threads": 1,
                   "note": "3D-IRCADb-01 patient 1.1 (expert masks) is also a LiTS volume; the package does not name "
                           "its training data, so it may have seen this case."},
 }

@@ -59,12 +59,17 @@ def resample(arr: np.ndarray, spacing, target) -> np.ndarray:
     return resize(arr.astype(np.float32), shape)
 
 
+def _normalise_ct(hu: np.ndarray) -> np.ndarray:
+    """Their CT intensity: HU clipped to [-200, 200], mapped to [-0.5, 0.5]."""
+    return np.clip(hu / 1000.0, -CT_WINDOW_HU / 1000, CT_WINDOW_HU / 1000) * (0.5 / (CT_WINDOW_HU / 1000))
+
+
 def liver_input(hu_ras: np.ndarray, spacing, voxel_mm: float) -> np.ndarray:
     """The normalised 3 mm image the liver network sees."""
     fine = resample(hu_ras, spacing, (voxel_mm / 2,) * 3)
     fine = ndimage.median_filter(fine, size=MEDIAN_VOXELS)
     coarse = resample(fine, (voxel_mm / 2,) * 3, (voxel_mm,) * 3)
-    return np.clip(coarse / 1000.0, -CT_WINDOW_HU / 1000, CT_WINDOW_HU / 1000) * (0.5 / (CT_WINDOW_HU / 1000))
+    return _normalise_ct(coarse)
 
 
 def _run(net: KULUNet, patch: np.ndarray) -> np.ndarray:
@@ -151,10 +156,6 @@ def _liver_in_box(net: KULUNet, hu: np.ndarray, spacing, box, voxel_mm: float) -
     mask = np.zeros(hu.shape, bool)
     mask[box] = liver_postprocess(prob, crop.shape)
     return mask
-
-
-def _normalise_ct(hu: np.ndarray) -> np.ndarray:
-    return np.clip(hu / 1000.0, -CT_WINDOW_HU / 1000, CT_WINDOW_HU / 1000) * (0.5 / (CT_WINDOW_HU / 1000))
 
 
 def tile_starts(size: int, out: int) -> list[int]:

@@ -99,7 +99,7 @@ class Block(nn.Module):
 
 
 class KULUNet(nn.Module):
-    """Logits in, sigmoid probabilities out: (B, 1, X, Y, Z) -> (B, 1, X', Y', Z')."""
+    """Normalised image in (B, 1, X, Y, Z), sigmoid probabilities out (B, 1, X', Y', Z'): no logits."""
 
     def __init__(self, cfg: KULConfig):
         super().__init__()

@@ -39,14 +39,21 @@ def model_files(name_or_path: str | Path = DEFAULT_MODEL) -> tuple[Path, Path]:
     return files
 
 
-def stage_files(model: str | Path = DEFAULT_MODEL, liver: str | Path | None = None,
-                tumor: str | Path | None = None) -> tuple[Path, Path]:
+def stage_files(model: str | Path | None = DEFAULT_MODEL, liver: str | Path | None = None,
+                tumor: str | Path | None = None, *, need_tumor: bool = True) -> tuple[Path, Path | None]:
     """(liver, tumor) files: the pair of ``model``, with either stage replaced by a model file or by
-    that stage of another named model or folder (e.g. the imported liver network with our tumors)."""
-    files = list(model_files(model)) if model is not None else [None, None]
-    for i, choice in enumerate((liver, tumor)):
-        if choice is None:
+    that stage of another named model or folder (e.g. the imported liver network with our tumors).
+    ``model`` is only looked up for a stage not given; ``need_tumor=False`` leaves stage 2 out (None)."""
+    chosen = [liver, tumor if need_tumor else None]
+    files: list[Path | None] = [None, None]
+    for i, choice in enumerate(chosen):
+        if i == 1 and not need_tumor:
             continue
-        path = Path(str(choice))
-        files[i] = path if path.is_file() else model_files(choice)[i]
+        if choice is None:
+            if model is None:
+                raise ModelFileError(f"No {('liver', 'tumor')[i]} model: give --model or --{('liver', 'tumor')[i]}-model.")
+            files[i] = model_files(model)[i]
+        else:
+            path = Path(str(choice))
+            files[i] = path if path.is_file() else model_files(choice)[i]
     return files[0], files[1]

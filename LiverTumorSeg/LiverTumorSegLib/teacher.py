@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .datasets import natural_key
+from .cli import case_name, is_dicom_folder, list_cases
 from .errors import InputError, LiverTumorSegError, OutputError
 from .imageio import read_volume, write_json, write_labels, write_volume
 from .modelfile import load_model
@@ -17,19 +17,16 @@ from .pipeline import segment
 from .registry import stage_files
 
 MANIFEST = "pseudo-labels.json"
-CT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 
 
-def find_inputs(folders) -> list[Path]:
-    """CT files (NIfTI, NRRD, MHA) and DICOM series folders directly in the given folders, or the files themselves."""
+def find_inputs(items) -> list[Path]:
+    """CT files and DICOM series folders: those given, and the cases inside other given folders."""
     found = []
-    for item in map(Path, folders):
-        if item.is_file():
+    for item in map(Path, items):
+        if item.is_file() or (item.is_dir() and is_dicom_folder(item)):
             found.append(item)
         elif item.is_dir():
-            files = [p for p in item.iterdir() if p.is_file() and p.name.lower().endswith(CT_SUFFIXES)]
-            dicom = [item] if any(p.suffix.lower() == ".dcm" for p in item.iterdir()) else []
-            found += sorted(files, key=lambda p: natural_key(p.name)) + dicom
+            found += list_cases(item)
         else:
             raise InputError(f"Not found: {item}")
     if not found:
@@ -37,12 +34,15 @@ def find_inputs(folders) -> list[Path]:
     return found
 
 
-def case_name(path: Path) -> str:
-    name = path.name
-    for suffix in CT_SUFFIXES:
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+def unique_names(inputs: list[Path]) -> list[str]:
+    """One output name per input: the file stem, prefixed by its folder's name where stems collide
+    (``a/ct.nii.gz`` and ``b/ct.nii.gz`` -> ``a_ct``, ``b_ct``); InputError if still not unique."""
+    stems = [case_name(p) for p in inputs]
+    names = [f"{p.parent.name}_{s}" if stems.count(s) > 1 else s for p, s in zip(inputs, stems)]
+    clashes = sorted({n for n in names if names.count(n) > 1})
+    if clashes:
+        raise InputError(f"Several inputs would be written as {', '.join(clashes)}; label them in separate runs.")
+    return names
 
 
 def run_pseudolabel(args) -> int:
@@ -51,13 +51,18 @@ def run_pseudolabel(args) -> int:
     out = Path(args.out)
     if (out / MANIFEST).exists() and not args.overwrite:
         raise OutputError(f"{out} already holds pseudo-labels; use --overwrite to replace them.")
-    liver_file, tumor_file = stage_files(args.model, args.liver_model, args.tumor_model)
+    liver_file, tumor_file = stage_files(args.model, args.liver_model, args.tumor_model, need_tumor=args.with_tumors)
     liver = load_model(liver_file, stage="liver")
     tumor = load_model(tumor_file, stage="tumor") if args.with_tumors else None  # liver only: stage 1 alone
     inputs = find_inputs(args.inputs)
-    cases, failed = [], []
-    for src in tqdm(inputs, desc="pseudo-labels", unit="case", disable=None, file=sys.stderr):
-        name = case_name(src)
+    names = unique_names(inputs)
+    targets = [(out / f"{n}_ct.nii.gz", out / f"{n}_label.nii.gz") for n in names]
+    existing = [str(p) for pair in targets for p in pair if p.exists()]
+    if existing and not args.overwrite:
+        raise OutputError(f"{existing[0]} exists ({len(existing)} file(s) in all); use --overwrite to replace them.")
+    cases, failed, skipped = [], [], []
+    for src, name, (ct_out, label_out) in tqdm(list(zip(inputs, names, targets)), desc="pseudo-labels", unit="case",
+                                               disable=None, file=sys.stderr):
         try:
             ct = read_volume(src)
             result = segment(ct, liver, tumor, device=args.device)
@@ -65,18 +70,25 @@ def run_pseudolabel(args) -> int:
             failed.append({"input": str(src), "error": str(err)})
             print(f"error: {src.name}: {err}", file=sys.stderr)
             continue
+        if not result.report["liver_found"]:  # empty labels would teach "no liver here"
+            skipped.append({"input": str(src), "reason": "the teacher found no liver"})
+            print(f"warning: {src.name}: no liver found; left out", file=sys.stderr)
+            continue
         labels = result.labels if args.with_tumors else (result.labels > 0).astype("uint8")
-        write_volume(ct, out / f"{name}_ct.nii.gz", overwrite=args.overwrite)
-        write_labels(labels, ct, out / f"{name}_label.nii.gz", overwrite=args.overwrite)
-        cases.append({"case": name, "source": str(src), "liver_found": result.report["liver_found"]})
+        write_volume(ct, ct_out, overwrite=args.overwrite)
+        write_labels(labels, ct, label_out, overwrite=args.overwrite)
+        cases.append({"case": name, "source": str(src)})
     manifest = {
         "pseudo_labels": True,
         "what": "labels made by a model, not by an expert: " + ("liver 1, lesion 2" if args.with_tumors else "liver 1 only"),
+        "with_tumors": bool(args.with_tumors),
         "teacher": {m.card["stage"]: {"name": m.card["name"], "file": m.path.name, "sha256": m.sha256,
                                       "citation": m.card.get("citation")} for m in (liver, tumor) if m is not None},
         "cases": cases,
         "failed": failed,
+        "skipped": skipped,
     }
     write_json(manifest, out / MANIFEST, overwrite=True)
-    print(f"wrote {len(cases)} pseudo-labelled case(s) to {out}" + (f"; {len(failed)} failed" if failed else ""))
+    print(f"wrote {len(cases)} pseudo-labelled case(s) to {out}" + (f"; {len(failed)} failed" if failed else "")
+          + (f"; {len(skipped)} without a liver left out" if skipped else ""))
     return 2 if failed else 0

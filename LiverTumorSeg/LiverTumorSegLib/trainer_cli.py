@@ -69,7 +69,7 @@ def _usable_for_stage(cases: dict, stage: str, show: bool) -> dict:
     """Liver-only pseudo-labels teach the liver stage only: the tumor stage leaves those cases out."""
     if stage != "tumor":
         return cases
-    liver_only = [n for n, c in cases.items() if (m := pseudo_label_manifest(c)) and "liver 1 only" in m["what"]]
+    liver_only = [n for n, c in cases.items() if (m := pseudo_label_manifest(c)) and not m.get("with_tumors")]
     if liver_only and show:
         print(f"warning: {len(liver_only)} case(s) have liver-only pseudo-labels; the tumor stage leaves them out.", file=sys.stderr)
     return {n: c for n, c in cases.items() if n not in liver_only}
@@ -95,6 +95,8 @@ def load_run_config(args, run_dir: Path) -> dict:
     """The config (--config, else on --resume the run's own copy, else small) with --epochs applied."""
     saved = run_dir / f"{args.stage}.config.json"
     if args.resume and args.config is None:
+        if not saved.is_file():
+            raise InputError(f"--resume: {run_dir} has no {saved.name}; give --config, or start a new run.")
         config = check_config(json.loads(saved.read_text(encoding="utf-8")), str(saved))
     else:
         config = load_config(args.config or "small")

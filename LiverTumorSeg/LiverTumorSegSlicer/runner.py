@@ -20,7 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-PROGRESS_PREFIX = "PROGRESS "  # as LiverTumorSegLib.cli prints it
+from LiverTumorSegLib.cli import PROGRESS_PREFIX
+
 MODULE_DIR = Path(__file__).resolve().parents[1]  # holds LiverTumorSegLib
 
 

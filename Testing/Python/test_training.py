@@ -349,3 +349,22 @@ def test_pseudo_labels_train_the_liver_stage_and_say_so(phantoms, tmp_path, caps
     capsys.readouterr()
     assert main(["train", "--stage", "tumor", "--data", str(pseudo), "--config", str(cfg_file), "-o", str(run)]) == 2
     assert "liver-only pseudo-labels" in capsys.readouterr().err
+
+
+def test_pseudolabel_names_are_unique_and_nothing_is_overwritten(phantoms, tmp_path, capsys):
+    from LiverTumorSegLib.registry import model_files
+    from LiverTumorSegLib.teacher import unique_names
+
+    assert unique_names([Path("a/ct.nii.gz"), Path("b/ct.nii.gz"), Path("b/x.nrrd")]) == ["a_ct", "b_ct", "x"]
+    with pytest.raises(InputError, match="a_ct"):
+        unique_names([Path("p/a/ct.nii.gz"), Path("q/a/ct.nii.gz")])
+    ct = sorted(phantoms.glob("*_ct.nii.gz"))[0]
+    out = tmp_path / "pseudo"
+    out.mkdir()
+    mine = out / f"{ct.name[:-len('.nii.gz')]}_ct.nii.gz"
+    mine.write_bytes(b"the user's file")
+    liver_only = model_files("phantom-small")[0]  # stage 1 given alone: no --model lookup, no tumor file needed
+    assert main(["pseudolabel", str(ct), "-o", str(out), "--model", "no-such-model", "--liver-model", str(liver_only),
+                 "--device", "cpu"]) != 0
+    assert "exists" in capsys.readouterr().err and mine.read_bytes() == b"the user's file"
+    assert not (out / "pseudo-labels.json").exists()
