@@ -2,8 +2,8 @@
 
 Liver, as their package runs it on CT: the CT cropped to their abdomen box (``kulcrop``: lung
 base + 70 mm down to the hip - 20 mm, the body in x and y, at most 489 x 408 x 408 mm), in RAS
-array order (x, y, z); resampled to 1.5 mm, median-filtered (3 voxels), resampled to 3 mm (the voxel size stored in the weight file);
-HU clipped to [-200, 200] and mapped to [-0.5, 0.5]; one patch of 189 x 162 x 162 voxels centred
+array order (x, y, z); resampled to 1.5 mm, median-filtered (3 voxels), resampled to 3 mm (the
+voxel size stored in the weight file); HU clipped to [-200, 200] and mapped to [-0.5, 0.5]; one patch of 189 x 162 x 162 voxels centred
 on the image (zero outside it), its 163 x 136 x 136 output placed back, uncovered voxels given
 the nearest covered value; then p > 0.5, one erosion (3x3x3, 18-neighbourhood), the largest
 6-connected component, one dilation, linear resampling back to the box (>= 0.5), and zero
@@ -16,14 +16,16 @@ to it; tiles of 180 x 172 x 86 voxels (zeros outside the crop) whose 92 x 84 x 4
 written in order, later tiles overwriting earlier ones (starts 0, O, 2O, ... and a last one
 flush with the end); p > 0.5, linear resampling back to the CT grid, any positive value kept.
 
-Differences, stated: where their crop heuristic would fail (no lungs in the field of view, no
-bone profile) the whole image is used and a warning says why; when the liver reaches the box's
-lower face (their hip rule misfires on CTs without the pelvis) the box is widened down to the
-408 mm cap and the stage rerun, with a warning; resampling is our separable
-linear interpolation, not pymirc's ``zoom3d`` (which also darkens the edge voxels).
+Resampling is theirs (pymirc ``zoom3d``: centred grids, linear up, area-weighted down, zeros
+beyond the edges), here as one weight matrix per axis. Differences, stated: where their crop
+heuristic would fail (no lungs in the field of view, no bone profile) the whole image is used and
+a warning says why; when the liver reaches the box's lower face (their hip rule misfires on CTs
+without the pelvis) the box is widened down to the 408 mm cap and the stage rerun, with a warning.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -32,7 +34,6 @@ from scipy import ndimage
 from .kulcrop import CropRules, abdomen_box
 from .kulunet import LESION, LIVER, KULUNet
 from .orientation import to_canonical
-from .preprocess import resize
 from .volume import Volume
 
 MEDIAN_VOXELS = 3
@@ -54,9 +55,48 @@ def from_ras(mask: np.ndarray, reorient) -> np.ndarray:
 
 
 def resample(arr: np.ndarray, spacing, target) -> np.ndarray:
-    """Linear resampling to ``target`` mm voxels (output size ceil(n * s / t), as theirs)."""
-    shape = tuple(max(1, int(np.ceil(n * s / t - 1e-6))) for n, s, t in zip(arr.shape, spacing, target))
-    return resize(arr.astype(np.float32), shape)
+    """Their resampling (pymirc ``zoom3d``, cval 0) to ``target`` mm voxels, one axis at a time."""
+    out = np.asarray(arr, np.float32)
+    for axis, (s, t) in enumerate(zip(spacing, target)):
+        zoom = float(s) / float(t)
+        if zoom != 1:
+            weights = zoom_weights(out.shape[axis], zoom)
+            out = np.moveaxis(np.tensordot(weights, out, axes=(1, axis)), 0, axis)
+    return np.ascontiguousarray(out)
+
+
+def zoom_weights(n: int, zoom: float) -> np.ndarray:
+    """(n_out, n) float32 weights of pymirc's ``zoom3d`` along one axis with cval 0.
+
+    Both grids are centred on each other; n_out = ceil(n / (1 / zoom)). Up (zoom > 1): linear
+    interpolation between the two neighbours of each output centre, a neighbour outside the
+    input counting 0 (edges darken). Down (zoom < 1): each input voxel spreads over the output
+    bins its extent overlaps, weighted by the overlap (the mean where bins are full; partial
+    edge bins stay under-filled).
+    """
+    delta = 1.0 / zoom
+    m = math.ceil(n / delta)
+    weights = np.zeros((m, n), np.float64)
+    if zoom > 1:
+        out = np.arange(m)
+        centre = delta * (out - 0.5 * m + 0.5) + 0.5 * n - 0.5
+        left = np.floor(centre).astype(int)
+        right = left + 1
+        ok = left >= 0
+        weights[out[ok], left[ok]] += (right - centre)[ok]
+        ok = right < n
+        weights[out[ok], right[ok]] += (centre - left)[ok]
+    else:
+        src = np.arange(n)
+        lo = (1.0 / delta) * (src - 0.5 * n) + 0.5 * m
+        hi = (1.0 / delta) * (src + 1 - 0.5 * n) + 0.5 * m
+        first, last = np.floor(lo).astype(int), np.ceil(hi).astype(int) - 1
+        one = first == last
+        np.add.at(weights, (first[one], src[one]), 1.0 / delta)
+        split = np.ceil(lo)
+        np.add.at(weights, (first[~one], src[~one]), (split - lo)[~one])
+        np.add.at(weights, (last[~one], src[~one]), (hi - split)[~one])
+    return weights.astype(np.float32)
 
 
 def _normalise_ct(hu: np.ndarray) -> np.ndarray:

@@ -129,3 +129,20 @@ def test_weights_load_in_keras_creation_order_with_shape_checks():
         load_keras_weights(net, broken)
     with pytest.raises(ValueError, match="needs"):
         load_keras_weights(net, {k: v for k, v in layers.items() if k != "conv3d_21"})
+
+
+def test_resampling_is_pymircs_zoom3d_on_hand_computed_cases():
+    from LiverTumorSegLib.kulpipeline import resample, zoom_weights
+
+    # up x2: centres at -0.25, 0.25, 0.75, 1.25 of the input; neighbours outside count 0 (edges darken)
+    assert np.allclose(zoom_weights(2, 2.0) @ np.array([1.0, 2.0]), [0.75, 1.25, 1.75, 1.5])
+    # down x0.5: means of pairs; a partial edge bin stays under-filled
+    assert np.allclose(zoom_weights(4, 0.5) @ np.array([1.0, 2.0, 3.0, 4.0]), [1.5, 3.5])
+    assert np.allclose(zoom_weights(3, 0.5) @ np.ones(3), [0.75, 0.75])
+    assert zoom_weights(129, 1.6 / 1.5).shape == (138, 129)  # ceil(n / (1 / zoom))
+    # separable, one axis after the other; factor 1 leaves an axis alone
+    rng = np.random.default_rng(0)
+    vol = rng.random((5, 6, 7)).astype(np.float32)
+    out = resample(vol, (2.0, 1.0, 1.5), (1.0, 1.0, 3.0))
+    expected = np.einsum("ai,ck,ijk->ajc", zoom_weights(5, 2.0), zoom_weights(7, 0.5), vol)
+    assert out.shape == (10, 6, 4) and np.allclose(out, expected, atol=1e-6)
