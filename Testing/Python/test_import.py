@@ -6,15 +6,15 @@ The network is used only to download the wheel, once: it is cached in $LIVERTUMO
 
 from __future__ import annotations
 
-import ast
 import hashlib
 import os
-import zipfile
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import REPO
 from LiverTumorSegLib.cli import main
 from LiverTumorSegLib.errors import ModelFileError
 from LiverTumorSegLib.imageio import read_labels, read_volume
@@ -62,25 +62,6 @@ def wheel() -> Path:
     return path
 
 
-def their_crop_ct_image(wheel: Path):
-    """Their ``crop_ct_image``, compiled from the wheel (run here as the reference, not shipped).
-
-    Only ``find_objects`` is adapted: SciPy >= 1.11 refuses the boolean arrays their code passes.
-    """
-    from scipy import ndimage, signal
-
-    source = zipfile.ZipFile(wheel).read("pyliverlesionseg/cnn_liver_lesion_seg_CT_MR_functions.py").decode("utf-8")
-    func = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "crop_ct_image")
-    namespace = {
-        "np": np, "convolve": signal.convolve, "argrelextrema": signal.argrelextrema, "label": ndimage.label,
-        "binary_erosion": ndimage.binary_erosion, "binary_opening": ndimage.binary_opening,
-        "labeled_comprehension": ndimage.labeled_comprehension,
-        "find_objects": lambda a, *rest: ndimage.find_objects(np.asarray(a).astype(np.int32), *rest),
-    }
-    exec(compile(ast.Module([func], []), "crop_ct_image", "exec"), namespace)
-    return namespace["crop_ct_image"]
-
-
 @pytest.mark.parametrize("case", ["hcc-tace-seg-hcc048/ct.nii.gz", "lits-volume0-ct/ct.nii.gz",
                                   "totalseg-example/example_ct_sm.nii.gz"])
 def test_our_abdomen_box_is_theirs_on_real_ct(wheel, shared_data, case):
@@ -89,9 +70,10 @@ def test_our_abdomen_box_is_theirs_on_real_ct(wheel, shared_data, case):
 
     hu, spacing, _ = ras_array(read_volume(shared_data(case)))
     lps = np.ascontiguousarray(np.flip(hu, (0, 1)))  # their input: LPS index order, z toward the head
-    theirs = their_crop_ct_image(wheel)(lps, spacing, size_mm_max=[489, 408, 408], tissue_th=-150, lung_th=-600,
-                                        bone_th=500, bone_hip_ratio=0.7, liver_height_max=400,
-                                        liver_dome_margin_mm=70.0, hip_margin_mm=20.0)
+    sys.path.insert(0, str(REPO / "scripts"))
+    from measure_abdomen_box import their_crop  # their function, compiled from the wheel (not shipped)
+
+    theirs = their_crop(wheel)(lps, spacing)
     ours = abdomen_box(lps, spacing)
     assert ours.fallback is None
     assert [(int(s.start), int(s.stop)) for s in ours.box] == [(int(s.start), int(s.stop)) for s in theirs]
