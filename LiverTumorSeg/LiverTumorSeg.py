@@ -155,8 +155,9 @@ class LiverTumorSegLogic(ScriptedLoadableModuleLogic):
         if self.pending is not None:
             live, created = self.pending
             live.close()
-            if created:
-                live.seg_node.GetScene().RemoveNode(live.seg_node)
+            scene = live.seg_node.GetScene()  # None once the scene was closed
+            if created and scene is not None:
+                scene.RemoveNode(live.seg_node)
             self.pending = None
         self.cleanup()
 
