@@ -146,3 +146,13 @@ def test_resampling_is_pymircs_zoom3d_on_hand_computed_cases():
     out = resample(vol, (2.0, 1.0, 1.5), (1.0, 1.0, 3.0))
     expected = np.einsum("ai,ck,ijk->ajc", zoom_weights(5, 2.0), zoom_weights(7, 0.5), vol)
     assert out.shape == (10, 6, 4) and np.allclose(out, expected, atol=1e-6)
+
+
+def test_liver_net_creation_order_matches_their_weight_file():
+    """Kernel shapes (Keras layout kx, ky, kz, in, out) of conv3d_1..15 as their HDF5 file stores them:
+    an order written down from their file, not derived from ``keras_order``."""
+    theirs = [(3, 3, 1, 1, 20), (3, 3, 3, 20, 40), (3, 3, 1, 40, 40), (3, 3, 3, 40, 80), (3, 3, 1, 80, 80),
+              (3, 3, 3, 80, 160), (3, 3, 3, 160, 160), (3, 3, 3, 160, 160), (3, 3, 3, 320, 160), (3, 3, 1, 160, 80),
+              (3, 3, 3, 160, 80), (3, 3, 1, 80, 40), (3, 3, 3, 80, 40), (3, 3, 1, 40, 20), (1, 1, 1, 20, 1)]
+    ours = [tuple(c.weight.permute(2, 3, 4, 1, 0).shape) for c in KULUNet(LIVER).keras_order()]
+    assert ours == theirs
