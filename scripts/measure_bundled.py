@@ -66,6 +66,7 @@ def main(argv=None):
     ap.add_argument("--seed0", type=int, default=EVAL_SEED0,
                     help="first phantom seed (default 2000, the test seeds; e.g. 3000 for the tuning phantoms)")
     ap.add_argument("--fast", action="store_true")
+    ap.add_argument("--tta", action="store_true", help="test-time mirroring (segment --tta)")
     ap.add_argument("--model", default="phantom-small", help="bundled name or a folder with liver.ltsm + tumor.ltsm")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update the model cards")
     args = ap.parse_args(argv)
@@ -74,7 +75,7 @@ def main(argv=None):
     rows, seconds = [], []
     for seed in tqdm(range(args.seed0, args.seed0 + args.cases), desc="phantoms", file=sys.stderr):
         ct, lab = generate_case(seed)
-        r = segment(ct, *models, fast=args.fast)
+        r = segment(ct, *models, fast=args.fast, tta=args.tta)
         post, _ = PostProcessor(ct, r.labels, r.probabilities.tumor_full()).apply(PostParams())
         perfect = np.where(lab.array >= 2, 2, lab.array).astype(np.uint8)  # the true lesions, tumor and cyst alike
         bound, _ = PostProcessor(ct, perfect).apply(PostParams(dilate_iterations=0))
@@ -88,7 +89,7 @@ def main(argv=None):
                          tumor_inter_after=int(np.logical_and(post == 2, lab.array == 2).sum()),
                          tumor_sums_after=int((post == 2).sum() + (lab.array == 2).sum())))
         seconds.append(r.report["timings"]["total_s"])
-    phantom = dict(summarize(rows), seeds=f"{args.seed0}-{args.seed0 + args.cases - 1}", mode="fast" if args.fast else "normal",
+    phantom = dict(summarize(rows), seeds=f"{args.seed0}-{args.seed0 + args.cases - 1}", mode=("fast" if args.fast else "normal") + (" + tta" if args.tta else ""),
                    mean_seconds=round(float(np.mean(seconds)), 1),
                    note="lesion = tumor + cyst (the network target); tumor-only and cyst after the HU cyst filter with default parameters")
     result = {"fresh_phantoms": phantom}
@@ -96,7 +97,7 @@ def main(argv=None):
     if (IRCAD / "ct.nii.gz").exists():
         ct, labels = load_case(find_cases(IRCAD, "ircad")[0])  # liver + livertumor* merged, the cyst apart
         truth = labels.array
-        r = segment(ct, *models, fast=args.fast)
+        r = segment(ct, *models, fast=args.fast, tta=args.tta)
         s = _scores(r.labels, truth)
         post, _ = PostProcessor(ct, r.labels, r.probabilities.tumor_full()).apply(PostParams())
         result["ircad_1_1"] = {"liver_dice": round(s["liver"], 4), "lesion_dice": round(s["lesion"], 4), "tumor_only_dice": round(s["tumor_only"], 4),

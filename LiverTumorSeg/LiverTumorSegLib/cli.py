@@ -194,7 +194,7 @@ def _segment_one(src: Path, dst: Path, liver, tumor, dev, args) -> dict:
         logging.warning("%s: %s", src.name, w)
     bar = _progress(case_name(src), args)
     try:
-        result = segment(volume, liver, tumor, device=str(dev), fast=args.fast, progress=bar)
+        result = segment(volume, liver, tumor, device=str(dev), fast=args.fast, tta=args.tta, progress=bar)
     finally:
         bar.close()
     labels, rows = result.labels, []
@@ -265,7 +265,7 @@ def cmd_demo(args) -> int:
     liver, tumor = load_model(liver_path, stage="liver", device=dev), load_model(tumor_path, stage="tumor", device=dev)
     bar = _Bar("demo")
     try:
-        result = segment(volume, liver, tumor, device=str(dev), fast=args.fast, progress=bar)
+        result = segment(volume, liver, tumor, device=str(dev), fast=args.fast, tta=args.tta, progress=bar)
     finally:
         bar.close()
     labels, rows = PostProcessor(volume, result.labels, result.probabilities.tumor_full()).apply(PostParams())
@@ -350,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tumor-model", help="stage 2 from this .ltsm file or model name instead")
     s.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda|cuda:N")
     s.add_argument("--fast", action="store_true", help="fewer tiles (step 1.0) and bf16 where the CPU has it")
+    s.add_argument("--tta", action="store_true", help="test-time mirroring: average each network over in-plane flips (4x the network time)")
     s.add_argument("--report", help="write a JSON report (device, timings, tiles, models)")
     s.add_argument("--probabilities", help="cache the network output (.npz) for later post-processing")
     s.add_argument("--format", default=".seg.nrrd", choices=[".seg.nrrd", *LABEL_EXTS], help="output type for a folder of cases")
@@ -382,6 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--part", default="test", choices=["train", "val", "test"], help="with --model: which part of the split (default test)")
     s.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda|cuda:N")
     s.add_argument("--fast", action="store_true", help="with --model: fewer tiles (step 1.0)")
+    s.add_argument("--tta", action="store_true", help="with --model: test-time mirroring (in-plane flips, 4x the network time)")
     s.add_argument("-o", "--out", required=True, type=Path, help="folder for metrics.csv, summary.md, summary.json and boxplot.png")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_evaluate)
@@ -392,6 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="phantom-small")
     s.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda|cuda:N")
     s.add_argument("--fast", action="store_true")
+    s.add_argument("--tta", action="store_true", help="test-time mirroring: average each network over in-plane flips (4x the network time)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_demo)
 

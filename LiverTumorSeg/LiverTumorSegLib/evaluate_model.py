@@ -49,7 +49,7 @@ def evaluate_model(args) -> tuple[list[dict], dict, str]:
         if truth is None:
             print(f"warning: case '{name}' has no reference labels; skipped", file=sys.stderr)
             continue
-        result = segment(ct, liver, tumor, device=args.device, fast=args.fast)
+        result = segment(ct, liver, tumor, device=args.device, fast=args.fast, tta=args.tta)
         post, _ = PostProcessor(ct, result.labels, result.probabilities.tumor_full()).apply(PostParams())
         spacing_zyx = ct.spacing[::-1]
         rows += case_rows(name, result.labels, truth.array, spacing_zyx, output=NETWORK)

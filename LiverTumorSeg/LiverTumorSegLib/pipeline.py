@@ -122,11 +122,15 @@ def stage_step(model: StageModel, fast: bool) -> float:
     return inf.get("fast_step", 1.0) if fast else inf.get("step", 0.5)
 
 
-def stage_probability(model: StageModel, img, out_shape, device, fast, batch, progress, cancel, mask=None) -> np.ndarray:
+TTA_AXES = (1, 2)  # test-time mirroring: in-plane (y, x) flips, 4 passes per tile
+
+
+def stage_probability(model: StageModel, img, out_shape, device, fast, batch, progress, cancel, mask=None,
+                      tta: bool = False) -> np.ndarray:
     """Foreground probability of ``model`` on ``img``, resized to ``out_shape`` as uint8 (0-255 for 0-1)."""
     probs = sliding_window_probabilities(
         model.net, img, step=stage_step(model, fast), batch=batch, device=device,
-        amp_dtype=devices.amp_dtype(device, fast), progress=progress, cancel=cancel,
+        amp_dtype=devices.amp_dtype(device, fast), mirror_axes=TTA_AXES if tta else (), progress=progress, cancel=cancel,
     )
     fg = probs[1]
     if mask is not None:
@@ -152,13 +156,15 @@ def segment(
     *,
     device: str = "auto",
     fast: bool = False,
+    tta: bool = False,
     batch: int | None = None,
     progress=None,
     cancel=None,
 ) -> Result:
     """Run both stages on a CT volume; labels (0 bg, 1 liver, 2 tumor) on the input's grid.
 
-    ``tumor_model`` None runs the liver stage only (e.g. liver pseudo-labels).
+    ``tumor_model`` None runs the liver stage only (e.g. liver pseudo-labels). ``tta`` averages
+    each of our networks over in-plane mirrored copies of every tile (4x the tiles' time).
 
     A CT where stage 1 finds no liver is a result, not an error: the labels are empty and the
     report says so (``liver_found`` false, a warning), so batch runs go on.
@@ -188,7 +194,7 @@ def segment(
     else:
         img = liver_stage_input(hu, spacing, liver_model.card["preprocessing"])
         tiles1 = count_tiles(img.shape, liver_model.cfg.tile, stage_step(liver_model, fast))
-        liver_u8 = stage_probability(liver_model, img, hu.shape, dev, fast, batch, prog.stage("Liver"), cancel)
+        liver_u8 = stage_probability(liver_model, img, hu.shape, dev, fast, batch, prog.stage("Liver"), cancel, tta=tta)
         liver = largest_component(liver_u8 >= uint8_threshold(liver_model))
     timings["liver_s"] = time.perf_counter() - t
 
@@ -204,7 +210,8 @@ def segment(
         else:
             img, mask, box = tumor_stage_input(hu, liver, spacing, tumor_model.card["preprocessing"])
             tiles2 = count_tiles(img.shape, tumor_model.cfg.tile, stage_step(tumor_model, fast))
-            tumor_box_u8 = stage_probability(tumor_model, img, hu[box].shape, dev, fast, batch, prog.stage("Tumors"), cancel, mask)
+            tumor_box_u8 = stage_probability(tumor_model, img, hu[box].shape, dev, fast, batch, prog.stage("Tumors"), cancel,
+                                            mask, tta=tta)
     timings["tumor_s"] = time.perf_counter() - t
 
     labels = np.zeros(hu.shape, np.uint8)
@@ -223,6 +230,7 @@ def segment(
     report = {
         "device": devices.describe(dev),
         "fast": fast,
+        "tta_mirror_axes": list(TTA_AXES) if tta else [],
         "amp_dtype": str(devices.amp_dtype(dev, fast)).replace("torch.", ""),
         "batch": batch,
         "timings": {k: round(v, 3) for k, v in timings.items()},

@@ -59,7 +59,23 @@ def _autocast(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
-def _predict(net, image, tile, step, batch, device, accum_device, amp_dtype, progress, cancel) -> torch.Tensor:
+def mirror_sets(axes: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Every combination of flips of ``axes`` (spatial 0 = z, 1 = y, 2 = x), no flip first."""
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(sorted(set(axes)), r)]
+
+
+def _softmax(net, x, mirrors) -> torch.Tensor:
+    """Class probabilities of a batch, averaged over the mirrored copies (each flipped back)."""
+    total = None
+    for flips in mirrors:
+        dims = [a + 2 for a in flips]
+        p = torch.softmax(net(torch.flip(x, dims) if dims else x).float(), dim=1)
+        p = torch.flip(p, dims) if dims else p
+        total = p if total is None else total + p
+    return total / len(mirrors)
+
+
+def _predict(net, image, tile, step, batch, device, accum_device, amp_dtype, progress, cancel, mirrors) -> torch.Tensor:
     origins = tile_origins(tuple(image.shape), tile, step)
     classes = net.cfg.classes
     image = image.to(device)
@@ -71,8 +87,7 @@ def _predict(net, image, tile, step, batch, device, accum_device, amp_dtype, pro
         slices = [tuple(slice(o, o + t) for o, t in zip(origin, tile)) for origin in origins[done : done + batch]]
         x = torch.stack([image[s] for s in slices]).unsqueeze(1)
         with _autocast(device, amp_dtype):
-            out = net(x)
-        out = torch.softmax(out.float(), dim=1).to(accum_device)
+            out = _softmax(net, x, mirrors).to(accum_device)
         for s, p in zip(slices, out):
             probs[(slice(None), *s)] += p * gauss
             weights[s] += gauss
@@ -96,10 +111,14 @@ def sliding_window_probabilities(
     batch: int = 2,
     device: torch.device | str = "cpu",
     amp_dtype: torch.dtype | None = None,
+    mirror_axes: tuple[int, ...] = (),
     progress: ProgressFn | None = None,
     cancel=None,
 ) -> np.ndarray:
     """Class probabilities (C, Z, Y, X) float32 of ``net`` over ``image`` (Z, Y, X), normalised.
+
+    ``mirror_axes``: test-time augmentation; each tile also runs flipped along every combination
+    of these axes (2**n passes) and the probabilities are averaged.
 
     Volumes smaller than a tile are padded with 0 (the normalised background) and cropped back.
     On out-of-memory the accumulators move to the CPU, then the batch halves down to 1.
@@ -117,7 +136,8 @@ def sliding_window_probabilities(
     failure = ""
     for accum_device, b in attempts:
         try:
-            probs = _predict(net, img, tile, step, b, device, accum_device, amp_dtype, progress, cancel)
+            probs = _predict(net, img, tile, step, b, device, accum_device, amp_dtype, progress, cancel,
+                                 mirror_sets(mirror_axes))
             return probs[(slice(None), *(slice(0, s) for s in shape))].cpu().numpy()
         except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
             if not _is_oom(err):

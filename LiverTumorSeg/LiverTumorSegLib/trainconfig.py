@@ -19,12 +19,17 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 STAGES = ("liver", "tumor")
 OPTIMIZERS = {"adam": {"lr", "weight_decay"}, "sgd": {"lr", "weight_decay", "momentum", "nesterov"}}
 AUGMENTATIONS = {"rotate90", "mirror", "scale", "intensity_shift"}
+# How a foreground-centred patch picks its centre: any foreground voxel alike ("voxel"), or first a
+# connected foreground region, each alike, then a voxel in it ("component": small lesions get as
+# many patches as large ones).
+FG_SAMPLING = ("voxel", "component")
 REQUIRED = ("net", "epochs", "iterations_per_epoch", "batch", "optimizer", "loss", "preprocessing")
 DEFAULTS = {
     "description": "",
     "poly_exponent": 0.9,
     "grad_clip": 12.0,
     "fg_fraction": 0.33,
+    "fg_sampling": "voxel",
     "amp": True,
     "val_every": 5,
     "seed": 0,
@@ -77,6 +82,8 @@ def check_config(raw: dict, where: str = "config") -> dict:
                 raise ValueError(f"preprocessing.{stage} needs 'resample'")
             if not 0.0 <= recipe.fg_fraction <= 1.0:
                 raise ValueError("fg_fraction must be within 0..1")
+            if recipe.fg_sampling not in FG_SAMPLING:
+                raise ValueError(f"fg_sampling must be one of {FG_SAMPLING}")
         if cfg["augmentation"].get("rotate90") and len(set(net_config(cfg).tile[1:])) != 1:
             raise ValueError("rotate90 needs a square in-plane tile")
     except (ValueError, TypeError, KeyError) as exc:
@@ -102,6 +109,7 @@ class StageRecipe:
     loss: dict
     preprocessing: dict
     fg_fraction: float
+    fg_sampling: str = "voxel"
 
 
 def _per_stage(value, stage: str):
@@ -115,4 +123,5 @@ def stage_recipe(cfg: dict, stage: str) -> StageRecipe:
     if stage not in STAGES:
         raise InputError(f"Unknown stage '{stage}': liver or tumor.")
     loss = cfg["loss"].get(stage, LOSS_CONFIGS[stage])
-    return StageRecipe(stage, dict(loss), dict(cfg["preprocessing"][stage]), float(_per_stage(cfg["fg_fraction"], stage)))
+    return StageRecipe(stage, dict(loss), dict(cfg["preprocessing"][stage]), float(_per_stage(cfg["fg_fraction"], stage)),
+                       str(_per_stage(cfg.get("fg_sampling", "voxel"), stage)))

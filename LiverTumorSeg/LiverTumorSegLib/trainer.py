@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cc3d
 import numpy as np
 import torch
 
@@ -86,13 +87,16 @@ FG_POINTS = 10_000  # foreground voxels kept per case to centre patches on (nnU-
 class PatchSampler:
     """Random tile-sized patches; a ``fg_fraction`` of them centred near a foreground voxel.
 
+    ``fg_sampling`` "voxel": any foreground voxel alike (large regions get most patches);
+    "component": a 26-connected foreground region first, each alike, then a voxel in it.
     Samples may be memory-mapped: only those smaller than a tile are copied (padded).
     """
 
-    def __init__(self, samples: list[Sample], tile, fg_fraction: float):
+    def __init__(self, samples: list[Sample], tile, fg_fraction: float, fg_sampling: str = "voxel"):
         self.tile, self.fg_fraction = tuple(tile), fg_fraction
         self.samples = [self._pad(s.image, s.target) for s in samples]
-        self.fg = [self._foreground(t) for _, t in self.samples]
+        split = fg_sampling == "component"
+        self.fg = [self._foreground(t, split) for _, t in self.samples]
 
     def _pad(self, img, tgt):
         pad = [(0, max(t - s, 0)) for s, t in zip(img.shape, self.tile)]
@@ -101,17 +105,24 @@ class PatchSampler:
         return np.pad(img, pad), np.pad(tgt, pad)
 
     @staticmethod
-    def _foreground(target) -> np.ndarray:
-        points = np.argwhere(np.asarray(target) > 0)
-        if len(points) > FG_POINTS:
-            points = points[np.sort(np.random.default_rng(0).choice(len(points), FG_POINTS, replace=False))]
-        return points
+    def _foreground(target, split: bool) -> list[np.ndarray]:
+        """Foreground points to centre patches on: one array, or one per connected region."""
+        fg = np.asarray(target) > 0
+        if split:
+            regions = cc3d.connected_components(fg, connectivity=26)
+            groups = [np.argwhere(regions == i) for i in range(1, int(regions.max()) + 1)]
+        else:
+            groups = [np.argwhere(fg)]
+        rng = np.random.default_rng(0)
+        return [g if len(g) <= FG_POINTS else g[np.sort(rng.choice(len(g), FG_POINTS, replace=False))]
+                for g in groups if len(g)]
 
     def patch(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         i = int(rng.integers(len(self.samples)))
         img, tgt = self.samples[i]
-        fg = self.fg[i]
-        if len(fg) and rng.random() < self.fg_fraction:
+        groups = self.fg[i]
+        if groups and rng.random() < self.fg_fraction:
+            fg = groups[int(rng.integers(len(groups)))] if len(groups) > 1 else groups[0]
             centre = fg[rng.integers(len(fg))]
             start = [int(c) - t // 2 + int(rng.integers(-t // 4, t // 4 + 1)) for c, t in zip(centre, self.tile)]
         else:
@@ -186,7 +197,7 @@ class StageTrainer:
         self.amp_dtype, use_scaler = amp_settings(device, bool(config["amp"]))
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.loss = StageLoss(self.recipe.loss)
-        self.sampler = PatchSampler(train, self.net.cfg.tile, self.recipe.fg_fraction)
+        self.sampler = PatchSampler(train, self.net.cfg.tile, self.recipe.fg_fraction, self.recipe.fg_sampling)
         self.augment = Augmenter(config["augmentation"])
         self.local_batch = config["batch"] // world.size
         self.epoch, self.history, self.best = 0, [], {"epoch": None, "dice": -1.0}

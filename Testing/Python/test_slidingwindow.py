@@ -9,7 +9,8 @@ import torch
 from LiverTumorSegLib.errors import Cancelled
 from LiverTumorSegLib.netconfig import SMALL
 from LiverTumorSegLib.network import GUNETRpp
-from LiverTumorSegLib.slidingwindow import count_tiles, gaussian_importance, sliding_window_probabilities, window_starts
+from LiverTumorSegLib.slidingwindow import (count_tiles, gaussian_importance, mirror_sets, sliding_window_probabilities,
+                                            window_starts)
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,16 @@ def _single_pass(net, img):
 def test_one_tile_equals_single_pass(net):
     img = np.random.default_rng(0).random(SMALL.tile, dtype=np.float32)
     assert np.allclose(sliding_window_probabilities(net, img), _single_pass(net, img), atol=1e-5)
+
+
+def test_mirroring_averages_the_flipped_passes(net):
+    img = np.random.default_rng(2).random(SMALL.tile, dtype=np.float32)
+    by_hand = np.mean([np.flip(_single_pass(net, np.ascontiguousarray(np.flip(img, flips))), [a + 1 for a in flips])
+                       for flips in [(), (1,), (2,), (1, 2)]], axis=0)
+    out = sliding_window_probabilities(net, img, mirror_axes=(2, 1))
+    assert np.allclose(out, by_hand, atol=1e-5)
+    assert not np.allclose(out, _single_pass(net, img), atol=1e-3)  # the flips do change the result
+    assert mirror_sets((0, 1, 2))[0] == () and len(mirror_sets((0, 1, 2))) == 8
 
 
 def test_small_volume_is_padded_then_cropped(net):

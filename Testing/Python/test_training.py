@@ -98,6 +98,34 @@ def test_foreground_oversampling():
     assert hits(always) == 1.0 and hits(always) > hits(never)
 
 
+def test_component_sampling_gives_small_lesions_their_share():
+    img = np.zeros((64, 128, 128), np.float32)
+    tgt = np.zeros((64, 128, 128), np.uint8)
+    tgt[4:28, 4:60, 4:60] = 1  # a large lesion (75264 voxels)
+    tgt[50:52, 110:112, 110:112] = 2  # a small one (8 voxels), far from it; 2 only to find it
+    rng = np.random.default_rng(1)
+
+    def share(mode):
+        sampler = PatchSampler([Sample("a", img, tgt)], SMALL.tile, 1.0, mode)
+        hits = 0
+        for _ in range(200):
+            hits += bool((sampler.patch(rng)[1] == 2).any())
+        return hits / 200
+
+    assert share("voxel") < 0.02
+    assert 0.35 < share("component") < 0.65
+
+
+def test_fg_sampling_is_checked():
+    cfg = load_config("small")
+    assert stage_recipe(cfg, "tumor").fg_sampling == "voxel"
+    cfg["fg_sampling"] = {"liver": "voxel", "tumor": "component"}
+    assert stage_recipe(check_config(cfg), "tumor").fg_sampling == "component"
+    cfg["fg_sampling"] = "lesions"
+    with pytest.raises(InputError, match="fg_sampling"):
+        check_config(cfg)
+
+
 def test_prepared_samples_are_cached_and_memory_mapped(phantoms, tmp_path):
     cases = gather_cases([phantoms])
     names = sorted(cases)[:2]
