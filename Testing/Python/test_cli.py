@@ -57,6 +57,16 @@ def test_segment_writes_seg_nrrd_and_labelmap_on_input_grid(ct_file, tmp_path, c
     assert (labels == 1).sum() > 1000 and '"timings"' in rep.read_text(encoding="utf-8")
 
 
+def test_tta_is_recorded_and_keeps_the_grid(ct_file, tmp_path, capsys):
+    plain, tta, rep = tmp_path / "plain.nii.gz", tmp_path / "tta.nii.gz", tmp_path / "r.json"
+    assert _run(capsys, "segment", ct_file, "-o", plain, "--fast", "--no-postprocess")[0] == 0
+    assert _run(capsys, "segment", ct_file, "-o", tta, "--fast", "--tta", "--no-postprocess", "--report", rep)[0] == 0
+    assert json.loads(rep.read_text(encoding="utf-8"))["tta_mirror_axes"] == [1, 2]
+    assert _geometry(tta) == _geometry(ct_file)
+    a, b = (sitk.GetArrayFromImage(sitk.ReadImage(str(p))) > 0 for p in (plain, tta))
+    assert 2 * (a & b).sum() / (a.sum() + b.sum()) > 0.95  # the same liver, from the average of four passes
+
+
 def test_segment_applies_postprocessing_and_writes_the_table(ct_file, tmp_path, capsys):
     raw, post, table = tmp_path / "raw.nii.gz", tmp_path / "post.nii.gz", tmp_path / "regions.csv"
     assert _run(capsys, "segment", ct_file, "-o", raw, "--fast", "--no-postprocess")[0] == 0
