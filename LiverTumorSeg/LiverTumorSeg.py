@@ -96,7 +96,7 @@ class LiverTumorSegLogic(ScriptedLoadableModuleLogic):
         return None
 
     def start(self, volume_node, *, model: str = DEFAULT_MODEL, device: str = "auto", fast: bool = False,
-              python: str | None = None) -> runner.ChildRun:
+              tta: bool = False, python: str | None = None) -> runner.ChildRun:
         """Write the CT to a temporary folder and start the child process on it."""
         volume = mrml.volume_from_node(volume_node)
         check_ct(volume)
@@ -105,7 +105,7 @@ class LiverTumorSegLogic(ScriptedLoadableModuleLogic):
         try:
             ct_file = write_volume(volume, self.work_dir / "ct.nrrd")
             cmd = runner.segment_command(python or runner.python_for_child(), ct_file, self.work_dir,
-                                         model=model, device=device, fast=fast)
+                                         model=model, device=device, fast=fast, tta=tta)
             self.run = runner.ChildRun(cmd, env=runner.child_environment(runner.default_threads()))
         except Exception:
             self.cleanup()
@@ -242,6 +242,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         for control in (ui.modelSelector, ui.deviceSelector):
             control.currentIndexChanged.connect(self.saveChoices)
         ui.fastCheckBox.toggled.connect(self.saveChoices)
+        ui.ttaCheckBox.toggled.connect(self.saveChoices)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartSaveEvent, self.onSceneStartSave)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndImportEvent, self.restoreChoices)
@@ -266,6 +267,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             index = ui.deviceSelector.findData(choices["device"])
             ui.deviceSelector.currentIndex = max(index, 0)
             ui.fastCheckBox.checked = choices["fast"]
+            ui.ttaCheckBox.checked = choices["tta"]
         finally:
             self._updating = False
 
@@ -275,7 +277,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui = self.ui
         mrml.save_choices(slicer.mrmlScene, volume_node=ui.inputVolumeSelector.currentNode(),
                           seg_node=ui.outputSegmentationSelector.currentNode(), model=ui.modelSelector.currentData,
-                          device=ui.deviceSelector.currentData, fast=ui.fastCheckBox.checked)
+                          device=ui.deviceSelector.currentData, fast=ui.fastCheckBox.checked, tta=ui.ttaCheckBox.checked)
 
     def onSceneStartSave(self, *_):
         if self.logic.live is not None:
@@ -326,7 +328,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.applyButton.enabled = view.button_enabled
         ui.applyButton.toolTip = view.button_tooltip
         for w in (ui.inputVolumeSelector, ui.modelSelector, ui.loadModelButton, ui.deviceSelector,
-                  ui.outputSegmentationSelector, ui.fastCheckBox):
+                  ui.outputSegmentationSelector, ui.fastCheckBox, ui.ttaCheckBox):
             w.enabled = view.inputs_enabled
         ui.postCollapsibleButton.enabled = view.postprocessing_enabled
         ui.progressBar.visible = view.progress_visible
@@ -348,7 +350,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume = self.ui.inputVolumeSelector.currentNode()
         try:
             self.logic.start(volume, model=self.ui.modelSelector.currentData, device=self.ui.deviceSelector.currentData,
-                             fast=self.ui.fastCheckBox.checked)
+                             fast=self.ui.fastCheckBox.checked, tta=self.ui.ttaCheckBox.checked)
         except Exception as err:  # noqa: BLE001 - shown to the user, scene untouched
             slicer.util.errorDisplay(f"Cannot start: {err}")
             return

@@ -400,21 +400,22 @@ def parameter_node(scene):
 
 
 def save_choices(scene, *, volume_node=None, seg_node=None, model: str | None = None, device: str | None = None,
-                 fast: bool | None = None) -> None:
+                 fast: bool | None = None, tta: bool | None = None) -> None:
     """Store the panel's choices in the parameter node (they are saved with the scene)."""
     node = parameter_node(scene)
     if volume_node is not None:
         node.SetNodeReferenceID(INPUT_ROLE, volume_node.GetID())
     if seg_node is not None:
         node.SetNodeReferenceID(OUTPUT_ROLE, seg_node.GetID())
-    for key, value in (("Model", model), ("Device", device), ("Fast", None if fast is None else str(bool(fast)))):
+    flags = (("Fast", fast), ("Tta", tta))
+    for key, value in (("Model", model), ("Device", device), *((k, None if v is None else str(bool(v))) for k, v in flags)):
         if value is not None:
             node.SetParameter(key, value)
 
 
 def load_choices(scene) -> dict:
-    """The stored choices: volume and segmentation nodes (or None), model, device, fast."""
+    """The stored choices: volume and segmentation nodes (or None), model, device, fast, tta."""
     node = parameter_node(scene)
     return {"volume_node": node.GetNodeReference(INPUT_ROLE), "seg_node": node.GetNodeReference(OUTPUT_ROLE),
             "model": node.GetParameter("Model") or None, "device": node.GetParameter("Device") or "auto",
-            "fast": node.GetParameter("Fast") == "True"}
+            "fast": node.GetParameter("Fast") == "True", "tta": node.GetParameter("Tta") == "True"}

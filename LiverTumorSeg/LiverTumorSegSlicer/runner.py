@@ -43,7 +43,8 @@ class Finished:
     error: str | None  # the child's "error: ..." line, or a summary when it failed without one
 
 
-def segment_command(python: str, ct_file: Path, out_dir: Path, *, model: str, device: str, fast: bool) -> list[str]:
+def segment_command(python: str, ct_file: Path, out_dir: Path, *, model: str, device: str, fast: bool,
+                    tta: bool = False) -> list[str]:
     """The child's command: raw network labels + cached probabilities + report, progress as lines.
 
     Post-processing is left to the parent, which keeps it live on the cached output.
@@ -51,7 +52,7 @@ def segment_command(python: str, ct_file: Path, out_dir: Path, *, model: str, de
     cmd = [python, "-m", "LiverTumorSegLib.cli", "segment", str(ct_file), "-o", str(out_dir / "labels.nii.gz"),
            "--no-postprocess", "--probabilities", str(out_dir / "probabilities.npz"),
            "--report", str(out_dir / "report.json"), "--model", model, "--device", device, "--progress-lines"]
-    return cmd + (["--fast"] if fast else [])
+    return cmd + (["--fast"] if fast else []) + (["--tta"] if tta else [])
 
 
 def child_environment(threads: int | None = None) -> dict:

@@ -35,6 +35,13 @@ def _alive(pid: int) -> bool:
         return f.read().split()[2] != "Z"
 
 
+def test_command_passes_the_panels_flags(ct_file, tmp_path):
+    plain = segment_command(sys.executable, ct_file, tmp_path, model="phantom-small", device="cpu", fast=False)
+    both = segment_command(sys.executable, ct_file, tmp_path, model="phantom-small", device="cuda:1", fast=True, tta=True)
+    assert "--fast" not in plain and "--tta" not in plain
+    assert both[-2:] == ["--fast", "--tta"] and both[both.index("--device") + 1] == "cuda:1"
+
+
 def test_child_segments_and_reports_progress(ct_file, tmp_path):
     cmd = segment_command(sys.executable, ct_file, tmp_path, model="phantom-small", device="cpu", fast=True)
     run = ChildRun(cmd, env=child_environment(threads=1))

@@ -358,7 +358,8 @@ def test_choices_settings_and_decisions_survive_scene_save_and_reload(scene, tmp
     region = live.rows[0]["id"]
     live.set_decision(region, "cyst")
     labels = live.labels.copy()
-    mrml.save_choices(scene, volume_node=live.volume_node, seg_node=live.seg_node, model="phantom-small", device="cpu", fast=True)
+    mrml.save_choices(scene, volume_node=live.volume_node, seg_node=live.seg_node, model="phantom-small", device="cpu", fast=True,
+                      tta=True)
     live.close()  # what the widget does before the scene is saved
     for node, name in ((live.volume_node, "ct.nrrd"), (live.seg_node, "seg.seg.nrrd")):
         storage = node.CreateDefaultStorageNode()
@@ -378,7 +379,7 @@ def test_choices_settings_and_decisions_survive_scene_save_and_reload(scene, tmp
     again.SetURL(str(tmp_path / "scene.mrml"))
     assert again.Connect() == 1
     choices = mrml.load_choices(again)
-    assert (choices["model"], choices["device"], choices["fast"]) == ("phantom-small", "cpu", True)
+    assert (choices["model"], choices["device"], choices["fast"], choices["tta"]) == ("phantom-small", "cpu", True, True)
     seg, volume = choices["seg_node"], choices["volume_node"]
     assert volume.GetName() == "CT" and seg.GetName() == "CT liver segmentation"
     assert _stored_params(seg).cyst_threshold_hu == 70.0
