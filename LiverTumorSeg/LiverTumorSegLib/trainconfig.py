@@ -109,7 +109,7 @@ class StageRecipe:
     loss: dict
     preprocessing: dict
     fg_fraction: float
-    fg_sampling: str = "voxel"
+    fg_sampling: str
 
 
 def _per_stage(value, stage: str):
@@ -124,4 +124,4 @@ def stage_recipe(cfg: dict, stage: str) -> StageRecipe:
         raise InputError(f"Unknown stage '{stage}': liver or tumor.")
     loss = cfg["loss"].get(stage, LOSS_CONFIGS[stage])
     return StageRecipe(stage, dict(loss), dict(cfg["preprocessing"][stage]), float(_per_stage(cfg["fg_fraction"], stage)),
-                       str(_per_stage(cfg.get("fg_sampling", "voxel"), stage)))
+                       str(_per_stage(cfg["fg_sampling"], stage)))

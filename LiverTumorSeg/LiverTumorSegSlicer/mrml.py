@@ -407,10 +407,9 @@ def save_choices(scene, *, volume_node=None, seg_node=None, model: str | None = 
         node.SetNodeReferenceID(INPUT_ROLE, volume_node.GetID())
     if seg_node is not None:
         node.SetNodeReferenceID(OUTPUT_ROLE, seg_node.GetID())
-    flags = (("Fast", fast), ("Tta", tta))
-    for key, value in (("Model", model), ("Device", device), *((k, None if v is None else str(bool(v))) for k, v in flags)):
+    for key, value in (("Model", model), ("Device", device), ("Fast", fast), ("Tta", tta)):
         if value is not None:
-            node.SetParameter(key, value)
+            node.SetParameter(key, str(bool(value)) if key in ("Fast", "Tta") else value)
 
 
 def load_choices(scene) -> dict:
