@@ -76,7 +76,7 @@ def main(argv=None):
     for seed in tqdm(range(args.seed0, args.seed0 + args.cases), desc="phantoms", file=sys.stderr):
         ct, lab = generate_case(seed)
         r = segment(ct, *models, fast=args.fast, tta=args.tta)
-        post, _ = PostProcessor(ct, r.labels, r.probabilities.tumor_full()).apply(PostParams())
+        post, _ = PostProcessor.from_network(ct, r.labels, r.probabilities).apply(PostParams())
         perfect = np.where(lab.array >= 2, 2, lab.array).astype(np.uint8)  # the true lesions, tumor and cyst alike
         bound, _ = PostProcessor(ct, perfect).apply(PostParams(dilate_iterations=0))
         ml = float(np.prod(ct.spacing)) / 1000
@@ -99,7 +99,7 @@ def main(argv=None):
         truth = labels.array
         r = segment(ct, *models, fast=args.fast, tta=args.tta)
         s = _scores(r.labels, truth)
-        post, _ = PostProcessor(ct, r.labels, r.probabilities.tumor_full()).apply(PostParams())
+        post, _ = PostProcessor.from_network(ct, r.labels, r.probabilities).apply(PostParams())
         result["ircad_1_1"] = {"liver_dice": round(s["liver"], 4), "lesion_dice": round(s["lesion"], 4), "tumor_only_dice": round(s["tumor_only"], 4),
                                "tumor_dice_after_filter": round(dice(post == 2, truth == 2), 4),
                                "note": "real CT; never trained on, used only to pick the best epoch (validation)"}

@@ -199,7 +199,7 @@ def _segment_one(src: Path, dst: Path, liver, tumor, dev, args) -> dict:
         bar.close()
     labels, rows = result.labels, []
     if not args.no_postprocess:
-        labels, rows = PostProcessor(volume, result.labels, result.probabilities.tumor_full()).apply(post_params(args))
+        labels, rows = PostProcessor.from_network(volume, result.labels, result.probabilities).apply(post_params(args))
     if output_kind(dst) == ".seg.nrrd":
         write_seg_nrrd(labels, volume, dst, overwrite=args.overwrite)
     else:
@@ -268,7 +268,7 @@ def cmd_demo(args) -> int:
         result = segment(volume, liver, tumor, device=str(dev), fast=args.fast, tta=args.tta, progress=bar)
     finally:
         bar.close()
-    labels, rows = PostProcessor(volume, result.labels, result.probabilities.tumor_full()).apply(PostParams())
+    labels, rows = PostProcessor.from_network(volume, result.labels, result.probabilities).apply(PostParams())
     write_seg_nrrd(labels, volume, out / "segmentation.seg.nrrd", overwrite=True)
     write_labels(labels, volume, out / "labels.nii.gz", overwrite=True)
     write_text(table_csv(rows), out / "regions.csv", overwrite=True)

@@ -50,7 +50,7 @@ def evaluate_model(args) -> tuple[list[dict], dict, str]:
             print(f"warning: case '{name}' has no reference labels; skipped", file=sys.stderr)
             continue
         result = segment(ct, liver, tumor, device=args.device, fast=args.fast, tta=args.tta)
-        post, _ = PostProcessor(ct, result.labels, result.probabilities.tumor_full()).apply(PostParams())
+        post, _ = PostProcessor.from_network(ct, result.labels, result.probabilities).apply(PostParams())
         spacing_zyx = ct.spacing[::-1]
         rows += case_rows(name, result.labels, truth.array, spacing_zyx, output=NETWORK)
         rows += case_rows(name, post, truth.array, spacing_zyx, output=POSTPROCESSED)

@@ -28,11 +28,13 @@ class Probabilities:
     """Compact network output on the input grid: uint8 probabilities (0-255 for 0-1).
 
     ``tumor`` covers only ``box`` (slices of the input's (k, j, i) array); zero elsewhere.
+    ``tumor_threshold``: the tumor card's cut-off on that scale (tumor iff value >= it).
     """
 
     liver: np.ndarray
     tumor: np.ndarray
     box: tuple[slice, slice, slice]
+    tumor_threshold: int = 128
 
     def tumor_full(self) -> np.ndarray:
         out = np.zeros(self.liver.shape, np.uint8)
@@ -42,13 +44,15 @@ class Probabilities:
     def save(self, path, *, overwrite: bool = False) -> None:
         """Write an ``.npz`` (atomically; refuses to replace a file unless ``overwrite``)."""
         starts = [s.start for s in self.box] + [s.stop for s in self.box]
-        write_npz({"liver": self.liver, "tumor": self.tumor, "box": np.array(starts)}, path, overwrite=overwrite)
+        write_npz({"liver": self.liver, "tumor": self.tumor, "box": np.array(starts),
+                   "tumor_threshold": np.array(self.tumor_threshold)}, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path) -> "Probabilities":
         with np.load(path) as z:
             b = z["box"]
-            return cls(z["liver"], z["tumor"], tuple(slice(int(b[i]), int(b[i + 3])) for i in range(3)))
+            threshold = int(z["tumor_threshold"]) if "tumor_threshold" in z else 128  # caches before it was stored
+            return cls(z["liver"], z["tumor"], tuple(slice(int(b[i]), int(b[i + 3])) for i in range(3)), threshold)
 
 
 @dataclass
@@ -216,15 +220,15 @@ def segment(
 
     labels = np.zeros(hu.shape, np.uint8)
     labels[liver] = LABEL_LIVER
-    if tumor_model is not None:
-        labels[box][tumor_box_u8 >= uint8_threshold(tumor_model)] = LABEL_TUMOR
+    tumor_threshold = 128 if tumor_model is None else uint8_threshold(tumor_model)
+    labels[box][tumor_box_u8 >= tumor_threshold] = LABEL_TUMOR
     tumor_u8 = np.zeros(hu.shape, np.uint8)
     tumor_u8[box] = tumor_box_u8
 
     labels = reorient.from_canonical(labels)
     tumor_full = reorient.from_canonical(tumor_u8)
     orig_box = bounding_box(tumor_full > 0) or (slice(0, 0),) * 3
-    probs = Probabilities(reorient.from_canonical(liver_u8), tumor_full[orig_box].copy(), orig_box)
+    probs = Probabilities(reorient.from_canonical(liver_u8), tumor_full[orig_box].copy(), orig_box, tumor_threshold)
     timings["total_s"] = time.perf_counter() - t0
     prog.message(1.0, "Done")
     report = {

@@ -3,7 +3,8 @@
 Order of operations (fixed):
 
 1. candidates: labels 2 and 3 of the input, or, when a tumor probability map (uint8 0-255) is
-   given, voxels with probability >= 0.5 (>= 128) inside the liver (labels 1, 2, 3);
+   given, voxels at or above ``threshold`` (the tumor card's cut-off; default 128, i.e. 0.5) inside
+   the liver (labels 1, 2, 3);
 2. 3-D regions: 26-connected components of the candidates (cc3d); a region's id is its cc3d
    label (raster order, so stable for a given input);
 3. per-region HU fit on the original unclipped CT (cached per (bin width, smoothing));
@@ -146,7 +147,8 @@ def _implausible(fit: Fit, hu: np.ndarray, bin_width: float, span: float) -> str
 class PostProcessor:
     """Components, histograms and fits computed once; ``apply`` re-derives labels from the cache."""
 
-    def __init__(self, ct: Volume, labels: np.ndarray, tumor_probability: np.ndarray | None = None):
+    def __init__(self, ct: Volume, labels: np.ndarray, tumor_probability: np.ndarray | None = None,
+                 threshold: int = 128):
         if labels.shape != ct.array.shape:
             raise ValueError(f"labels shape {labels.shape} differs from CT {ct.array.shape}")
         if tumor_probability is not None and tumor_probability.shape != ct.array.shape:
@@ -157,12 +159,19 @@ class PostProcessor:
         if tumor_probability is None:
             candidates = self._labels >= 2
         else:
-            candidates = liver & (np.asarray(tumor_probability) >= 128)
+            if not 1 <= threshold <= 255:
+                raise ValueError(f"threshold must be 1-255 (uint8 probability), not {threshold}")
+            candidates = liver & (np.asarray(tumor_probability) >= threshold)
         self._regions = _find_regions(ct.array, liver, candidates)
         self._by_id = {r.id: r for r in self._regions}
         self._base = liver.astype(np.uint8)  # lesion voxels that are no candidate become liver
         self._fits: dict[tuple[float, float], list[Fit]] = {}
         self._grown: dict[tuple[int, int, int, int], np.ndarray] = {}
+
+    @classmethod
+    def from_network(cls, ct: Volume, labels: np.ndarray, probabilities) -> "PostProcessor":
+        """Candidates from the cached network output (``pipeline.Probabilities``) at its card's cut-off."""
+        return cls(ct, labels, probabilities.tumor_full(), probabilities.tumor_threshold)
 
     @property
     def active_box(self) -> tuple[slice, slice, slice] | None:

@@ -34,7 +34,7 @@ class LiveResult:
     def __init__(self, volume_node, seg_node, raw_labels: np.ndarray, probabilities: Probabilities, report: dict | None = None):
         self.volume_node, self.seg_node, self.report = volume_node, seg_node, report or {}
         self.volume = mrml.volume_from_node(volume_node)
-        self.processor = PostProcessor(self.volume, raw_labels, probabilities.tumor_full())
+        self.processor = PostProcessor.from_network(self.volume, raw_labels, probabilities)
         self.writer = mrml.SegmentWriter(seg_node, volume_node)
         self.params = _stored_params(seg_node)
         self.overrides: dict[int, str] = {}

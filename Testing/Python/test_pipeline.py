@@ -12,6 +12,7 @@ from LiverTumorSegLib.metrics import dice
 from LiverTumorSegLib.modelfile import load_model
 from LiverTumorSegLib.phantom import generate_case
 from LiverTumorSegLib.pipeline import Probabilities, segment
+from LiverTumorSegLib.postprocess import PostParams, PostProcessor
 from LiverTumorSegLib.registry import model_files
 from LiverTumorSegLib.volume import Volume
 
@@ -85,6 +86,26 @@ def test_probability_cache_reproduces_labels(models, case, result, tmp_path, sto
     assert np.array_equal(tumor, result.labels == 2)  # labels are the cache thresholded at 0.5
     liver = result.labels == 1
     assert (probs.liver[liver] < 128).mean() < 0.01  # only holes filled inside the largest component
+
+
+def test_card_threshold_reaches_labels_cache_and_postprocessing(models, case, tmp_path):
+    """A card cut-off other than 0.5 governs the labels, is kept in the cache, and the post-processing
+    candidates then equal the network's tumor labels (filter and dilation off)."""
+    liver_model, tumor_model = models
+    strict = copy.copy(tumor_model)
+    strict.card = copy.deepcopy(tumor_model.card)
+    strict.card["inference"]["threshold"] = 0.8
+    result = segment(case[0], liver_model, strict, fast=True)
+    probs = result.probabilities
+    assert probs.tumor_threshold == 204
+    assert np.array_equal(result.labels == 2, probs.tumor_full() >= 204)
+    assert ((probs.tumor_full() >= 128) & (probs.tumor_full() < 204)).any()  # the cut-off matters here
+    path = tmp_path / "probs.npz"
+    probs.save(path)
+    loaded = Probabilities.load(path)
+    assert loaded.tumor_threshold == 204
+    out, _ = PostProcessor.from_network(case[0], result.labels, loaded).apply(PostParams(cyst_filter=False, dilate_iterations=0))
+    assert np.array_equal(out, result.labels)
 
 
 def test_progress_is_monotonic_and_complete(models, case):

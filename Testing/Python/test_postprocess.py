@@ -204,6 +204,10 @@ def test_probability_map_candidates_stay_in_liver():
     out, rows = PostProcessor(ct, liver, prob).apply(PostParams(dilate_iterations=0))
     assert len(rows) == 1 and rows[0]["voxels"] == 75
     assert np.array_equal(out >= 2, (prob >= 128) & (liver > 0))
+    out, rows = PostProcessor(ct, liver, prob, threshold=201).apply(PostParams(dilate_iterations=0))
+    assert rows == [] and np.array_equal(out, liver)  # 200 < 201: no candidate left
+    with pytest.raises(ValueError, match="threshold"):
+        PostProcessor(ct, liver, prob, threshold=0)
 
 
 def test_histogram_png(phantom, tmp_path):
