@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from LiverTumorSegLib.datasets import find_cases, load_case
-from LiverTumorSegLib.metrics import dice
+from LiverTumorSegLib.metrics import dice, mean_ci
 from LiverTumorSegLib.modelfile import load_model, update_card
 from LiverTumorSegLib.phantom import generate_case
 from LiverTumorSegLib.pipeline import segment
@@ -54,6 +54,7 @@ def summarize(rows: list[dict]) -> dict:
     if "tumor_after_filter" in rows[0]:
         for k in ("tumor_after_filter", "cyst_after_filter", "tumor_filter_on_truth"):
             out[f"{k}_dice_per_case_mean"] = round(float(np.mean([r[k] for r in rows])), 4)
+        out["tumor_after_filter_dice_per_case_ci95"] = [round(x, 4) for x in mean_ci(r["tumor_after_filter"] for r in rows)]
         for when in ("before", "after"):
             sums = sum(r[f"tumor_sums_{when}"] for r in rows)
             out[f"tumor_dice_global_{when}_filter"] = round(2 * sum(r[f"tumor_inter_{when}"] for r in rows) / sums, 4) if sums else 1.0

@@ -25,7 +25,7 @@ from typing import Iterable, Sequence
 
 import cc3d
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 
 AUTHORS_PROTOCOL = "mean excluding cases with DSC 0 and cases with both masks empty (G-UNETR++ reporting)"
 
@@ -156,3 +156,19 @@ def summarize(rows: Sequence[dict], key: str = "dsc") -> dict:
         **{name: _finite_mean(row[name] for row in rows)
            for name in ("voe", "ravd", "abs_ravd", "assd_mm", "hd95_mm")},
     }
+
+
+def mean_ci(values: Iterable[float], level: float = 0.95, resamples: int = 9999, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap confidence interval of the mean of the finite values (scipy.stats.bootstrap).
+
+    Deterministic for a seed; (nan, nan) with fewer than two finite values.
+    """
+    v = np.asarray(list(values), float)
+    v = v[np.isfinite(v)]
+    if v.size < 2:
+        return math.nan, math.nan
+    if np.all(v == v[0]):  # no spread: every resample has the same mean
+        return float(v[0]), float(v[0])
+    ci = stats.bootstrap((v,), np.mean, confidence_level=level, n_resamples=resamples, method="percentile",
+                         rng=np.random.default_rng(seed)).confidence_interval
+    return float(ci.low), float(ci.high)

@@ -82,11 +82,12 @@ def test_folders_hand_computed_metrics_and_summaries(folders, tmp_path, capsys):
     assert float(rows["a", "tumor"]["assd_mm"]) > 0
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))["tumor"]
     assert summary["metrics"]["dsc"]["mean"] == pytest.approx(0.4)
+    assert summary["metrics"]["dsc"]["ci95"] == pytest.approx([0.0, 0.8])  # resampled means 0, 0.4, 0.8 at 1:2:1
     assert summary["authors_protocol"]["dsc"] == pytest.approx(0.8)
     assert summary["authors_protocol"]["excluded"] == 1
     assert summary["global_dice"] == pytest.approx(1600 / 3000)
     markdown = (out / "summary.md").read_text(encoding="utf-8")
-    assert "0.4000 +/-" in markdown and "0.5333" in markdown
+    assert "0.4000 +/-" in markdown and "0.5333" in markdown and "| 0.0000-0.8000 |" in markdown
     assert "G-UNETR++ authors' protocol, not comparable with the LiTS leaderboard: DSC 0.8000" in markdown
     assert "0.4000 +/-" in stdout
     png = (out / "boxplot.png").read_bytes()

@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from LiverTumorSegLib.metrics import case_metrics, dice, lesion_detection, summarize
+from LiverTumorSegLib.metrics import case_metrics, dice, lesion_detection, mean_ci, summarize
 
 ANISO = (2.5, 0.7, 0.9)  # (sz, sy, sx) mm
 
@@ -167,3 +167,18 @@ def test_summarize_hand_case():
     assert s["assd_mm"]["skipped"] == 1 and s["assd_mm"]["cases"] == 3
     assert s["voe"] == {"mean": pytest.approx((0 + 0.5 + 1 + 0) / 4), "cases": 4, "skipped": 0}
     assert summarize(rows, key="recall")["mean"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+
+
+def test_mean_ci_matches_the_normal_approximation_on_a_large_sample():
+    v = np.random.default_rng(3).normal(0.6, 0.3, 400)
+    lo, hi = mean_ci(v)
+    half = 1.96 * v.std(ddof=1) / np.sqrt(v.size)
+    assert lo == pytest.approx(v.mean() - half, abs=0.15 * half) and hi == pytest.approx(v.mean() + half, abs=0.15 * half)
+    assert mean_ci(v) == (lo, hi)  # deterministic for the default seed
+
+
+def test_mean_ci_edge_cases():
+    assert mean_ci([0.5, 0.5, np.nan]) == (0.5, 0.5)  # no spread; nan skipped
+    assert all(np.isnan(mean_ci([0.7]))) and all(np.isnan(mean_ci([])))
+    lo, hi = mean_ci([0.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+    assert 0.0 <= lo < 2 / 3 < hi <= 1.0
