@@ -20,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from LiverTumorSegLib.datasets import find_cases, load_case
-from LiverTumorSegLib.metrics import dice, mean_ci
+from LiverTumorSegLib.metrics import dice, lesion_detection, mean_ci
 from LiverTumorSegLib.modelfile import load_model, update_card
 from LiverTumorSegLib.phantom import generate_case
 from LiverTumorSegLib.pipeline import segment
@@ -55,6 +55,12 @@ def summarize(rows: list[dict]) -> dict:
         for k in ("tumor_after_filter", "cyst_after_filter", "tumor_filter_on_truth"):
             out[f"{k}_dice_per_case_mean"] = round(float(np.mean([r[k] for r in rows])), 4)
         out["tumor_after_filter_dice_per_case_ci95"] = [round(x, 4) for x in mean_ci(r["tumor_after_filter"] for r in rows)]
+        det = [r["tumor_detection"] for r in rows]
+        found, total = sum(d["detected"] for d in det), sum(d["truth_lesions"] for d in det)
+        out["tumors_detected_after_filter"] = f"{found} of {total}"
+        out["false_positive_tumors_per_case"] = round(float(np.mean([d["false_positives"] for d in det])), 3)
+        free = [d for d in det if d["truth_lesions"] == 0]
+        out["tumor_free_cases_without_false_tumor"] = f"{sum(d['pred_lesions'] == 0 for d in free)} of {len(free)}"
         for when in ("before", "after"):
             sums = sum(r[f"tumor_sums_{when}"] for r in rows)
             out[f"tumor_dice_global_{when}_filter"] = round(2 * sum(r[f"tumor_inter_{when}"] for r in rows) / sums, 4) if sums else 1.0
@@ -88,7 +94,8 @@ def main(argv=None):
                          tumor_inter_before=int(np.logical_and(r.labels == 2, lab.array == 2).sum()),
                          tumor_sums_before=int((r.labels == 2).sum() + (lab.array == 2).sum()),
                          tumor_inter_after=int(np.logical_and(post == 2, lab.array == 2).sum()),
-                         tumor_sums_after=int((post == 2).sum() + (lab.array == 2).sum())))
+                         tumor_sums_after=int((post == 2).sum() + (lab.array == 2).sum()),
+                         tumor_detection=lesion_detection(post == 2, lab.array == 2)))
         seconds.append(r.report["timings"]["total_s"])
     phantom = dict(summarize(rows), seeds=f"{args.seed0}-{args.seed0 + args.cases - 1}", mode=("fast" if args.fast else "normal") + (" + tta" if args.tta else ""),
                    mean_seconds=round(float(np.mean(seconds)), 1),
@@ -109,7 +116,9 @@ def main(argv=None):
         print(f"seed {row['seed']}: liver {row['liver']:.4f} lesion {row['lesion']:.4f} tumor-only {row['tumor_only']:.4f} "
               f"-> after the cyst filter tumor {row['tumor_after_filter']:.4f} cyst {row['cyst_after_filter']:.4f} "
               f"(filter on the true lesions: tumor {row['tumor_filter_on_truth']:.4f}) "
-              f"(lesion mL truth {row['truth_lesion_ml']:.1f}, predicted {row['pred_lesion_ml']:.1f})")
+              f"(lesion mL truth {row['truth_lesion_ml']:.1f}, predicted {row['pred_lesion_ml']:.1f}) "
+              f"(tumors found {row['tumor_detection']['detected']} of {row['tumor_detection']['truth_lesions']}, "
+              f"false tumors {row['tumor_detection']['false_positives']})")
     if not args.no_write and args.seed0 == EVAL_SEED0:  # cards carry the test seeds' numbers only
         update_card(liver_path, metrics={"fresh_phantoms": {k: v for k, v in phantom.items() if k.startswith(("liver", "cases", "seeds", "mode"))},
                                          **({"ircad_1_1": {"liver_dice": result["ircad_1_1"]["liver_dice"]}} if ct is not None else {})})
