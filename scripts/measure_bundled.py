@@ -1,8 +1,10 @@
 """Measure the bundled models and write the numbers into their model cards.
 
-    .venv/bin/python scripts/measure_bundled.py [--cases 12] [--seed0 2000] [--model NAME|FOLDER] [--no-write]
+    .venv/bin/python scripts/measure_bundled.py [--cases 48] [--seed0 2000] [--model NAME|FOLDER] [--no-write]
 
-Fresh phantoms (seeds 2000+, never used in training; default random geometry, 512 matrix) and,
+Fresh phantoms (the test seeds 2000-2047, never used in training or for any choice; default random
+geometry, 512 matrix; 48 cases since 2026-11-29, 12 before: their per-case tumor Dice had a 95 %
+CI 0.42 wide) and,
 when present, 3D-IRCADb patient 1.1 (expert masks; liver + livertumor01..07 merged in memory,
 the cyst kept apart). ``tumor_filter_on_truth``: the cyst filter (no dilation) applied to the
 true lesions, the most any network can reach with the filter at its default. Dice per case: a case with no lesion in truth and prediction counts 1,
@@ -69,9 +71,9 @@ def summarize(rows: list[dict]) -> dict:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", type=int, default=12)
+    ap.add_argument("--cases", type=int, default=48)
     ap.add_argument("--seed0", type=int, default=EVAL_SEED0,
-                    help="first phantom seed (default 2000, the test seeds; e.g. 3000 for the tuning phantoms)")
+                    help="first phantom seed (default 2000, the test seeds; 3000-3047 are the tuning phantoms)")
     ap.add_argument("--fast", action="store_true")
     ap.add_argument("--tta", action="store_true", help="test-time mirroring (segment --tta)")
     ap.add_argument("--model", default="phantom-small", help="bundled name or a folder with liver.ltsm + tumor.ltsm")
