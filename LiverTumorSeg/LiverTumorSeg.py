@@ -96,7 +96,7 @@ class LiverTumorSegLogic(ScriptedLoadableModuleLogic):
         return None
 
     def start(self, volume_node, *, model: str = DEFAULT_MODEL, device: str = "auto", fast: bool = False,
-              tta: bool = False, python: str | None = None) -> runner.ChildRun:
+              tta: bool = True, python: str | None = None) -> runner.ChildRun:
         """Write the CT to a temporary folder and start the child process on it."""
         volume = mrml.volume_from_node(volume_node)
         check_ct(volume)

@@ -75,7 +75,8 @@ def main(argv=None):
     ap.add_argument("--seed0", type=int, default=EVAL_SEED0,
                     help="first phantom seed (default 2000, the test seeds; 3000-3047 are the tuning phantoms)")
     ap.add_argument("--fast", action="store_true")
-    ap.add_argument("--tta", action="store_true", help="test-time mirroring (segment --tta)")
+    ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                    help="test-time mirroring, as segment does by default (--no-tta: normal mode)")
     ap.add_argument("--model", default="phantom-small", help="bundled name or a folder with liver.ltsm + tumor.ltsm")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update the model cards")
     args = ap.parse_args(argv)

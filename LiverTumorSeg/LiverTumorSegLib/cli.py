@@ -107,6 +107,13 @@ def post_params(args):
                       dilate_iterations=args.dilate_iterations, dilate_max_area_px=args.dilate_max_area)
 
 
+def add_tta_argument(parser: argparse.ArgumentParser) -> None:
+    """``--tta`` / ``--no-tta``: test-time mirroring, on by default (chosen on the tuning phantoms and IRCAD)."""
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                        help="test-time mirroring: average each network over in-plane flips (default on; "
+                             "--no-tta: 4x less network time)")
+
+
 def add_post_arguments(p: argparse.ArgumentParser) -> None:
     """The post-processing flags shared by segment and postprocess (defaults: DESIGN.md section 4)."""
     g = p.add_argument_group("post-processing")
@@ -350,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tumor-model", help="stage 2 from this .ltsm file or model name instead")
     s.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda|cuda:N")
     s.add_argument("--fast", action="store_true", help="fewer tiles (step 1.0) and bf16 where the CPU has it")
-    s.add_argument("--tta", action="store_true", help="test-time mirroring: average each network over in-plane flips (4x the network time)")
+    add_tta_argument(s)
     s.add_argument("--report", help="write a JSON report (device, timings, tiles, models)")
     s.add_argument("--probabilities", help="cache the network output (.npz) for later post-processing")
     s.add_argument("--format", default=".seg.nrrd", choices=[".seg.nrrd", *LABEL_EXTS], help="output type for a folder of cases")
@@ -383,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--part", default="test", choices=["train", "val", "test"], help="with --model: which part of the split (default test)")
     s.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda|cuda:N")
     s.add_argument("--fast", action="store_true", help="with --model: fewer tiles (step 1.0)")
-    s.add_argument("--tta", action="store_true", help="with --model: test-time mirroring (in-plane flips, 4x the network time)")
+    add_tta_argument(s)
     s.add_argument("-o", "--out", required=True, type=Path, help="folder for metrics.csv, summary.md, summary.json and boxplot.png")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_evaluate)
@@ -394,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default="phantom-small")
     s.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda|cuda:N")
     s.add_argument("--fast", action="store_true")
-    s.add_argument("--tta", action="store_true", help="test-time mirroring: average each network over in-plane flips (4x the network time)")
+    add_tta_argument(s)
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_demo)
 

@@ -413,8 +413,8 @@ def save_choices(scene, *, volume_node=None, seg_node=None, model: str | None = 
 
 
 def load_choices(scene) -> dict:
-    """The stored choices: volume and segmentation nodes (or None), model, device, fast, tta."""
+    """The stored choices: volume and segmentation nodes (or None), model, device, fast, tta (on unless stored off)."""
     node = parameter_node(scene)
     return {"volume_node": node.GetNodeReference(INPUT_ROLE), "seg_node": node.GetNodeReference(OUTPUT_ROLE),
             "model": node.GetParameter("Model") or None, "device": node.GetParameter("Device") or "auto",
-            "fast": node.GetParameter("Fast") == "True", "tta": node.GetParameter("Tta") == "True"}
+            "fast": node.GetParameter("Fast") == "True", "tta": node.GetParameter("Tta") != "False"}

@@ -44,7 +44,7 @@ class Finished:
 
 
 def segment_command(python: str, ct_file: Path, out_dir: Path, *, model: str, device: str, fast: bool,
-                    tta: bool = False) -> list[str]:
+                    tta: bool = True) -> list[str]:
     """The child's command: raw network labels + cached probabilities + report, progress as lines.
 
     Post-processing is left to the parent, which keeps it live on the cached output.
@@ -52,7 +52,7 @@ def segment_command(python: str, ct_file: Path, out_dir: Path, *, model: str, de
     cmd = [python, "-m", "LiverTumorSegLib.cli", "segment", str(ct_file), "-o", str(out_dir / "labels.nii.gz"),
            "--no-postprocess", "--probabilities", str(out_dir / "probabilities.npz"),
            "--report", str(out_dir / "report.json"), "--model", model, "--device", device, "--progress-lines"]
-    return cmd + (["--fast"] if fast else []) + (["--tta"] if tta else [])
+    return cmd + (["--fast"] if fast else []) + (["--tta"] if tta else ["--no-tta"])
 
 
 def child_environment(threads: int | None = None) -> dict:

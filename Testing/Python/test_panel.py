@@ -64,6 +64,12 @@ def test_ui_control_ranges_and_defaults_are_the_panels_and_the_cores():
         assert (float(p["minimum"]), float(p["maximum"])) == bounds, name
         assert float(p["value"]) == defaults[key], name
     assert (props["cystFilterCheckBox"]["checked"] == "true") == defaults["cyst_filter"]
+    from LiverTumorSegLib.cli import build_parser
+
+    for argv in (["segment", "ct.nrrd", "-o", "s.seg.nrrd"], ["demo"], ["evaluate", "--model", "m", "-o", "e"]):
+        assert build_parser().parse_args(argv).tta is True  # the command line mirrors by default, as the panel does
+    assert build_parser().parse_args(["demo", "--no-tta"]).tta is False
+    assert props["ttaCheckBox"]["checked"] == "true"
     assert panel.DILATE_ITERATIONS[1] == MAX_DILATE_ITERATIONS
     assert panel.CYST_THRESHOLD_HU == (-20.0, 120.0) and defaults["cyst_threshold_hu"] == 45.0  # the slider
 

@@ -36,10 +36,12 @@ def _alive(pid: int) -> bool:
 
 
 def test_command_passes_the_panels_flags(ct_file, tmp_path):
-    plain = segment_command(sys.executable, ct_file, tmp_path, model="phantom-small", device="cpu", fast=False)
+    default = segment_command(sys.executable, ct_file, tmp_path, model="phantom-small", device="cpu", fast=False)
     both = segment_command(sys.executable, ct_file, tmp_path, model="phantom-small", device="cuda:1", fast=True, tta=True)
-    assert "--fast" not in plain and "--tta" not in plain
+    quick = segment_command(sys.executable, ct_file, tmp_path, model="phantom-small", device="cpu", fast=True, tta=False)
+    assert "--fast" not in default and default[-1] == "--tta"  # mirroring is the default
     assert both[-2:] == ["--fast", "--tta"] and both[both.index("--device") + 1] == "cuda:1"
+    assert quick[-2:] == ["--fast", "--no-tta"]
 
 
 def test_child_segments_and_reports_progress(ct_file, tmp_path):

@@ -380,6 +380,10 @@ def test_choices_settings_and_decisions_survive_scene_save_and_reload(scene, tmp
     assert again.Connect() == 1
     choices = mrml.load_choices(again)
     assert (choices["model"], choices["device"], choices["fast"], choices["tta"]) == ("phantom-small", "cpu", True, True)
+    fresh = slicer.vtkMRMLScene()
+    assert mrml.load_choices(fresh)["tta"] is True  # mirroring is on until the user turns it off
+    mrml.save_choices(fresh, tta=False)
+    assert mrml.load_choices(fresh)["tta"] is False
     seg, volume = choices["seg_node"], choices["volume_node"]
     assert volume.GetName() == "CT" and seg.GetName() == "CT liver segmentation"
     assert _stored_params(seg).cyst_threshold_hu == 70.0
