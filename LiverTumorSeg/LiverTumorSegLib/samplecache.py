@@ -4,6 +4,11 @@ A run prepares each case once per stage (``<run>/cache/<stage>/<case>/``); every
 of a node then maps the same files, so N processes share one copy in the page cache instead of
 holding N copies in RAM, and a resumed run skips the preparation. A case's ``meta.json`` is
 written last and records what the arrays were built from; anything else there is rebuilt.
+
+Tumor-stage samples can be built around stage 1's predicted liver instead of the reference one
+(``liver_model``), so stage 2 learns on the masks it will be handed at inference (stage 1 also
+lets in bits of neighbours, e.g. the gallbladder). The prediction runs as ``segment`` runs it
+(normal mode, no mirroring), once per case, and the model's sha256 is part of the cache key.
 """
 
 from __future__ import annotations
@@ -24,15 +29,26 @@ CACHE_FORMAT = 1
 ARRAYS = ("image", "target", "mask")
 
 
-def cache_key(case: Case, stage: str, pre: dict) -> dict:
-    """What a prepared sample depends on: the source files (path, size, time) and the preprocessing."""
+def cache_key(case: Case, stage: str, pre: dict, liver_model=None) -> dict:
+    """What a prepared sample depends on: the source files (path, size, time), the preprocessing and
+    (tumor stage) the liver model whose prediction it is built around."""
     def stamp(path: Path | None):
         if path is None:
             return None
         st = path.stat()
         return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
-    return {"format": CACHE_FORMAT, "stage": stage, "preprocessing": pre, "image": stamp(case.image), "label": stamp(case.label)}
+    key = {"format": CACHE_FORMAT, "stage": stage, "preprocessing": pre, "image": stamp(case.image), "label": stamp(case.label)}
+    if liver_model is not None:
+        key["liver_model_sha256"] = liver_model.sha256
+    return key
+
+
+def predicted_liver(ct, liver_model, device) -> np.ndarray:
+    """Stage 1's liver mask of a CT on its own grid, as ``segment`` computes it (normal mode)."""
+    from .pipeline import segment
+
+    return segment(ct, liver_model, None, device=str(device)).labels > 0
 
 
 def _read_meta(folder: Path) -> dict | None:
@@ -67,23 +83,28 @@ def load(folder: Path, name: str) -> Sample | None:
 
 
 def prepared_samples(names: list[str], cases: dict, stage: str, pre: dict, cache_dir: Path, *,
-                     build: bool, show: bool = False) -> list[Sample]:
+                     build: bool, show: bool = False, liver_model=None, device="cpu") -> list[Sample]:
     """The stage samples of the named cases, from the cache; missing or stale ones are built when
     ``build`` (one process per run does that), else that is an error. Cases without labels, and
-    for tumors cases without liver, have no sample."""
+    for tumors cases without liver, have no sample. ``liver_model`` (tumor stage): build around its
+    predicted liver, run on ``device``."""
     from tqdm import tqdm
 
     samples = []
     for name in tqdm([n for n in names if n in cases], desc=f"preparing {stage}", unit="case",
                      disable=None if show else True, file=sys.stderr):
         case, folder = cases[name], cache_dir / name
-        key = cache_key(case, stage, pre)
+        key = cache_key(case, stage, pre, liver_model if stage == "tumor" else None)
         meta = _read_meta(folder)
         if meta is None or meta["key"] != json.loads(json.dumps(key)):
             if not build:
                 raise InputError(f"The prepared sample of case '{name}' is missing from {folder}.")
             ct, labels = load_case(case)
-            store(build_sample(ct, labels, stage, pre, name) if labels is not None else None, key, folder)
+            sample = None
+            if labels is not None:
+                liver = predicted_liver(ct, liver_model, device) if key.get("liver_model_sha256") else None
+                sample = build_sample(ct, labels, stage, pre, name, liver=liver)
+            store(sample, key, folder)
         sample = load(folder, name)
         if sample is not None:
             samples.append(sample)

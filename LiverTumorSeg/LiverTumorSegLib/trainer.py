@@ -52,10 +52,13 @@ class Sample:
     mask: np.ndarray | None = None
 
 
-def build_sample(ct: Volume, labels: Volume, stage: str, pre: dict, name: str = "") -> Sample | None:
+def build_sample(ct: Volume, labels: Volume, stage: str, pre: dict, name: str = "",
+                 liver: np.ndarray | None = None) -> Sample | None:
     """The stage's sample of a labelled CT, exactly as inference prepares its input.
 
-    Tumor stage: cropped and masked around the reference liver; None when the labels have no liver.
+    Tumor stage: cropped and masked around ``liver`` (a mask on the CT's grid, e.g. stage 1's
+    prediction), else around the reference liver; None when that liver is empty. The target is
+    the reference lesions inside the mask, so lesions stage 1 leaves out are lost as at inference.
     """
     hu, spacing, reorient = to_canonical(ct)
     lab = reorient.to_canonical(labels.array)
@@ -63,9 +66,10 @@ def build_sample(ct: Volume, labels: Volume, stage: str, pre: dict, name: str = 
         img = liver_stage_input(hu, spacing, pre)
         return Sample(name, img, resize_labels((lab > 0).astype(np.uint8), img.shape))
     if stage == "tumor":
-        if not (lab > 0).any():
+        around = lab > 0 if liver is None else reorient.to_canonical(np.asarray(liver, bool))
+        if not around.any():
             return None
-        img, mask, box = tumor_stage_input(hu, lab > 0, spacing, pre)
+        img, mask, box = tumor_stage_input(hu, around, spacing, pre)
         target = resize_labels(np.isin(lab[box], LESION_LABELS).astype(np.uint8), img.shape)
         target[~mask] = 0
         return Sample(name, img, target, mask)
@@ -335,8 +339,10 @@ class StageTrainer:
 
 
 def make_card(name: str, config: dict, stage: str, *, data: dict, best: dict, history: list, epoch: int,
-              seconds: float, hardware: str, command: str, init: dict | None = None) -> dict:
-    """A model card for a network this recipe produced (test-set metrics are measured separately)."""
+              seconds: float, hardware: str, command: str, init: dict | None = None,
+              liver_masks: dict | None = None) -> dict:
+    """A model card for a network this recipe produced (test-set metrics are measured separately);
+    ``liver_masks``: the liver model whose predictions the tumor samples were built around."""
     from . import __version__
 
     recipe = stage_recipe(config, stage)
@@ -350,7 +356,9 @@ def make_card(name: str, config: dict, stage: str, *, data: dict, best: dict, hi
         "hessian_axis": "net.hessian_axis 0 = mixed derivatives with the slice axis (paper intent: d2I/dxdz, d2I/dydz)",
         "training": {
             "data": data,
-            "target": "liver (labels 1-3)" if stage == "liver" else "lesion = tumor + cyst (labels 2-3) inside the reference liver + margin",
+            "target": "liver (labels 1-3)" if stage == "liver" else
+            f"lesion = tumor + cyst (labels 2-3) inside the {'reference liver' if liver_masks is None else 'liver predicted by stage 1'} + margin",
+            **({"liver_masks_from": liver_masks} if liver_masks else {}),
             "recipe": {k: v for k, v in config.items() if k != "preprocessing"},
             "initialised_from": init or "random (seed in the recipe)",
             "weights_from_epoch": epoch,

@@ -115,6 +115,7 @@ def run_train(args) -> int:
         _check_run_dir(run_dir, stage, args.resume, args.overwrite)
     config = load_run_config(args, run_dir)
     recipe = stage_recipe(config, stage)
+    liver_model = stage1_model(args)
     device = distributed.start(world, resolve_device(args.device))
     try:
         cases = gather_cases([Path(d) for d in args.data], args.format)
@@ -133,12 +134,13 @@ def run_train(args) -> int:
             print(f"{stage}: split from {split_source}; device {device}; {world.size} process(es)", file=sys.stderr)
         distributed.barrier(world)
         cache = run_dir / "cache" / stage
+        masks = {"liver_model": liver_model, "device": device}
         if world.main:  # one process prepares; the others map its files
-            train = prepared_samples(split["train"], cases, stage, recipe.preprocessing, cache, build=True, show=True)
-            val = prepared_samples(split["val"], cases, stage, recipe.preprocessing, cache, build=True, show=True)
+            train = prepared_samples(split["train"], cases, stage, recipe.preprocessing, cache, build=True, show=True, **masks)
+            val = prepared_samples(split["val"], cases, stage, recipe.preprocessing, cache, build=True, show=True, **masks)
         distributed.barrier(world)
         if not world.main:
-            train = prepared_samples(split["train"], cases, stage, recipe.preprocessing, cache, build=False)
+            train = prepared_samples(split["train"], cases, stage, recipe.preprocessing, cache, build=False, **masks)
             val = []
         init = load_model(args.init, stage=stage) if args.init else None
         trainer = StageTrainer(config, stage, train, val, run_dir, device, world, init.net if init else None)
@@ -165,13 +167,25 @@ def run_train(args) -> int:
             bar.close()
         if world.main:
             start = {"name": init.card["name"], "file": init.path.name, "sha256": init.sha256} if init else None
-            _write_model(args, trainer, config, cases, split, device, world, outcome, start)
+            _write_model(args, trainer, config, cases, split, device, world, outcome, start, liver_model)
     finally:
         distributed.stop(world)
     return 0
 
 
-def _write_model(args, trainer, config, cases, split, device, world, outcome, init) -> None:
+def stage1_model(args):
+    """The liver model whose predictions the tumor stage's samples are built around (--liver-model), or None."""
+    if args.liver_model is None:
+        return None
+    if args.stage != "tumor":
+        raise InputError("--liver-model is for the tumor stage: it builds stage 2's samples around stage 1's predicted liver.")
+    from .registry import stage_files
+
+    path, _ = stage_files(None, args.liver_model, need_tumor=False)
+    return load_model(path, stage="liver")
+
+
+def _write_model(args, trainer, config, cases, split, device, world, outcome, init, liver_model=None) -> None:
     stage, run_dir = args.stage, Path(args.output)
     net, epoch = trainer.final_network()
     present = {part: [n for n in split[part] if n in cases] for part in SPLITS}
@@ -186,7 +200,9 @@ def _write_model(args, trainer, config, cases, split, device, world, outcome, in
     name = args.name or f"{run_dir.resolve().name}-{stage}"
     command = "livertumorseg " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "livertumorseg train"
     card = make_card(name, config, stage, data=data, best=outcome["best"], history=outcome["history"], epoch=epoch,
-                     seconds=outcome["history"][-1]["seconds"], hardware=hardware(device, world), command=command, init=init)
+                     seconds=outcome["history"][-1]["seconds"], hardware=hardware(device, world), command=command, init=init,
+                     liver_masks=None if liver_model is None else
+                     {"name": liver_model.card["name"], "file": liver_model.path.name, "sha256": liver_model.sha256})
     path = save_model(net, card, run_dir / f"{stage}.ltsm")
     best = outcome["best"]
     note = f"validation Dice {best['dice']:.4f} at epoch {best['epoch']}" if best["epoch"] else "no validation cases: last epoch"

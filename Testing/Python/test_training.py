@@ -19,11 +19,13 @@ from LiverTumorSegLib.cli import main
 from LiverTumorSegLib.datasets import gather_cases, load_case
 from LiverTumorSegLib.errors import InputError
 from LiverTumorSegLib.imageio import write_labels, write_volume
+from LiverTumorSegLib.modelfile import load_model
 from LiverTumorSegLib.netconfig import SMALL
 from LiverTumorSegLib.orientation import to_canonical
 from LiverTumorSegLib.phantom import generate_case
 from LiverTumorSegLib.pipeline import tumor_stage_input
-from LiverTumorSegLib.samplecache import prepared_samples
+from LiverTumorSegLib.registry import model_files
+from LiverTumorSegLib.samplecache import predicted_liver, prepared_samples
 from LiverTumorSegLib.trainconfig import bundled_configs, check_config, load_config, stage_recipe
 from LiverTumorSegLib.trainer import PatchSampler, Sample, StageTrainer, build_sample
 
@@ -80,6 +82,24 @@ def test_tumor_samples_are_built_like_inference_input():
     assert np.array_equal(sample.image, expected) and np.array_equal(sample.mask, mask)
     assert sample.target.shape == sample.image.shape and not sample.target[~mask].any()
     assert set(np.unique(sample.target)) <= {0, 1} and sample.target.any()
+
+
+def test_tumor_samples_can_follow_another_liver_mask():
+    """Stage 2 may learn on stage 1's predicted liver: the crop, mask and target follow that mask,
+    given on the CT's own grid (this phantom is flipped on all three axes)."""
+    ct, lab = generate_case(3007, spacing=(1.5, 1.5, 4.0), matrix=240)
+    pre = load_config("small")["preprocessing"]["tumor"]
+    hu, spacing, ro = to_canonical(ct)
+    assert not np.array_equal(ro.to_canonical(lab.array), lab.array)
+    given = lab.array > 0
+    lesion_rows = np.nonzero((lab.array >= 2).any(axis=(0, 2)))[0]
+    given[:, : (lesion_rows.min() + lesion_rows.max()) // 2 + 1] = False  # cuts through the lesions
+    sample = build_sample(ct, lab, "tumor", pre, liver=given)
+    expected, mask, _ = tumor_stage_input(hu, ro.to_canonical(given), spacing, pre)
+    assert np.array_equal(sample.image, expected) and np.array_equal(sample.mask, mask)
+    reference = build_sample(ct, lab, "tumor", pre)
+    assert 0 < sample.target.sum() < reference.target.sum() and not sample.target[~mask].any()
+    assert build_sample(ct, lab, "tumor", pre, liver=np.zeros_like(given)) is None
 
 
 def test_tumor_stage_skips_a_case_without_liver():
@@ -333,6 +353,26 @@ def test_train_both_stages_then_evaluate_the_pair(phantoms, tmp_path, capsys):
     assert main(["train", "--stage", "liver", "--data", str(phantoms), "--config", "small", "--epochs", "1",
                  "--init", str(run / "liver.ltsm"), "-o", str(tmp_path / "mismatch")]) == 2
     assert "another network configuration" in capsys.readouterr().err
+
+    # the tumor stage can learn on stage 1's predicted livers (here the bundled liver model's)
+    cascade = tmp_path / "cascade"
+    assert main(["train", "--stage", "tumor", "--data", str(phantoms), "--config", str(cfg_file), "--epochs", "1",
+                 "--liver-model", "phantom-small", "-o", str(cascade)]) == 0
+    liver_model = load_model(model_files("phantom-small")[0], stage="liver")
+    training = json.loads(main_card(cascade / "tumor.ltsm"))["training"]
+    assert "liver predicted by stage 1" in training["target"]
+    assert training["liver_masks_from"]["sha256"] == liver_model.sha256
+    name = sorted(json.loads((cascade / "split.json").read_text(encoding="utf-8"))["train"])[0]
+    cached = json.loads((cascade / "cache" / "tumor" / name / "meta.json").read_text(encoding="utf-8"))
+    assert cached["key"]["liver_model_sha256"] == liver_model.sha256
+    ct, labels = load_case(gather_cases([phantoms])[name])
+    predicted = predicted_liver(ct, liver_model, "cpu")
+    assert not np.array_equal(predicted, labels.array > 0)
+    own = build_sample(ct, labels, "tumor", TINY_PRE["tumor"], liver=predicted)
+    assert np.array_equal(np.load(cascade / "cache" / "tumor" / name / "mask.npy"), own.mask)
+    assert main(["train", "--stage", "liver", "--data", str(phantoms), "--config", str(cfg_file),
+                 "--liver-model", "phantom-small", "-o", str(tmp_path / "wrong")]) == 2
+    assert "--liver-model is for the tumor stage" in capsys.readouterr().err
 
     out = tmp_path / "eval"
     assert main(["evaluate", "--model", str(run), "--data", str(phantoms), "-o", str(out)]) == 0
