@@ -2,10 +2,15 @@
 
     .venv/bin/python scripts/train_bundled.py [--work bundled-run] [--data ../shared/data] [--install]
 
-Writes 60 training phantoms (seeds 1000-1059) and 4 validation phantoms (1900-1903), a split
-(train: the phantoms + the real lits-117-128cube; validation: the real, held-out 3D-IRCADb 1.1 +
-the 4 phantoms), then trains both stages side by side with the ``small`` config, one CPU thread
-each, in ``WORK/run``. ``--install`` copies the two model files into the package's weights
+1. Writes 60 training phantoms (seeds 1000-1059) and 4 validation phantoms (1900-1903), a split
+   (train: the phantoms + the real lits-117-128cube; validation: the real, held-out 3D-IRCADb 1.1 +
+   the 4 phantoms), then trains both stages side by side with the ``small`` config, one CPU thread
+   each, in ``WORK/run``.
+2. Fine-tunes that tumor stage in ``WORK/cascade`` on samples built around the liver that step 1's
+   liver model predicts (``--liver-model``: the masks inference hands stage 2), with 40 more
+   phantoms (1060-1099): the ``small`` recipe at Adam 2e-4 for 25 epochs, validated every 5.
+
+``--install`` copies step 1's liver model and step 2's tumor model into the package's weights
 folder; ``scripts/measure_bundled.py`` then measures them on fresh phantoms (seeds 2000+) and
 writes the numbers into their cards.
 """
@@ -23,10 +28,27 @@ from pathlib import Path
 from LiverTumorSegLib.datasets import write_split
 from LiverTumorSegLib.phantom import write_cases
 from LiverTumorSegLib.registry import WEIGHTS_DIR
+from LiverTumorSegLib.trainconfig import load_config
 
 TRAIN_SEEDS = range(1000, 1060)
+FINETUNE_SEEDS = range(1060, 1100)
 VAL_SEEDS = range(1900, 1904)
 REAL_TRAIN, REAL_VAL = "lits-117-128cube", "ircad-1.1"
+
+
+def cascade_config() -> dict:
+    """Step 2's recipe: ``small`` at a fine-tuning learning rate, 25 epochs."""
+    config = load_config("small")
+    return {**config, "description": "Fine-tuning of the tumor stage on samples built around stage 1's predicted liver: "
+                                     "the small recipe at Adam 2e-4, 25 epochs, validation every 5.",
+            "epochs": 25, "val_every": 5, "optimizer": {**config["optimizer"], "lr": 2e-4}}
+
+
+def train(cli: Path, stage: str, data: list[Path], split: Path, config: str, out: Path, threads: int, *extra: str):
+    cmd = [str(cli), "train", "--stage", stage, *[a for d in data for a in ("--data", str(d))], "--split", str(split),
+           "--config", config, "--name", f"phantom-small-{stage}", *extra, "-o", str(out)]
+    print(" ".join(cmd), flush=True)
+    return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
 
 
 def main(argv=None) -> int:
@@ -36,27 +58,28 @@ def main(argv=None) -> int:
     ap.add_argument("--install", action="store_true", help="copy the trained models into the package")
     args = ap.parse_args(argv)
     phantoms = args.work / "phantoms"
-    for seeds in (TRAIN_SEEDS, VAL_SEEDS):
+    for seeds in (TRAIN_SEEDS, FINETUNE_SEEDS, VAL_SEEDS):
         if not (phantoms / f"case_{seeds[-1]:04d}_label.nii.gz").exists():
             write_cases(phantoms, len(seeds), seeds[0], overwrite=True)
-    split = {"train": [f"case_{s:04d}" for s in TRAIN_SEEDS] + [REAL_TRAIN],
-             "val": [REAL_VAL] + [f"case_{s:04d}" for s in VAL_SEEDS], "test": []}
-    split_file = write_split(split, args.work / "bundled-split.json", overwrite=True)
+    data = [phantoms, args.data / REAL_TRAIN, args.data / REAL_VAL]
+    val = [REAL_VAL] + [f"case_{s:04d}" for s in VAL_SEEDS]
+    split_file = write_split({"train": [f"case_{s:04d}" for s in TRAIN_SEEDS] + [REAL_TRAIN], "val": val, "test": []},
+                             args.work / "bundled-split.json", overwrite=True)
     cli = Path(sys.executable).with_name("livertumorseg")
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    runs = []
-    for stage in ("liver", "tumor"):
-        cmd = [str(cli), "train", "--stage", stage, "--data", str(phantoms), "--data", str(args.data / REAL_TRAIN),
-               "--data", str(args.data / REAL_VAL), "--split", str(split_file), "--config", "small",
-               "--name", f"phantom-small-{stage}", "-o", str(args.work / "run")]
-        print(" ".join(cmd), flush=True)
-        runs.append(subprocess.Popen(cmd, env=env))
-    if any(run.wait() for run in runs):
+    run, cascade = args.work / "run", args.work / "cascade"
+    if any(p.wait() for p in [train(cli, stage, data, split_file, "small", run, 1) for stage in ("liver", "tumor")]):
+        return 1
+    finetune_split = write_split({"train": [f"case_{s:04d}" for s in (*TRAIN_SEEDS, *FINETUNE_SEEDS)] + [REAL_TRAIN],
+                                  "val": val, "test": []}, args.work / "cascade-split.json", overwrite=True)
+    config_file = args.work / "cascade-config.json"
+    config_file.write_text(json.dumps(cascade_config(), indent=1), encoding="utf-8")
+    if train(cli, "tumor", data, finetune_split, str(config_file), cascade, 2,
+             "--init", str(run / "tumor.ltsm"), "--liver-model", str(run / "liver.ltsm")).wait():
         return 1
     if args.install:
-        for stage in ("liver", "tumor"):
-            shutil.copyfile(args.work / "run" / f"{stage}.ltsm", WEIGHTS_DIR / "phantom-small" / f"{stage}.ltsm")
-    print(json.dumps({"run": str(args.work / "run"), "installed": args.install}))
+        for stage, folder in (("liver", run), ("tumor", cascade)):
+            shutil.copyfile(folder / f"{stage}.ltsm", WEIGHTS_DIR / "phantom-small" / f"{stage}.ltsm")
+    print(json.dumps({"runs": [str(run), str(cascade)], "installed": args.install}))
     return 0
 
 
