@@ -29,16 +29,28 @@ REQUIRED_CARD_KEYS = ("name", "stage", "net", "labels", "preprocessing", "infere
 
 @dataclass
 class StageModel:
-    """A loaded network with its card."""
+    """A loaded network with its card; ``sha256`` is the file's, ``weights_sha256`` the weights' alone
+    (it survives a card update such as written metrics)."""
 
     net: GUNETRpp
     card: dict
     path: Path
     sha256: str
+    weights_sha256: str
 
     @property
     def cfg(self) -> NetConfig:
         return self.net.cfg
+
+    def identity(self) -> dict:
+        """How a card or report names this model: name, file name, file and weights sha256."""
+        return {"name": self.card["name"], "file": self.path.name, "sha256": self.sha256,
+                "weights_sha256": self.weights_sha256}
+
+    def prediction_key(self) -> dict:
+        """What this model's output depends on: its weights and every card field but the measured metrics."""
+        settings = json.dumps({k: v for k, v in self.card.items() if k != "metrics"}, sort_keys=True)
+        return {"weights_sha256": self.weights_sha256, "card_sha256": hashlib.sha256(settings.encode()).hexdigest()}
 
 
 def weights_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -160,7 +172,7 @@ def load_model(path: Path, *, stage: str | None = None, device: str | torch.devi
     except (ValueError, TypeError, RuntimeError) as err:
         raise ModelFileError(f"{path}: weights do not match the network described by its card: {str(err)[:300]}") from None
     net.eval().to(device)
-    return StageModel(net, card, path, file_sha256(path))
+    return StageModel(net, card, path, file_sha256(path), meta["weights_sha256"])
 
 
 def update_card(path: Path, **fields) -> dict:

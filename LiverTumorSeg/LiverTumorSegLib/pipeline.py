@@ -242,7 +242,7 @@ def segment(
         "steps": {m.card["stage"]: None if is_imported(m) else stage_step(m, fast) for m in models},
         "peak_gpu_memory_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1) if dev.type == "cuda" else None,
         "peak_process_ram_mb": devices.peak_ram_mb(),
-        "models": {m.card["stage"]: {"name": m.card["name"], "file": m.path.name, "sha256": m.sha256} for m in models},
+        "models": {m.card["stage"]: m.identity() for m in models},
         "voxels": {"liver": int((labels == LABEL_LIVER).sum() + (labels == LABEL_TUMOR).sum()), "tumor": int((labels == LABEL_TUMOR).sum())},
         "voxel_volume_ml": float(np.prod(volume.spacing)) / 1000.0,
         "liver_found": bool(liver.any()),

@@ -8,7 +8,8 @@ written last and records what the arrays were built from; anything else there is
 Tumor-stage samples can be built around stage 1's predicted liver instead of the reference one
 (``liver_model``), so stage 2 learns on the masks it will be handed at inference (stage 1 also
 lets in bits of neighbours, e.g. the gallbladder). The prediction runs as ``segment`` runs it
-(normal mode, no mirroring), once per case, and the model's sha256 is part of the cache key.
+(normal mode, no mirroring), once per case. The cache key holds the liver model's weights sha256
+and a hash of its card less the metrics: writing measured numbers into a card keeps the samples.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def cache_key(case: Case, stage: str, pre: dict, liver_model=None) -> dict:
 
     key = {"format": CACHE_FORMAT, "stage": stage, "preprocessing": pre, "image": stamp(case.image), "label": stamp(case.label)}
     if liver_model is not None:
-        key["liver_model_sha256"] = liver_model.sha256
+        key["liver_model"] = liver_model.prediction_key()
     return key
 
 
@@ -102,7 +103,7 @@ def prepared_samples(names: list[str], cases: dict, stage: str, pre: dict, cache
             ct, labels = load_case(case)
             sample = None
             if labels is not None:
-                liver = predicted_liver(ct, liver_model, device) if key.get("liver_model_sha256") else None
+                liver = predicted_liver(ct, liver_model, device) if key.get("liver_model") else None
                 sample = build_sample(ct, labels, stage, pre, name, liver=liver)
             store(sample, key, folder)
         sample = load(folder, name)

@@ -166,8 +166,7 @@ def run_train(args) -> int:
         finally:
             bar.close()
         if world.main:
-            start = {"name": init.card["name"], "file": init.path.name, "sha256": init.sha256} if init else None
-            _write_model(args, trainer, config, cases, split, device, world, outcome, start, liver_model)
+            _write_model(args, trainer, config, cases, split, device, world, outcome, init, liver_model)
     finally:
         distributed.stop(world)
     return 0
@@ -200,9 +199,8 @@ def _write_model(args, trainer, config, cases, split, device, world, outcome, in
     name = args.name or f"{run_dir.resolve().name}-{stage}"
     command = "livertumorseg " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "livertumorseg train"
     card = make_card(name, config, stage, data=data, best=outcome["best"], history=outcome["history"], epoch=epoch,
-                     seconds=outcome["history"][-1]["seconds"], hardware=hardware(device, world), command=command, init=init,
-                     liver_masks=None if liver_model is None else
-                     {"name": liver_model.card["name"], "file": liver_model.path.name, "sha256": liver_model.sha256})
+                     seconds=outcome["history"][-1]["seconds"], hardware=hardware(device, world), command=command, init=init and init.identity(),
+                     liver_masks=liver_model and liver_model.identity())
     path = save_model(net, card, run_dir / f"{stage}.ltsm")
     best = outcome["best"]
     note = f"validation Dice {best['dice']:.4f} at epoch {best['epoch']}" if best["epoch"] else "no validation cases: last epoch"

@@ -1,13 +1,14 @@
 """Model files: round trip, and clear refusal of wrong, truncated, tampered or mismatched files."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from LiverTumorSegLib.errors import ModelFileError
-from LiverTumorSegLib.modelfile import load_model, read_card, save_model
+from LiverTumorSegLib.modelfile import load_model, read_card, save_model, update_card
 from LiverTumorSegLib.netconfig import SMALL, NetConfig
 from LiverTumorSegLib.network import GUNETRpp
 from LiverTumorSegLib.registry import model_files
@@ -34,6 +35,20 @@ def test_round_trip(saved):
     with torch.no_grad():
         assert torch.allclose(model.net(x), half(x), atol=1e-5)
     assert path.stat().st_size < 10e6
+
+
+def test_identity_survives_written_metrics(saved, tmp_path):
+    """Writing measured numbers into a card changes the file's sha256, not what the model predicts."""
+    path = shutil.copyfile(saved[1], tmp_path / "liver.ltsm")
+    before = load_model(path)
+    update_card(path, metrics={"dice": 0.9})
+    after = load_model(path)
+    assert after.sha256 != before.sha256
+    assert after.weights_sha256 == before.weights_sha256
+    assert after.prediction_key() == before.prediction_key()
+    assert after.identity() == dict(before.identity(), sha256=after.sha256)
+    update_card(path, inference={"tumor_threshold": 0.4})  # a setting: the output may change
+    assert load_model(path).prediction_key() != before.prediction_key()
 
 
 def test_wrong_stage(saved):
@@ -90,3 +105,10 @@ def test_card_does_not_match_weights(saved, tmp_path):
 def test_unknown_model_name():
     with pytest.raises(ModelFileError, match="Unknown model"):
         model_files("no-such-model")
+
+
+def test_bundled_tumor_card_names_the_bundled_liver_model():
+    """The bundled tumor stage learned on masks of the bundled liver stage's weights, and says so."""
+    liver_path, tumor_path = model_files("phantom-small")
+    liver, tumor = load_model(liver_path, stage="liver"), load_model(tumor_path, stage="tumor")
+    assert tumor.card["training"]["liver_masks_from"]["weights_sha256"] == liver.weights_sha256

@@ -361,10 +361,10 @@ def test_train_both_stages_then_evaluate_the_pair(phantoms, tmp_path, capsys):
     liver_model = load_model(model_files("phantom-small")[0], stage="liver")
     training = json.loads(main_card(cascade / "tumor.ltsm"))["training"]
     assert "liver predicted by stage 1" in training["target"]
-    assert training["liver_masks_from"]["sha256"] == liver_model.sha256
+    assert training["liver_masks_from"] == liver_model.identity()
     name = sorted(json.loads((cascade / "split.json").read_text(encoding="utf-8"))["train"])[0]
     cached = json.loads((cascade / "cache" / "tumor" / name / "meta.json").read_text(encoding="utf-8"))
-    assert cached["key"]["liver_model_sha256"] == liver_model.sha256
+    assert cached["key"]["liver_model"] == liver_model.prediction_key()
     ct, labels = load_case(gather_cases([phantoms])[name])
     predicted = predicted_liver(ct, liver_model, "cpu")
     assert not np.array_equal(predicted, labels.array > 0)
