@@ -230,6 +230,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.applyButton.clicked.connect(self.onApply)
         for control in (ui.dilateIterationsSpinBox, ui.dilateMaxAreaSpinBox):
             control.valueChanged.connect(self.onPostProcessingChanged)
+        ui.dilateModeComboBox.currentIndexChanged.connect(self.onPostProcessingChanged)
         ui.cystFilterCheckBox.toggled.connect(self.onPostProcessingChanged)
         ui.cystThresholdSlider.valueChanged.connect(self.onPostProcessingChanged)
         ui.regionTable.itemSelectionChanged.connect(self.onRegionSelected)
@@ -446,8 +447,10 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui = self.ui
         params = panel.params_from_controls(
             live.params, dilate_iterations=ui.dilateIterationsSpinBox.value, dilate_max_area_px=ui.dilateMaxAreaSpinBox.value,
-            cyst_filter=ui.cystFilterCheckBox.checked, cyst_threshold_hu=ui.cystThresholdSlider.value)
+            cyst_filter=ui.cystFilterCheckBox.checked, cyst_threshold_hu=ui.cystThresholdSlider.value,
+            dilate_mode=panel.dilate_mode_at(ui.dilateModeComboBox.currentIndex))
         ui.cystThresholdSlider.enabled = params.cyst_filter
+        self._showDilationMode(params.dilate_mode)
         self._guarded(lambda overwrite: live.update(params, overwrite_edited=overwrite))
 
     def onDecision(self, decision):
@@ -464,8 +467,17 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.cystFilterCheckBox.checked = values["cyst_filter"]
             ui.cystThresholdSlider.value = values["cyst_threshold_hu"]
             ui.cystThresholdSlider.enabled = values["cyst_filter"]
+            ui.dilateModeComboBox.currentIndex = panel.dilate_mode_index(values["dilate_mode"])
+            self._showDilationMode(values["dilate_mode"])
         finally:
             self._updating = False
+
+    def _showDilationMode(self, mode):
+        """Only the per-slice mode uses the iterations and max-area spin boxes."""
+        enabled = panel.slice_dilation_controls_enabled(mode)
+        for control in (self.ui.dilateIterationsSpinBox, self.ui.dilateMaxAreaSpinBox,
+                        self.ui.dilateIterationsLabel, self.ui.dilateMaxAreaLabel):
+            control.enabled = enabled
 
     def _guarded(self, change):
         """Run a change; if it would overwrite the user's edits, ask first. Refused: nothing changes."""

@@ -104,7 +104,8 @@ def post_params(args):
     from .postprocess import PostParams
 
     return PostParams(cyst_filter=not args.no_cyst_filter, cyst_threshold_hu=args.cyst_threshold,
-                      dilate_iterations=args.dilate_iterations, dilate_max_area_px=args.dilate_max_area)
+                      dilate_iterations=args.dilate_iterations, dilate_max_area_px=args.dilate_max_area,
+                      dilate_mode=args.dilate_mode)
 
 
 def add_tta_argument(parser: argparse.ArgumentParser) -> None:
@@ -119,6 +120,9 @@ def add_post_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("post-processing")
     g.add_argument("--dilate-iterations", type=int, default=2, choices=range(4), metavar="N", help="small-tumor dilation, 0-3 (default 2)")
     g.add_argument("--dilate-max-area", type=int, default=100, metavar="PX", help="dilate 2-D tumor regions smaller than this, in pixels (default 100)")
+    g.add_argument("--dilate-mode", choices=("slice", "3d"), default="slice",
+                   help="slice: the paper's per-slice rule (the two flags above; default); 3d: the authors' code, "
+                        "3-D regions under 80 / 100 voxels of a 256 matrix grown once / twice (ignores the two flags above)")
     g.add_argument("--cyst-threshold", type=float, default=45.0, metavar="HU", help="fitted mean below this -> Liver cyst (default 45)")
     g.add_argument("--no-cyst-filter", action="store_true", help="keep every lesion as tumor")
 

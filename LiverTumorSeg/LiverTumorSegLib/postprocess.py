@@ -12,16 +12,40 @@ Order of operations (fixed):
    below ``min_tissue_hu`` (gas or fat: no lesion has such HU), cyst iff M < threshold, else tumor;
 5. relabel: tumor 2, cyst 3 (cysts are set aside, never deleted), not tissue 0 (kept in the table,
    removed from the labels); other input lesion voxels -> 1;
-6. small-tumor dilation of kept tumors, per axial slice (array axis 0), inside the liver.
+6. small-tumor dilation of kept tumors (per axial slice, or in 3-D: ``dilate_mode``), inside the liver.
 
 The Gaussian model is f(HU) = A / sqrt(2 pi S^2) * exp(-(HU - M)^2 / (2 S^2)), fitted to the
 smoothed histogram in voxels per HU, so A is the fitted voxel count. Ill-posed fits fall back to
 the median (M), 1.4826 * MAD (S) and the voxel count (A); the row then says "fallback: <reason>".
 
-Dilation: each 2-D component (connectivity 4 or 8) of a kept tumor in one slice whose area is
-below ``dilate_max_area_px`` grows by one pixel per iteration with the 3x3 cross (4) or the
-3x3 square (8). Each iteration is confined to liver voxels that belong to no other lesion
-region, so dilation never leaves the liver and never overwrites a cyst (or another region).
+Dilation, ``dilate_mode="slice"`` (default; the paper's rule): each 2-D component (connectivity 4
+or 8) of a kept tumor in one slice (array axis 0) whose area is below ``dilate_max_area_px`` grows
+by one pixel per iteration with the 3x3 cross (4) or the 3x3 square (8). Each iteration is
+confined to liver voxels that belong to no other lesion region, so dilation never leaves the liver
+and never overwrites a cyst (or another region).
+
+Dilation, ``dilate_mode="3d"``: the rule of the authors' notebook (``LiTS_metric_Tumor.ipynb``),
+which labels the predicted tumor mask on their 256 x 256 x Z grid (in-plane resized to 256, slices
+kept) with ``ndimage.label`` (6-connected) and dilates each component of < 80 voxels once and of
+80-99 voxels twice with scipy's default 6-connected cross, anywhere (not confined to the liver).
+**Our port** works on the original grid, without resampling:
+
+- a kept tumor region (our regions are 26-connected 3-D components, so two 6-separate blobs that
+  touch at an edge or corner count as one, larger region here) measures
+  ``voxels * 256 * 256 / (rows * cols)`` 256-grid voxels, ``rows, cols`` being the CT array's
+  in-plane shape (axes 1, 2);
+- size < 80 -> n = 1, 80 <= size < 100 -> n = 2, else no growth;
+- growth is one binary dilation with ``{(dz, dy, dx): |dz| + (|dy| + |dx|) / s <= n}``, the
+  n-fold 6-cross (an L1 ball of radius n) scaled to our grid, ``s = (rows / 256 + cols / 256) / 2``
+  in-plane pixels per 256-grid pixel (slices are not resampled, so z keeps step 1). For s < 1 (a
+  matrix under 256) s is taken as 1: a fraction of a pixel cannot be grown (with n = 1 the scaled
+  element would grow in z only); with s = 1 the element is exactly the notebook's (n-fold cross);
+- the dilated set is then intersected with the same allowed voxels as the slice mode (liver
+  voxels of no other lesion region). Unlike the slice mode's step-by-step growth, the one large
+  dilation can reach allowed voxels behind a non-allowed gap narrower than its reach (at most one
+  slice or floor(2s) - 1 pixels); it never lands on a non-liver voxel, a cyst or another region.
+
+In "3d" mode ``dilate_iterations``, ``dilate_max_area_px`` and ``dilate_connectivity`` are ignored.
 """
 
 from __future__ import annotations
@@ -37,6 +61,9 @@ from .masks import bounding_box
 from .volume import Volume
 
 MAX_DILATE_ITERATIONS = 3
+DILATE_MODES = ("slice", "3d")
+AUTHORS_GRID = 256  # the notebook's in-plane matrix
+AUTHORS_SIZE_STEPS = ((80, 1), (100, 2))  # 256-grid voxels below -> dilation radius n (notebook)
 DECISION_LABELS = {"tumor": 2, "cyst": 3, "not tissue": 0}
 MIN_R2 = 0.8  # below this a single Gaussian does not describe the histogram (e.g. bimodal)
 _MAD_TO_SD = 1.4826
@@ -58,8 +85,11 @@ class PostParams:
     dilate_iterations: int = 2
     dilate_max_area_px: int = 100
     dilate_connectivity: int = 8
+    dilate_mode: str = "slice"  # "slice": the paper's per-slice rule; "3d": the authors' notebook (ours, see above)
 
     def __post_init__(self):
+        if self.dilate_mode not in DILATE_MODES:
+            raise ValueError(f"dilate_mode must be one of {', '.join(map(repr, DILATE_MODES))}, not {self.dilate_mode!r}")
         if not 0 <= self.dilate_iterations <= MAX_DILATE_ITERATIONS:
             raise ValueError(f"dilate_iterations must be 0-{MAX_DILATE_ITERATIONS}, not {self.dilate_iterations}")
         if self.dilate_connectivity not in _IN_PLANE:
@@ -85,7 +115,7 @@ class Fit:
 @dataclass
 class _Region:
     id: int
-    crop: tuple[slice, slice, slice]  # bounding box, padded in-plane for dilation
+    crop: tuple[slice, slice, slice]  # bounding box, padded for either dilation mode
     own: np.ndarray  # bool, the region inside crop
     allowed: np.ndarray  # bool, liver voxels of no other region inside crop
     index: np.ndarray  # flat indices into the full volume
@@ -162,11 +192,12 @@ class PostProcessor:
             if not 1 <= threshold <= 255:
                 raise ValueError(f"threshold must be 1-255 (uint8 probability), not {threshold}")
             candidates = liver & (np.asarray(tumor_probability) >= threshold)
-        self._regions = _find_regions(ct.array, liver, candidates)
+        self._scale = grid_scale(ct.array.shape)
+        self._regions = _find_regions(ct.array, liver, candidates, _crop_pad(self._scale))
         self._by_id = {r.id: r for r in self._regions}
         self._base = liver.astype(np.uint8)  # lesion voxels that are no candidate become liver
         self._fits: dict[tuple[float, float], list[Fit]] = {}
-        self._grown: dict[tuple[int, int, int, int], np.ndarray] = {}
+        self._grown: dict[tuple, np.ndarray] = {}
 
     @classmethod
     def from_network(cls, ct: Volume, labels: np.ndarray, probabilities) -> "PostProcessor":
@@ -175,7 +206,9 @@ class PostProcessor:
 
     @property
     def active_box(self) -> tuple[slice, slice, slice] | None:
-        """The box outside which ``apply`` gives the same labels for every setting (None: no regions)."""
+        """The box outside which ``apply`` gives the same labels for every setting (None: no regions).
+
+        Every region's crop has room for both dilation modes (``_crop_pad``), so the box holds for both."""
         if not self._regions:
             return None
         crops = [r.crop for r in self._regions]
@@ -232,9 +265,14 @@ class PostProcessor:
         return self._fits[key]
 
     def _grown_for(self, region: _Region, params: PostParams) -> np.ndarray:
-        key = (region.id, params.dilate_iterations, params.dilate_max_area_px, params.dilate_connectivity)
-        if key not in self._grown:
-            self._grown[key] = _grow_small(region, self._base.shape, *key[1:])
+        if params.dilate_mode == "3d":  # depends only on the region and the CT's matrix
+            key = (region.id, "3d")
+            if key not in self._grown:
+                self._grown[key] = _grow_3d(region, self._base.shape, self._scale)
+        else:
+            key = (region.id, "slice", params.dilate_iterations, params.dilate_max_area_px, params.dilate_connectivity)
+            if key not in self._grown:
+                self._grown[key] = _grow_small(region, self._base.shape, *key[2:])
         return self._grown[key]
 
     def _row(self, region: _Region, fit: Fit, params: PostParams, override: str | None) -> dict:
@@ -279,9 +317,35 @@ def _estimate(hu: np.ndarray, fit: Fit, min_voxels: int) -> tuple[float, float, 
     return float(hu.size), median, _MAD_TO_SD * mad, f"fallback: {reason}", reason
 
 
-def _find_regions(ct: np.ndarray, liver: np.ndarray, candidates: np.ndarray) -> list[_Region]:
-    """3-D regions of the candidates, each with its crops, flat indices and HU values."""
-    box = bounding_box(candidates, (0, MAX_DILATE_ITERATIONS, MAX_DILATE_ITERATIONS))  # room to dilate in-plane
+def grid_scale(shape: tuple[int, ...]) -> float:
+    """In-plane pixels of a (slices, rows, cols) array per pixel of the authors' 256 grid (at least 1)."""
+    return max((shape[1] / AUTHORS_GRID + shape[2] / AUTHORS_GRID) / 2.0, 1.0)
+
+
+def authors_radius(voxels: int, shape: tuple[int, ...]) -> int:
+    """The notebook's dilation count n for a region of ``voxels`` voxels in a (slices, rows, cols) array."""
+    size = voxels * AUTHORS_GRID * AUTHORS_GRID / (shape[1] * shape[2])
+    return next((n for limit, n in AUTHORS_SIZE_STEPS if size < limit), 0)
+
+
+def authors_element(n: int, scale: float) -> np.ndarray:
+    """The n-fold 6-cross scaled in-plane by ``scale``: {|dz| + (|dy| + |dx|) / scale <= n}."""
+    reach = int(math.floor(n * scale + 1e-9))
+    dz, dy, dx = np.ogrid[-n:n + 1, -reach:reach + 1, -reach:reach + 1]
+    return scale * np.abs(dz) + np.abs(dy) + np.abs(dx) <= n * scale + 1e-9
+
+
+def _crop_pad(scale: float) -> tuple[int, int, int]:
+    """Room around a region for either mode: slice mode 0 / 3 / 3; 3-D mode up to n = 2 slices and 2s pixels."""
+    n = AUTHORS_SIZE_STEPS[-1][1]
+    in_plane = max(MAX_DILATE_ITERATIONS, int(math.floor(n * scale + 1e-9)))
+    return (n, in_plane, in_plane)
+
+
+def _find_regions(ct: np.ndarray, liver: np.ndarray, candidates: np.ndarray,
+                  pad: tuple[int, int, int]) -> list[_Region]:
+    """3-D regions of the candidates, each with its crop (widened by ``pad``), flat indices and HU values."""
+    box = bounding_box(candidates, pad)  # room to dilate
     if box is None:
         return []
     components = cc3d.connected_components(candidates[box], connectivity=26)
@@ -290,7 +354,7 @@ def _find_regions(ct: np.ndarray, liver: np.ndarray, candidates: np.ndarray) -> 
     for rid, found in enumerate(ndimage.find_objects(components), start=1):
         if found is None:
             continue
-        local = _padded(found, components.shape)
+        local = _padded(found, components.shape, pad)
         comp = components[local]
         own = comp == rid
         crop = tuple(slice(s.start + o, s.stop + o) for s, o in zip(local, offset))
@@ -306,8 +370,7 @@ def _find_regions(ct: np.ndarray, liver: np.ndarray, candidates: np.ndarray) -> 
     return regions
 
 
-def _padded(found: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
-    pad = (0, MAX_DILATE_ITERATIONS, MAX_DILATE_ITERATIONS)
+def _padded(found: tuple[slice, ...], shape: tuple[int, ...], pad: tuple[int, int, int]) -> tuple[slice, ...]:
     return tuple(slice(max(s.start - p, 0), min(s.stop + p, n)) for s, p, n in zip(found, pad, shape))
 
 
@@ -323,6 +386,16 @@ def _grow_small(region: _Region, shape, iterations: int, max_area: int, connecti
     if not seeds.any():
         return np.empty(0, dtype=np.int64)
     grown = ndimage.binary_dilation(seeds, structure=struct, iterations=iterations, mask=region.allowed)
+    coords = np.nonzero(grown & ~region.own)
+    return np.ravel_multi_index(tuple(c + s.start for c, s in zip(coords, region.crop)), shape)
+
+
+def _grow_3d(region: _Region, shape, scale: float) -> np.ndarray:
+    """Flat indices added by the notebook's rule (3-D mode): one dilation with the scaled n-fold cross, inside ``allowed``."""
+    n = authors_radius(region.hu.size, shape)
+    if n == 0:
+        return np.empty(0, dtype=np.int64)
+    grown = ndimage.binary_dilation(region.own, structure=authors_element(n, scale)) & region.allowed
     coords = np.nonzero(grown & ~region.own)
     return np.ravel_multi_index(tuple(c + s.start for c, s in zip(coords, region.crop)), shape)
 

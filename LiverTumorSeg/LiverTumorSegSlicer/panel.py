@@ -9,6 +9,8 @@ from dataclasses import dataclass
 SEGMENT_TEXT, CANCEL_TEXT = "Segment tumors", "Cancel"
 DILATE_ITERATIONS = (0, 3)  # postprocess.MAX_DILATE_ITERATIONS is the upper bound (tested)
 DILATE_MAX_AREA_PX = (0, 1000)
+# (PostParams.dilate_mode, the combo box's item text), in the combo box's order (tested against the .ui)
+DILATE_MODES = (("slice", "Per slice (paper)"), ("3d", "3-D (authors' code)"))
 CYST_THRESHOLD_HU = (-20.0, 120.0)
 
 
@@ -52,12 +54,28 @@ def _clamp(value, bounds):
     return min(max(value, lo), hi)
 
 
+def dilate_mode_index(mode: str) -> int:
+    """The combo box index that shows a ``PostParams.dilate_mode`` (an unknown mode shows the default, 0)."""
+    return next((i for i, (m, _) in enumerate(DILATE_MODES) if m == mode), 0)
+
+
+def dilate_mode_at(index: int) -> str:
+    """The ``PostParams.dilate_mode`` of a combo box index (out of range: the default)."""
+    return DILATE_MODES[index][0] if 0 <= index < len(DILATE_MODES) else DILATE_MODES[0][0]
+
+
+def slice_dilation_controls_enabled(dilate_mode: str) -> bool:
+    """The iterations and max-area spin boxes act only in the per-slice mode; the 3-D mode has its own rule."""
+    return dilate_mode == "slice"
+
+
 def params_from_controls(current, *, dilate_iterations: int, dilate_max_area_px: int, cyst_filter: bool,
-                         cyst_threshold_hu: float):
-    """``current`` (a ``PostParams``) with the panel's controls (clamped to their ranges); the
-    settings the panel does not show (bin width, smoothing, ...) are kept."""
+                         cyst_threshold_hu: float, dilate_mode: str):
+    """``current`` (a ``PostParams``) with the panel's controls (clamped to their ranges; an unknown
+    dilation mode is the default); the settings the panel does not show (bin width, smoothing, ...) are kept."""
     return dataclasses.replace(
         current,
+        dilate_mode=dilate_mode_at(dilate_mode_index(dilate_mode)),
         cyst_filter=bool(cyst_filter),
         cyst_threshold_hu=float(_clamp(cyst_threshold_hu, CYST_THRESHOLD_HU)),
         dilate_iterations=int(_clamp(dilate_iterations, DILATE_ITERATIONS)),
@@ -68,7 +86,8 @@ def params_from_controls(current, *, dilate_iterations: int, dilate_max_area_px:
 def controls_from_params(params) -> dict:
     """The control values that show ``params`` (a ``PostParams``): the inverse of ``params_from_controls``."""
     return {"dilate_iterations": params.dilate_iterations, "dilate_max_area_px": params.dilate_max_area_px,
-            "cyst_filter": params.cyst_filter, "cyst_threshold_hu": params.cyst_threshold_hu}
+            "cyst_filter": params.cyst_filter, "cyst_threshold_hu": params.cyst_threshold_hu,
+            "dilate_mode": params.dilate_mode}
 
 
 REGION_COLUMNS = ("Region", "Volume (mL)", "Fitted mean (HU)", "Decision", "Why")

@@ -39,14 +39,26 @@ def test_post_processing_only_with_a_result():
 
 def test_controls_map_to_post_processing_settings_within_their_ranges():
     current = PostParams(bin_width_hu=2.0, smoothing_bins=0.0, min_tissue_hu=-300.0)  # settings the panel does not show
-    params = panel.params_from_controls(current, dilate_iterations=1, dilate_max_area_px=50, cyst_filter=True, cyst_threshold_hu=60)
-    assert params == PostParams(dilate_iterations=1, dilate_max_area_px=50, cyst_threshold_hu=60.0,
+    params = panel.params_from_controls(current, dilate_iterations=1, dilate_max_area_px=50, cyst_filter=True, cyst_threshold_hu=60,
+                                        dilate_mode="3d")
+    assert params == PostParams(dilate_iterations=1, dilate_max_area_px=50, cyst_threshold_hu=60.0, dilate_mode="3d",
                                 bin_width_hu=2.0, smoothing_bins=0.0, min_tissue_hu=-300.0)
-    clamped = panel.params_from_controls(current, dilate_iterations=9, dilate_max_area_px=-5, cyst_filter=False, cyst_threshold_hu=500)
+    clamped = panel.params_from_controls(current, dilate_iterations=9, dilate_max_area_px=-5, cyst_filter=False, cyst_threshold_hu=500,
+                                         dilate_mode="bogus")
     assert (clamped.dilate_iterations, clamped.dilate_max_area_px, clamped.cyst_threshold_hu) == (3, 0, 120.0)
-    assert not clamped.cyst_filter
-    restored = PostParams(cyst_threshold_hu=70.0, dilate_iterations=0, cyst_filter=False)
-    assert panel.params_from_controls(restored, **panel.controls_from_params(restored)) == restored
+    assert not clamped.cyst_filter and clamped.dilate_mode == "slice"
+    for restored in (PostParams(cyst_threshold_hu=70.0, dilate_iterations=0, cyst_filter=False),
+                     PostParams(dilate_mode="3d", dilate_iterations=1)):
+        assert panel.params_from_controls(restored, **panel.controls_from_params(restored)) == restored
+
+
+def test_dilation_mode_combo_and_which_spin_boxes_it_leaves_on():
+    assert [panel.dilate_mode_at(i) for i in range(len(panel.DILATE_MODES))] == ["slice", "3d"]
+    assert panel.dilate_mode_at(-1) == panel.dilate_mode_at(7) == "slice"  # no selection: the default
+    assert [panel.dilate_mode_index(m) for m in ("slice", "3d", "other")] == [0, 1, 0]
+    assert panel.slice_dilation_controls_enabled("slice")  # iterations and max area act per slice ...
+    assert not panel.slice_dilation_controls_enabled("3d")  # ... the 3-D mode ignores them: disabled
+    assert panel.slice_dilation_controls_enabled(PostParams().dilate_mode)  # on by default
 
 
 def test_ui_control_ranges_and_defaults_are_the_panels_and_the_cores():
@@ -64,6 +76,10 @@ def test_ui_control_ranges_and_defaults_are_the_panels_and_the_cores():
         assert (float(p["minimum"]), float(p["maximum"])) == bounds, name
         assert float(p["value"]) == defaults[key], name
     assert (props["cystFilterCheckBox"]["checked"] == "true") == defaults["cyst_filter"]
+    combo = next(w for w in ui.iter("widget") if w.get("name") == "dilateModeComboBox")
+    items = ["".join(i.find("property").itertext()).strip() for i in combo.findall("item")]
+    assert items == [text for _, text in panel.DILATE_MODES]  # index i of the combo box is DILATE_MODES[i]
+    assert "currentIndex" not in props["dilateModeComboBox"] and defaults["dilate_mode"] == panel.DILATE_MODES[0][0]
     from LiverTumorSegLib.cli import build_parser
 
     for argv in (["segment", "ct.nrrd", "-o", "s.seg.nrrd"], ["demo"], ["evaluate", "--model", "m", "-o", "e"]):

@@ -1,4 +1,4 @@
-"""Post-processing: HU Gaussian cyst filter, small-tumor dilation, cache and overrides."""
+"""Post-processing: HU Gaussian cyst filter, small-tumor dilation (per slice and 3-D), cache and overrides."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from LiverTumorSegLib.phantom import generate_case
-from LiverTumorSegLib.postprocess import PostParams, PostProcessor, save_region_histogram_png
+from LiverTumorSegLib.postprocess import (PostParams, PostProcessor, authors_element, authors_radius, grid_scale,
+                                          save_region_histogram_png)
 from LiverTumorSegLib.volume import Volume
 
 SEED = 8  # a phantom with both tumors (2) and cysts (3)
@@ -118,7 +119,7 @@ def test_cache_after_changes_equals_fresh_run(phantom):
     ct, _, merged = phantom
     processor = PostProcessor(ct, merged)
     steps = [PostParams(cyst_threshold_hu=30), PostParams(bin_width_hu=2, smoothing_bins=2),
-             PostParams(dilate_iterations=3, dilate_connectivity=4), PostParams(cyst_filter=False),
+             PostParams(dilate_iterations=3, dilate_connectivity=4), PostParams(dilate_mode="3d"), PostParams(cyst_filter=False),
              PostParams(cyst_threshold_hu=60, dilate_max_area_px=40, bin_width_hu=4)]
     for params in steps:
         cached = processor.apply(params)
@@ -229,12 +230,13 @@ def test_active_box_holds_every_change_any_setting_makes():
     labels[10:12, 20:23, 20:23] = 2  # small: dilated
     labels[15:20, 40:50, 40:50] = 2
     ct[15:20, 40:50, 40:50] = 20  # cyst-like
+    labels[20, 60:62, 30:34] = 2  # 8 voxels = 82 on the 256 grid: the 3-D mode grows it 2 slices up and down
     processor = PostProcessor(Volume(ct, (1.0, 1.0, 2.0)), labels)
     box = processor.active_box
     outside = np.ones(ct.shape, bool)
     outside[box] = False
-    results = [processor.apply(PostParams(cyst_threshold_hu=t, dilate_iterations=i, cyst_filter=f))[0]
-               for t in (-20, 45, 120) for i in (0, 3) for f in (True, False)]
+    results = [processor.apply(PostParams(cyst_threshold_hu=t, dilate_iterations=i, cyst_filter=f, dilate_mode=m))[0]
+               for t in (-20, 45, 120) for i in (0, 3) for f in (True, False) for m in ("slice", "3d")]
     assert any(not np.array_equal(results[0][box], r[box]) for r in results)
     for r in results:
         assert np.array_equal(r[outside], results[0][outside])
@@ -253,9 +255,86 @@ def test_apply_in_place_equals_a_fresh_apply():
     labels[10:12, 20:23, 20:23] = 2
     labels[15:20, 40:50, 40:50] = 2
     ct[15:20, 40:50, 40:50] = 20
+    labels[20, 60:62, 30:34] = 2  # grown in z by the 3-D mode
     processor = PostProcessor(Volume(ct, (1.0, 1.0, 2.0)), labels)
     buffer = None
-    for t, i in ((45, 2), (-20, 0), (120, 3), (30, 1)):
-        params = PostParams(cyst_threshold_hu=t, dilate_iterations=i)
+    for t, i, m in ((45, 2, "3d"), (-20, 0, "slice"), (120, 3, "3d"), (30, 1, "slice"), (45, 0, "3d")):
+        params = PostParams(cyst_threshold_hu=t, dilate_iterations=i, dilate_mode=m)
         buffer, _ = processor.apply(params, out=buffer)
         assert np.array_equal(buffer, processor.apply(params)[0])
+
+
+def _authors_case():
+    """A 512 x 512 matrix (s = 2): three tumors of 16, 360 and 405 voxels (4, 90 and 101.25 on the
+    256 grid: n = 1, 2, 0), a cyst one column from the small one, the liver edge one row from it."""
+    shape = (11, 512, 512)
+    labels = np.zeros(shape, np.uint8)
+    labels[:, 100:200, 100:200] = 1
+    small, mid, large, cyst = (np.zeros(shape, bool) for _ in range(4))
+    small[5, 101:105, 120:124] = True  # row 100 is liver, 99 is not
+    cyst[4:7, 102:106, 125:129] = True  # column 124 between: the small tumor's 2-px growth stops at the cyst
+    mid[3:7, 140:149, 120:130] = True  # 4 x 9 x 10 = 360 voxels
+    large[3:8, 140:149, 160:169] = True  # 5 x 9 x 9 = 405 voxels
+    for mask in (small, mid, large, cyst):
+        labels[mask] = 2
+    ct = np.full(shape, 100, np.int16)
+    ct[cyst] = 10
+    return Volume(ct, (0.7, 0.7, 2.5)), labels, small, mid, large, cyst
+
+
+def _within_l1(mask, n, s):
+    """Voxels at scaled L1 distance |dz| + (|dy| + |dx|) / s <= n from mask (brute force)."""
+    pts = np.argwhere(mask)
+    lo = np.maximum(pts.min(0) - [n, int(n * s), int(n * s)], 0)
+    hi = pts.max(0) + [n, int(n * s), int(n * s)] + 1
+    grid = np.stack(np.meshgrid(*(np.arange(a, b) for a, b in zip(lo, hi)), indexing="ij"), -1).reshape(-1, 3)
+    d = np.abs(grid[:, None, :] - pts[None])
+    hit = grid[((d[..., 0] + (d[..., 1] + d[..., 2]) / s) <= n).any(1)]
+    out = np.zeros(mask.shape, bool)
+    out[tuple(hit.T)] = True
+    return out
+
+
+def test_3d_mode_grows_by_the_scaled_authors_rule_voxel_by_voxel():
+    ct, labels, small, mid, large, cyst = _authors_case()
+    assert grid_scale(labels.shape) == 2.0
+    assert [authors_radius(int(m.sum()), labels.shape) for m in (small, mid, large)] == [1, 2, 0]
+    params = PostParams(dilate_mode="3d", min_region_voxels=1)
+    out, rows = PostProcessor(ct, labels).apply(params)
+    liver = labels > 0
+    reach = _within_l1(small, 1, 2.0) | _within_l1(mid, 2, 2.0)
+    assert (reach & cyst).any() and (reach & ~liver).any()  # the case tests both limits
+    expected = reach & liver & ~cyst
+    expected |= large
+    assert np.array_equal(out == 2, expected)
+    assert np.all(out[cyst] == 3) and np.array_equal(out[~liver], labels[~liver])
+    # n = 2 reaches two slices up and down (the crop has room in z), there without in-plane growth
+    assert np.array_equal(out[1] == 2, mid[3]) and np.array_equal(out[8] == 2, mid[6]) and not (out[9] == 2).any()
+    dilated = {r["voxels"]: r["dilated"] for r in rows if r["decision"] == "tumor"}
+    assert dilated == {16: True, 360: True, 405: False}
+    # the slice-mode knobs are ignored in 3-D mode
+    other = PostParams(dilate_mode="3d", min_region_voxels=1, dilate_iterations=0, dilate_max_area_px=1, dilate_connectivity=4)
+    assert np.array_equal(PostProcessor(ct, labels).apply(other)[0], out)
+    # the slice mode (default) grows every 2-D component under 100 px in-plane (all three here), never in z
+    per_slice, _ = PostProcessor(ct, labels).apply(PostParams(min_region_voxels=1))
+    assert (per_slice[3:8] == 2).sum() == (per_slice == 2).sum() and (per_slice[:, :, 160:169] == 2).sum() > large.sum()
+
+
+def test_3d_mode_size_steps_and_element():
+    from scipy import ndimage
+
+    shape = (5, 512, 512)  # 4 voxels here = 1 voxel of the 256 grid
+    assert [authors_radius(v, shape) for v in (1, 319, 320, 399, 400)] == [1, 1, 2, 2, 0]
+    assert authors_radius(79, (5, 256, 256)) == 1 and authors_radius(80, (5, 256, 256)) == 2
+    assert authors_radius(99, (5, 256, 256)) == 2 and authors_radius(100, (5, 256, 256)) == 0
+    assert grid_scale((5, 512, 256)) == 1.5 and grid_scale((5, 128, 128)) == 1.0  # below 256: one pixel per step
+    cross = ndimage.generate_binary_structure(3, 1)
+    assert np.array_equal(authors_element(1, 1.0), cross)  # on the authors' own grid, the notebook's element
+    assert np.array_equal(authors_element(2, 1.0), ndimage.iterate_structure(cross, 2))  # dilated twice
+    assert authors_element(1, 2.0).sum() == 13 + 2 and authors_element(2, 2.0).sum() == 41 + 2 * 13 + 2
+
+
+def test_dilate_mode_is_checked():
+    with pytest.raises(ValueError, match="dilate_mode"):
+        PostParams(dilate_mode="2d")
+    assert PostParams().dilate_mode == "slice"

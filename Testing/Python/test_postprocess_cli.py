@@ -71,6 +71,26 @@ def test_high_threshold_turns_everything_into_cysts(case, tmp_path, capsys):
     assert not (_labels(out) == 2).any()
 
 
+def test_dilate_mode_flag_reaches_the_post_processing(case, tmp_path, capsys):
+    from LiverTumorSegLib.cli import build_parser, post_params
+    from LiverTumorSegLib.imageio import read_volume
+
+    base = ["postprocess", "--ct", "c.nii.gz", "--labels", "l.nii.gz", "-o", "o.nii.gz"]
+    assert post_params(build_parser().parse_args(base)).dilate_mode == "slice"
+    assert post_params(build_parser().parse_args([*base, "--dilate-mode", "3d"])).dilate_mode == "3d"
+    assert post_params(build_parser().parse_args(["segment", "ct.nrrd", "-o", "s.seg.nrrd", "--dilate-mode", "3d"])).dilate_mode == "3d"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--dilate-mode", "2d"])
+    out = tmp_path / "out.nii.gz"
+    code, _, err = _postprocess(capsys, case, out, "--dilate-mode", "3d")
+    assert code == 0, err
+    folder, _, truth = case
+    merged = np.where(truth == 3, 2, truth).astype(np.uint8)
+    processor = PostProcessor(read_volume(folder / "ct.nii.gz"), merged)
+    in_3d, in_slices = (processor.apply(PostParams(dilate_mode=m))[0] for m in ("3d", "slice"))
+    assert np.array_equal(_labels(out), in_3d) and not np.array_equal(in_3d, in_slices)
+
+
 def test_seg_nrrd_input_and_output_match_the_labelmap_run(case, tmp_path, capsys):
     assert _postprocess(capsys, case, tmp_path / "a.nii.gz")[0] == 0
     code, _, err = _postprocess(capsys, case, tmp_path / "b.seg.nrrd", labels="labels.seg.nrrd")
