@@ -1,0 +1,215 @@
+"""Where the per-case tumor Dice is lost: cumulative corrections of the shipped result on fresh phantoms.
+
+    .venv/bin/python scripts/tumor_gap.py [--seed0 2000] [--cases 48] [--cache DIR] [--png PATH] [--json PATH]
+
+For each phantom the bundled models run as ``measure_bundled.py`` runs them (normal mode, mirroring
+on), followed by the post-processing at its defaults. The per-case tumor Dice (LiTS convention: no
+tumor in truth and prediction counts 1, a missed or spurious case 0) is then recomputed after four
+cumulative corrections, each removing one cause of error (``corrections``):
+
+1. ``filter right``: every predicted lesion region (tumor or cyst, 26-connected) that touches a true
+   lesion takes the label of the true lesion it overlaps most (tumor vs cyst). What the HU cyst
+   filter (fitted mean < 45 HU) got wrong. The phantoms draw each cyst's HU from 9-50, so a cyst
+   above about 42 HU, whose partial-volume rim raises the fit a little more, is called a tumor
+   even on its true outline.
+2. ``no false tumors``: tumor regions touching no true lesion are removed.
+3. ``no missed tumors``: true tumors that no predicted tumor touches are added, outline exact.
+4. The rest up to 1 is the outline of the tumors found (under- or over-segmented).
+
+The step between two rows is what that cause costs in per-case mean Dice (order matters; this one
+is stated). Also printed: the shipped Dice at other cyst-filter thresholds (a slider in the panel),
+and one row per true tumor (volume, contrast to the liver around it, its noise, found or not), which
+the chart plots. ``--cache DIR`` keeps each case's network output (labels and probabilities) so a
+rerun only redoes the analysis. Figures only, no assertion: the numbers go to BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import cc3d
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from LiverTumorSegLib.metrics import dice, mean_ci
+from LiverTumorSegLib.modelfile import load_model
+from LiverTumorSegLib.phantom import generate_case
+from LiverTumorSegLib.pipeline import Probabilities, segment
+from LiverTumorSegLib.postprocess import PostParams, PostProcessor
+from LiverTumorSegLib.registry import model_files
+
+LIVER, TUMOR, CYST = 1, 2, 3
+STEPS = ("shipped", "filter right", "no false tumors", "no missed tumors")
+THRESHOLDS_HU = (45.0, 50.0, 55.0, 60.0)
+SHELL_MM = (2.0, 8.0)  # the liver around a tumor: this far outside its outline
+
+
+def relabel_by_truth(post: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Correction 1: each predicted lesion region touching a true lesion gets the majority true lesion label."""
+    out = post.copy()
+    regions, n = cc3d.connected_components(np.isin(post, (TUMOR, CYST)), connectivity=26, return_N=True)
+    if n == 0:
+        return out
+    tumor = np.bincount(regions[truth == TUMOR], minlength=n + 1)
+    cyst = np.bincount(regions[truth == CYST], minlength=n + 1)
+    for i in range(1, n + 1):
+        if tumor[i] + cyst[i]:
+            out[regions == i] = TUMOR if tumor[i] >= cyst[i] else CYST
+    return out
+
+
+def drop_false_tumors(post: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Correction 2: tumor regions overlapping no true lesion become liver."""
+    out = post.copy()
+    regions, n = cc3d.connected_components(post == TUMOR, connectivity=26, return_N=True)
+    hit = np.zeros(n + 1, bool)
+    hit[np.unique(regions[np.isin(truth, (TUMOR, CYST))])] = True
+    out[(regions > 0) & ~hit[regions]] = LIVER
+    return out
+
+
+def add_missed_tumors(post: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Correction 3: true tumors no predicted tumor voxel touches are added with their true outline."""
+    out = post.copy()
+    regions, n = cc3d.connected_components(truth == TUMOR, connectivity=26, return_N=True)
+    found = np.zeros(n + 1, bool)
+    found[np.unique(regions[post == TUMOR])] = True
+    found[0] = True
+    out[~found[regions]] = TUMOR
+    return out
+
+
+def corrections(post: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Per-case tumor Dice as shipped and after each cumulative correction (keys: ``STEPS``)."""
+    maps = [post]
+    for fix in (relabel_by_truth, drop_false_tumors, add_missed_tumors):
+        maps.append(fix(maps[-1], truth))
+    return {step: dice(m == TUMOR, truth == TUMOR) for step, m in zip(STEPS, maps)}
+
+
+def tumor_rows(ct: np.ndarray, spacing_zyx, truth: np.ndarray, post: np.ndarray) -> list[dict]:
+    """One row per true tumor: mL, median HU, contrast to the liver shell around it, that shell's noise, found, Dice.
+
+    Its Dice counts the predicted tumor regions touching it (within its box padded by the shell).
+    """
+    rows = []
+    regions, n = cc3d.connected_components(truth == TUMOR, connectivity=26, return_N=True)
+    ml = float(np.prod(spacing_zyx)) / 1000
+    for i, box in enumerate(ndimage.find_objects(regions), start=1):
+        pad = [int(np.ceil(SHELL_MM[1] / s)) + 1 for s in spacing_zyx]
+        box = tuple(slice(max(b.start - p, 0), b.stop + p) for b, p in zip(box, pad))
+        m = regions[box] == i
+        dist = ndimage.distance_transform_edt(~m, sampling=spacing_zyx)
+        shell = (dist > SHELL_MM[0]) & (dist <= SHELL_MM[1]) & (truth[box] == LIVER)
+        hu, around = ct[box][m].astype(float), ct[box][shell].astype(float)
+        pred_regions = cc3d.connected_components(post[box] == TUMOR, connectivity=26)
+        pred = np.isin(pred_regions, np.unique(pred_regions[m])) & (pred_regions > 0)  # the predicted tumors touching it
+        noise = 1.4826 * float(np.median(np.abs(around - np.median(around)))) if around.size else float("nan")
+        rows.append({"ml": float(m.sum() * ml), "hu": float(np.median(hu)),
+                     "contrast_hu": float(np.median(around) - np.median(hu)) if around.size else float("nan"),
+                     "noise_hu": noise, "found": bool(pred.any()), "dice": dice(pred, m)})
+    return rows
+
+
+def network_output(seed: int, ct, models, cache: Path | None) -> tuple[np.ndarray, Probabilities]:
+    """The bundled models' labels and probabilities for one phantom, from ``cache`` when it has them."""
+    if cache is not None and (cache / f"{seed}.npz").exists():
+        with np.load(cache / f"{seed}.npz") as z:
+            labels = z["labels"]
+        return labels, Probabilities.load(cache / f"{seed}.prob.npz")
+    r = segment(ct, *models, tta=True)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        r.probabilities.save(cache / f"{seed}.prob.npz", overwrite=True)
+        np.savez_compressed(cache / f"{seed}.npz", labels=r.labels)
+    return r.labels, r.probabilities
+
+
+def draw(summary: dict, tumors: list[dict], path: Path) -> None:
+    """Left: per-case mean tumor Dice after each correction; right: true tumors by size and contrast."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6))
+    means = [summary["per_case_mean"][s] for s in STEPS] + [1.0]
+    labels = list(STEPS) + ["perfect outlines"]
+    a.bar(range(len(means)), means, color=["#c44e52", "#dd8452", "#55a868", "#4c72b0", "#8c8c8c"])
+    for x, v in enumerate(means):
+        a.text(x, v + 0.01, f"{v:.3f}", ha="center", fontsize=9)
+    a.axhline(0.80, ls="--", c="k", lw=1)
+    a.text(len(means) - 0.5, 0.81, "target 0.80", ha="right", fontsize=8)
+    a.set_xticks(range(len(means)), labels, rotation=20, fontsize=8)
+    a.set_ylim(0, 1.08)
+    a.set_ylabel("tumor Dice per case (mean)")
+    a.set_title(f"Cumulative corrections, phantoms {summary['seeds']}", fontsize=10)
+    cnr = np.array([t["contrast_hu"] / t["noise_hu"] if t["noise_hu"] > 0 else np.nan for t in tumors])
+    ml = np.array([t["ml"] for t in tumors])
+    found = np.array([t["found"] for t in tumors])
+    sc = b.scatter(ml[found], cnr[found], c=[t["dice"] for t in tumors if t["found"]], cmap="viridis",
+                   vmin=0, vmax=1, label="found (colour: its Dice)")
+    b.scatter(ml[~found], cnr[~found], marker="x", c="#c44e52", s=50, label="missed")
+    b.set_xscale("log")
+    b.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    b.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    b.axhline(0, c="grey", lw=0.8)
+    b.set_xlabel("true tumor volume (mL)")
+    b.set_ylabel("contrast / noise (liver around minus tumor, HU / HU)")
+    b.set_title("True tumors: size and visibility", fontsize=10)
+    b.legend(fontsize=8, loc="upper left")
+    fig.colorbar(sc, ax=b, fraction=0.04)
+    fig.text(0.5, 0.005, "Synthetic phantoms; phantom-trained models, not for clinical use.", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seed0", type=int, default=2000, help="first phantom seed (2000: the test seeds)")
+    ap.add_argument("--cases", type=int, default=48)
+    ap.add_argument("--model", default="phantom-small", help="bundled name or a folder with liver.ltsm + tumor.ltsm")
+    ap.add_argument("--cache", type=Path, help="folder keeping each case's network output")
+    ap.add_argument("--png", type=Path, help="write the chart here")
+    ap.add_argument("--json", type=Path, help="write the summary, cases and tumors here")
+    args = ap.parse_args(argv)
+    models = tuple(load_model(p, stage=s) for p, s in zip(model_files(args.model), ("liver", "tumor")))
+    cases, tumors = [], []
+    for seed in tqdm(range(args.seed0, args.seed0 + args.cases), desc="phantoms", file=sys.stderr):
+        ct, lab = generate_case(seed)
+        truth = lab.array
+        labels, probs = network_output(seed, ct, models, args.cache)
+        processor = PostProcessor.from_network(ct, labels, probs)
+        post, _ = processor.apply(PostParams())
+        row = {"seed": seed, "tumors_in_truth": int(cc3d.connected_components(truth == TUMOR, connectivity=26, return_N=True)[1]),
+               **corrections(post, truth)}
+        for t in THRESHOLDS_HU[1:]:
+            row[f"shipped at {t:.0f} HU"] = dice(processor.apply(PostParams(cyst_threshold_hu=t))[0] == TUMOR, truth == TUMOR)
+        cases.append(row)
+        tumors += [dict(r, seed=seed) for r in tumor_rows(ct.array, ct.spacing[::-1], truth, post)]
+    keys = list(STEPS) + [f"shipped at {t:.0f} HU" for t in THRESHOLDS_HU[1:]]
+    summary = {"seeds": f"{args.seed0}-{args.seed0 + args.cases - 1}", "cases": len(cases),
+               "per_case_mean": {k: round(float(np.mean([c[k] for c in cases])), 4) for k in keys},
+               "shipped_ci95": [round(x, 4) for x in mean_ci(c["shipped"] for c in cases)],
+               "tumors": len(tumors), "tumors_missed": sum(not t["found"] for t in tumors)}
+    print(json.dumps(summary, indent=2))
+    print("seed  " + "  ".join(f"{k[:16]:>16}" for k in keys))
+    for c in cases:
+        print(f"{c['seed']}  " + "  ".join(f"{c[k]:16.3f}" for k in keys))
+    print("missed tumors (seed, mL, median HU, contrast HU, noise HU):")
+    for t in sorted((t for t in tumors if not t["found"]), key=lambda t: t["ml"]):
+        print(f"  {t['seed']}  {t['ml']:7.2f}  {t['hu']:5.0f}  {t['contrast_hu']:6.1f}  {t['noise_hu']:5.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({"summary": summary, "cases": cases, "tumors": tumors}, indent=1))
+    if args.png:
+        draw(summary, tumors, args.png)
+
+
+if __name__ == "__main__":
+    main()
