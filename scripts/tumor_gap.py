@@ -4,20 +4,16 @@
 
 For each phantom the bundled models run as ``measure_bundled.py`` runs them (normal mode, mirroring
 on), followed by the post-processing at its defaults. The per-case tumor Dice (LiTS convention: no
-tumor in truth and prediction counts 1, a missed or spurious case 0) is then recomputed after four
-cumulative corrections, each removing one cause of error (``corrections``):
-
-1. ``filter right``: every predicted lesion region (tumor or cyst, 26-connected) that touches a true
-   lesion takes the label of the true lesion it overlaps most (tumor vs cyst). What the HU cyst
-   filter (fitted mean < 45 HU) got wrong. The phantoms draw each cyst's HU from 9-50, so a cyst
-   above about 42 HU, whose partial-volume rim raises the fit a little more, is called a tumor
-   even on its true outline.
-2. ``no false tumors``: tumor regions touching no true lesion are removed.
-3. ``no missed tumors``: true tumors that no predicted tumor touches are added, outline exact.
-4. The rest up to 1 is the outline of the tumors found (under- or over-segmented).
+tumor in truth and prediction counts 1, a missed or spurious case 0) is then recomputed after the
+cumulative corrections of ``LiverTumorSegLib.tumorgap`` (also in ``livertumorseg evaluate``): the
+tumor/cyst labels made right (on phantoms, what the HU cyst filter got wrong: the phantoms draw
+each cyst's mean from 9-50 HU, so a cyst above about 41 HU, whose partial-volume rim raises the fit
+a little more, is called tumor at 45 HU even on its true outline), no false tumors, no missed
+tumors; the rest up to 1 is the outline of the tumors found. The chart calls the first two rows
+"shipped" and "filter right".
 
 The step between two rows is what that cause costs in per-case mean Dice (order matters; this one
-is stated). Also printed: the shipped Dice at other cyst-filter thresholds (a slider in the panel),
+is fixed). Also printed: the shipped Dice at other cyst-filter thresholds (a slider in the panel),
 and one row per true tumor (volume, contrast to the liver around it, its noise, found or not), which
 the chart plots. ``--cache DIR`` keeps each case's network output (labels and probabilities) so a
 rerun only redoes the analysis. Figures only, no assertion: the numbers go to BENCHMARKS.md.
@@ -41,54 +37,10 @@ from LiverTumorSegLib.phantom import generate_case
 from LiverTumorSegLib.pipeline import Probabilities, segment
 from LiverTumorSegLib.postprocess import PostParams, PostProcessor
 from LiverTumorSegLib.registry import model_files
+from LiverTumorSegLib.tumorgap import LIVER, STEPS, TUMOR, tumor_dice_steps
 
-LIVER, TUMOR, CYST = 1, 2, 3
-STEPS = ("shipped", "filter right", "no false tumors", "no missed tumors")
 THRESHOLDS_HU = (45.0, 50.0, 55.0, 60.0)
 SHELL_MM = (2.0, 8.0)  # the liver around a tumor: this far outside its outline
-
-
-def relabel_by_truth(post: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Correction 1: each predicted lesion region touching a true lesion gets the majority true lesion label."""
-    out = post.copy()
-    regions, n = cc3d.connected_components(np.isin(post, (TUMOR, CYST)), connectivity=26, return_N=True)
-    if n == 0:
-        return out
-    tumor = np.bincount(regions[truth == TUMOR], minlength=n + 1)
-    cyst = np.bincount(regions[truth == CYST], minlength=n + 1)
-    for i in range(1, n + 1):
-        if tumor[i] + cyst[i]:
-            out[regions == i] = TUMOR if tumor[i] >= cyst[i] else CYST
-    return out
-
-
-def drop_false_tumors(post: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Correction 2: tumor regions overlapping no true lesion become liver."""
-    out = post.copy()
-    regions, n = cc3d.connected_components(post == TUMOR, connectivity=26, return_N=True)
-    hit = np.zeros(n + 1, bool)
-    hit[np.unique(regions[np.isin(truth, (TUMOR, CYST))])] = True
-    out[(regions > 0) & ~hit[regions]] = LIVER
-    return out
-
-
-def add_missed_tumors(post: np.ndarray, truth: np.ndarray) -> np.ndarray:
-    """Correction 3: true tumors no predicted tumor voxel touches are added with their true outline."""
-    out = post.copy()
-    regions, n = cc3d.connected_components(truth == TUMOR, connectivity=26, return_N=True)
-    found = np.zeros(n + 1, bool)
-    found[np.unique(regions[post == TUMOR])] = True
-    found[0] = True
-    out[~found[regions]] = TUMOR
-    return out
-
-
-def corrections(post: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Per-case tumor Dice as shipped and after each cumulative correction (keys: ``STEPS``)."""
-    maps = [post]
-    for fix in (relabel_by_truth, drop_false_tumors, add_missed_tumors):
-        maps.append(fix(maps[-1], truth))
-    return {step: dice(m == TUMOR, truth == TUMOR) for step, m in zip(STEPS, maps)}
 
 
 def tumor_rows(ct: np.ndarray, spacing_zyx, truth: np.ndarray, post: np.ndarray) -> list[dict]:
@@ -139,7 +91,7 @@ def draw(summary: dict, tumors: list[dict], path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6))
     means = [summary["per_case_mean"][s] for s in STEPS] + [1.0]
-    labels = list(STEPS) + ["perfect outlines"]
+    labels = ["shipped", "filter right", *STEPS[2:], "perfect outlines"]
     a.bar(range(len(means)), means, color=["#c44e52", "#dd8452", "#55a868", "#4c72b0", "#8c8c8c"])
     for x, v in enumerate(means):
         a.text(x, v + 0.01, f"{v:.3f}", ha="center", fontsize=9)
@@ -188,15 +140,15 @@ def main(argv=None):
         processor = PostProcessor.from_network(ct, labels, probs)
         post, _ = processor.apply(PostParams())
         row = {"seed": seed, "tumors_in_truth": int(cc3d.connected_components(truth == TUMOR, connectivity=26, return_N=True)[1]),
-               **corrections(post, truth)}
+               **tumor_dice_steps(post, truth)}
         for t in THRESHOLDS_HU[1:]:
-            row[f"shipped at {t:.0f} HU"] = dice(processor.apply(PostParams(cyst_threshold_hu=t))[0] == TUMOR, truth == TUMOR)
+            row[f"as is at {t:.0f} HU"] = dice(processor.apply(PostParams(cyst_threshold_hu=t))[0] == TUMOR, truth == TUMOR)
         cases.append(row)
         tumors += [dict(r, seed=seed) for r in tumor_rows(ct.array, ct.spacing[::-1], truth, post)]
-    keys = list(STEPS) + [f"shipped at {t:.0f} HU" for t in THRESHOLDS_HU[1:]]
+    keys = list(STEPS) + [f"as is at {t:.0f} HU" for t in THRESHOLDS_HU[1:]]
     summary = {"seeds": f"{args.seed0}-{args.seed0 + args.cases - 1}", "cases": len(cases),
                "per_case_mean": {k: round(float(np.mean([c[k] for c in cases])), 4) for k in keys},
-               "shipped_ci95": [round(x, 4) for x in mean_ci(c["shipped"] for c in cases)],
+               "shipped_ci95": [round(x, 4) for x in mean_ci(c[STEPS[0]] for c in cases)],
                "tumors": len(tumors), "tumors_missed": sum(not t["found"] for t in tumors)}
     print(json.dumps(summary, indent=2))
     print("seed  " + "  ".join(f"{k[:16]:>16}" for k in keys))

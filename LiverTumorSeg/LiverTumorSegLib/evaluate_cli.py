@@ -1,7 +1,9 @@
 """The ``evaluate`` command: predicted label maps against ground truth, per case and summarised.
 
 Labels: 0 background, 1 liver, 2 tumor, 3 cyst. Structures: liver = labels >= 1, tumor = label 2,
-lesion = labels 2 or 3. Metrics and their conventions for empty masks: ``metrics.py``.
+lesion = labels 2 or 3. Metrics and their conventions for empty masks: ``metrics.py``. Where the
+tumor Dice is lost (tumor/cyst labels, false tumors, missed tumors, outlines): ``tumorgap.py``,
+one row per case in ``tumor_gap.csv``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .cli import LABEL_EXTS, extension_of
 from .errors import InputError, OutputError
 from .imageio import read_labels, refuse_existing, same_grid, write_json, write_text
 from .metrics import case_metrics, mean_ci, summarize
+from .tumorgap import steps_markdown, summarize_steps, tumor_dice_steps
 
 STRUCTURES = {
     "liver": lambda labels: labels >= 1,
@@ -25,7 +28,7 @@ STRUCTURES = {
     "lesion": lambda labels: (labels == 2) | (labels == 3),
 }
 NAME_SUFFIXES = ("_segmentation", "_labels", "_label", "_seg", ".seg")
-OUTPUTS = ("metrics.csv", "summary.md", "summary.json", "boxplot.png")
+OUTPUTS = ("metrics.csv", "tumor_gap.csv", "summary.md", "summary.json", "boxplot.png")
 NETWORK, POSTPROCESSED = "network", "post-processed"  # the two outputs --model evaluates
 SPACING_TOL = 1e-4
 AUTHORS_LABEL = "G-UNETR++ authors' protocol, not comparable with the LiTS leaderboard"
@@ -46,17 +49,21 @@ def run_evaluate(args) -> int:
     if args.model is not None:
         from .evaluate_model import evaluate_model
 
-        rows, summary, markdown = evaluate_model(args)
+        rows, gaps, summary, markdown = evaluate_model(args)
     else:
         if args.pred is None or args.truth is None:
             raise InputError("Give --pred and --truth (label maps), or --model and --data (segment and evaluate).")
         cases = match_cases(Path(args.pred), Path(args.truth))
-        rows = []
+        rows, gaps = [], []
         for name, pred, truth in tqdm(cases, desc="evaluate", unit="case", disable=None, file=sys.stderr):
-            rows += evaluate_case(name, pred, truth)
-        summary = summarize_structures(rows)
-        markdown = summary_markdown(summary)
+            case_rows_, gap = evaluate_case(name, pred, truth)
+            rows += case_rows_
+            gaps.append(gap)
+        structures, steps = summarize_structures(rows), summarize_steps(gaps)
+        summary = {**structures, "tumor_gap": steps}
+        markdown = summary_markdown(structures) + "\n" + steps_markdown(steps)
     write_text(metrics_csv(rows), out / "metrics.csv", overwrite=args.overwrite)
+    write_text(metrics_csv(gaps), out / "tumor_gap.csv", overwrite=args.overwrite)
     write_text(markdown, out / "summary.md", overwrite=args.overwrite)
     write_json(summary, out / "summary.json", overwrite=args.overwrite)
     if args.model is None:
@@ -119,14 +126,19 @@ def match_cases(pred: Path, truth: Path) -> list[tuple[str, Path, Path]]:
     return [(name, preds[name], truths[name]) for name in common]
 
 
-def evaluate_case(name: str, pred_path: Path, truth_path: Path) -> list[dict]:
-    """One row per structure: case, structure and every ``case_metrics`` value."""
+def evaluate_case(name: str, pred_path: Path, truth_path: Path) -> tuple[list[dict], dict]:
+    """One row per structure (case, structure and every ``case_metrics`` value) and the case's ``gap_row``."""
     pred, truth = read_labels(pred_path), read_labels(truth_path)
     if not same_grid(pred, truth, SPACING_TOL):
         raise InputError(f"Case '{name}': prediction and truth are on different grids (shape "
                          f"{pred.shape_ijk} vs {truth.shape_ijk}, spacing {pred.spacing} vs {truth.spacing}, "
                          "or another origin or direction).")
-    return case_rows(name, pred.array, truth.array, truth.spacing[::-1])
+    return case_rows(name, pred.array, truth.array, truth.spacing[::-1]), gap_row(name, pred.array, truth.array)
+
+
+def gap_row(name: str, pred: np.ndarray, truth: np.ndarray, **extra) -> dict:
+    """The case's tumor Dice after each cumulative correction (``tumorgap.STEPS``)."""
+    return {"case": name, **extra, **tumor_dice_steps(pred, truth)}
 
 
 def case_rows(name: str, pred: np.ndarray, truth: np.ndarray, spacing_zyx, **extra) -> list[dict]:

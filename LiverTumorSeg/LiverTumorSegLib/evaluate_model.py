@@ -8,11 +8,12 @@ from pathlib import Path
 
 from .datasets import gather_cases, load_case, read_split
 from .errors import InputError
-from .evaluate_cli import NETWORK, POSTPROCESSED, case_rows, summarize_structures, summary_markdown
+from .evaluate_cli import NETWORK, POSTPROCESSED, case_rows, gap_row, summarize_structures, summary_markdown
 from .modelfile import load_model
 from .pipeline import segment
 from .postprocess import PostParams, PostProcessor
 from .registry import model_files
+from .tumorgap import steps_markdown, summarize_steps
 
 TITLES = {NETWORK: "Network output (before post-processing)", POSTPROCESSED: "After post-processing (default parameters)"}
 
@@ -25,8 +26,9 @@ def split_cases(args, model_dir: Path | None) -> tuple[list[str], str]:
     return read_split(split_file)[args.part], f"the {args.part} part of {split_file}"
 
 
-def evaluate_model(args) -> tuple[list[dict], dict, str]:
-    """Rows (one per case, output and structure), summaries by output, and the Markdown report."""
+def evaluate_model(args) -> tuple[list[dict], list[dict], dict, str]:
+    """Rows (one per case, output and structure), tumor-gap rows (one per case, post-processed),
+    summaries by output, and the Markdown report."""
     from tqdm import tqdm
 
     if not args.data:
@@ -43,7 +45,7 @@ def evaluate_model(args) -> tuple[list[dict], dict, str]:
         names = [n for n in names if n in cases]
     else:
         names = list(cases)
-    rows = []
+    rows, gaps = [], []
     for name in tqdm(names, desc="segment + evaluate", unit="case", disable=None, file=sys.stderr):
         ct, truth = load_case(cases[name])
         if truth is None:
@@ -54,11 +56,14 @@ def evaluate_model(args) -> tuple[list[dict], dict, str]:
         spacing_zyx = ct.spacing[::-1]
         rows += case_rows(name, result.labels, truth.array, spacing_zyx, output=NETWORK)
         rows += case_rows(name, post, truth.array, spacing_zyx, output=POSTPROCESSED)
+        gaps.append(gap_row(name, post, truth.array, output=POSTPROCESSED))
     if not rows:
         raise InputError(f"No labelled case to evaluate in {source}.")
     summary = {out: summarize_structures([r for r in rows if r["output"] == out]) for out in TITLES}
+    summary["tumor_gap"] = summarize_steps(gaps)
     header = (f"# Evaluation of {liver.card['name']} + {tumor.card['name']}\n\n"
               f"Cases: {source} ({len({r['case'] for r in rows})}). Liver = labels >= 1; tumor = label 2 (the network's lesions "
               "before the filter, tumors after it); lesion = labels 2 or 3.\n\n")
-    markdown = header + "\n".join(summary_markdown(summary[out], TITLES[out], level=2) for out in TITLES)
-    return rows, summary, markdown
+    markdown = (header + "\n".join(summary_markdown(summary[out], TITLES[out], level=2) for out in TITLES)
+                + "\n" + steps_markdown(summary["tumor_gap"]))
+    return rows, gaps, summary, markdown

@@ -92,6 +92,13 @@ def test_folders_hand_computed_metrics_and_summaries(folders, tmp_path, capsys):
     assert "0.4000 +/-" in stdout
     png = (out / "boxplot.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
+    with open(out / "tumor_gap.csv") as f:
+        gap = {r["case"]: r for r in csv.DictReader(f)}
+    assert [float(gap["a"][k]) for k in ("as is", "labels right", "no false tumors", "no missed tumors")] == pytest.approx([0.8] * 4)
+    assert [float(gap["b"][k]) for k in ("as is", "labels right", "no false tumors", "no missed tumors")] == [0.0, 0.0, 0.0, 1.0]
+    steps = json.loads((out / "summary.json").read_text(encoding="utf-8"))["tumor_gap"]
+    assert steps["cost"] == pytest.approx({"tumor/cyst labels": 0.0, "false tumors": 0.0, "missed tumors": 0.5, "outlines": 0.1})
+    assert "over 2 case(s)" in markdown and "missed tumors 0.5000" in markdown
 
 
 def test_single_files_with_seg_nrrd_prediction(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""scripts/tumor_gap.py: each cumulative correction removes exactly its own cause of error."""
+"""tumorgap.py (and scripts/tumor_gap.py): each cumulative correction removes exactly its own cause of error."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from LiverTumorSegLib import tumorgap
 
 
 def _script():
@@ -35,20 +36,20 @@ def _case():
 
 def test_corrections_remove_one_cause_each():
     truth, post = _case()
-    result = gap.corrections(post, truth)
-    assert list(result) == list(gap.STEPS)
-    assert result["shipped"] == pytest.approx(2 * 128 / (128 + 144 + 32 + 264))
-    assert result["filter right"] == pytest.approx(2 * 128 / (128 + 32 + 264))
+    result = tumorgap.tumor_dice_steps(post, truth)
+    assert list(result) == list(tumorgap.STEPS)
+    assert result["as is"] == pytest.approx(2 * 128 / (128 + 144 + 32 + 264))
+    assert result["labels right"] == pytest.approx(2 * 128 / (128 + 32 + 264))
     assert result["no false tumors"] == pytest.approx(2 * 128 / (128 + 264))
     assert result["no missed tumors"] == pytest.approx(2 * 136 / (136 + 264))
 
 
 def test_the_cyst_relabelled_and_the_false_tumor_dropped_become_cyst_and_liver():
     truth, post = _case()
-    fixed = gap.relabel_by_truth(post, truth)
+    fixed = tumorgap.relabel_by_truth(post, truth)
     assert (fixed[2:6, 20:26, 2:8] == 3).all() and (fixed[2:4, 2:10, 2:10] == 2).all()
     assert (fixed[7:9, 30:34, 10:14] == 2).all()  # touches no lesion: the filter's label stays
-    dropped = gap.drop_false_tumors(fixed, truth)
+    dropped = tumorgap.drop_false_tumors(fixed, truth)
     assert (dropped[7:9, 30:34, 10:14] == 1).all() and (dropped[2:4, 2:10, 2:10] == 2).all()
 
 
@@ -56,8 +57,8 @@ def test_a_tumor_free_case_with_one_false_tumor_goes_from_0_to_1():
     truth = np.ones((6, 20, 20), np.uint8)
     post = truth.copy()
     post[1:3, 5:8, 5:8] = 2
-    result = gap.corrections(post, truth)
-    assert result["shipped"] == 0.0 and result["filter right"] == 0.0
+    result = tumorgap.tumor_dice_steps(post, truth)
+    assert result["as is"] == 0.0 and result["labels right"] == 0.0
     assert result["no false tumors"] == 1.0 and result["no missed tumors"] == 1.0
 
 
@@ -75,3 +76,17 @@ def test_tumor_rows_measure_contrast_and_detection():
     assert rows[0]["dice"] == pytest.approx(2 * 72 / (72 + 144))
     assert rows[0]["contrast_hu"] == pytest.approx(30, abs=4) and rows[1]["contrast_hu"] == pytest.approx(0, abs=4)
     assert rows[0]["noise_hu"] == pytest.approx(10, abs=2) and rows[0]["ml"] == pytest.approx(0.144)
+
+
+def test_a_tumor_called_cyst_is_relabelled_tumor_and_costs_are_the_steps():
+    truth, post = _case()
+    post[post == 2] = 3  # everything called cyst: found tumor A becomes a "missed" cyst until relabelled
+    steps = tumorgap.tumor_dice_steps(post, truth)
+    assert steps["as is"] == 0.0
+    assert steps["labels right"] == pytest.approx(2 * 128 / (128 + 264))  # A back to tumor, C stays cyst, D stays cyst
+    summary = tumorgap.summarize_steps([steps, {k: 1.0 for k in tumorgap.STEPS}])
+    assert summary["per_case_mean"]["as is"] == 0.5
+    assert sum(summary["cost"].values()) == pytest.approx(1 - 0.5)
+    assert summary["cost"]["tumor/cyst labels"] == pytest.approx((steps["labels right"] + 1) / 2 - 0.5)
+    text = tumorgap.steps_markdown(summary)
+    assert "| labels right | " in text and "Costs: tumor/cyst labels" in text
