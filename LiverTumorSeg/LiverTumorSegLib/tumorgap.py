@@ -10,7 +10,9 @@ prediction as it is (``STEPS[0]``), in this order:
 3. ``no missed tumors``: true tumors that no predicted tumor touches are added with their true outline.
 
 What remains up to 1 is the outline of the tumors found. The steps are cumulative, so what a cause
-costs depends on the order; this one is fixed. Dice of two empty masks is 1 (``metrics.dice``).
+costs depends on the order; this one is fixed. A step works on whole regions, so it can cost a
+little below 0: a predicted region straddling a tumor and a cyst takes the label of the larger
+overlap, losing the rest. Dice of two empty masks is 1 (``metrics.dice``).
 """
 
 from __future__ import annotations
