@@ -49,7 +49,7 @@ def tumor_rows(ct: np.ndarray, spacing_zyx, truth: np.ndarray, post: np.ndarray)
     Its Dice counts the predicted tumor regions touching it (within its box padded by the shell).
     """
     rows = []
-    regions, n = cc3d.connected_components(truth == TUMOR, connectivity=26, return_N=True)
+    regions = cc3d.connected_components(truth == TUMOR, connectivity=26)
     ml = float(np.prod(spacing_zyx)) / 1000
     for i, box in enumerate(ndimage.find_objects(regions), start=1):
         pad = [int(np.ceil(SHELL_MM[1] / s)) + 1 for s in spacing_zyx]
@@ -127,7 +127,8 @@ def main(argv=None):
     ap.add_argument("--seed0", type=int, default=2000, help="first phantom seed (2000: the test seeds)")
     ap.add_argument("--cases", type=int, default=48)
     ap.add_argument("--model", default="phantom-small", help="bundled name or a folder with liver.ltsm + tumor.ltsm")
-    ap.add_argument("--cache", type=Path, help="folder keeping each case's network output")
+    ap.add_argument("--cache", type=Path, help="folder keeping each case's network output (one folder per model: "
+                                               "what is there is reused as it is)")
     ap.add_argument("--png", type=Path, help="write the chart here")
     ap.add_argument("--json", type=Path, help="write the summary, cases and tumors here")
     args = ap.parse_args(argv)
