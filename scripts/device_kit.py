@@ -5,8 +5,8 @@
 
 The device machine (an H200 with torch 2.11, numpy, scipy, scikit-image, matplotlib, safetensors and
 tqdm) has no package registry, and a call carries at most 64 MiB: the working tree (about 15 MB)
-plus what ``carry`` names. The SimpleITK cp312 wheel alone is 53 MB, so ``build`` repacks it as
-tar.xz (29 MB); MONAI and cc3d travel as their wheels (6 MB together). ``build`` downloads the
+plus what ``carry`` names. The SimpleITK cp312 wheel alone is about 50 MiB, so ``build`` repacks it
+as tar.xz (about 27 MiB); MONAI and cc3d travel as their wheels (about 6 MiB together). ``build`` downloads the
 three for CPython 3.12 on manylinux x86-64 unless ``--wheels`` names a folder that has them, and
 adds the kit folder to ``.git/info/exclude``. ``unpack`` needs only the standard library: a wheel
 is a zip of its ``--target`` install, so extracting it into the site folder installs it.
@@ -19,6 +19,7 @@ A device call then reads (carry: [".devkit"], plus data copied into an ignored f
 from __future__ import annotations
 
 import argparse
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -67,7 +68,7 @@ def build(wheels: Path | None, kit: Path) -> dict:
                         tar.add(item, arcname=item.name)
             else:
                 out = kit / wheel.name
-                out.write_bytes(wheel.read_bytes())
+                shutil.copyfile(wheel, out)
             sizes[out.name] = out.stat().st_size
     exclude = REPO / ".git" / "info" / "exclude"
     line = f"/{kit.resolve().relative_to(REPO)}/" if kit.resolve().is_relative_to(REPO) else None

@@ -7,7 +7,7 @@ on), followed by the post-processing at its defaults. The per-case tumor Dice (L
 tumor in truth and prediction counts 1, a missed or spurious case 0) is then recomputed after the
 cumulative corrections of ``LiverTumorSegLib.tumorgap`` (also in ``livertumorseg evaluate``): the
 tumor/cyst labels made right (on phantoms, what the HU cyst filter got wrong: the phantoms draw
-each cyst's mean from 9-50 HU, so a cyst above about 41 HU, whose partial-volume rim raises the fit
+each cyst's mean from 9-50 HU, so a cyst near or above 45 HU, whose partial-volume rim raises the fit
 a little more, is called tumor at 45 HU even on its true outline), no false tumors, no missed
 tumors; the rest up to 1 is the outline of the tumors found. The chart calls the first two rows
 "shipped" and "filter right".
@@ -15,7 +15,8 @@ tumors; the rest up to 1 is the outline of the tumors found. The chart calls the
 The step between two rows is what that cause costs in per-case mean Dice (order matters; this one
 is fixed). Also printed: the shipped Dice at other cyst-filter thresholds (a slider in the panel),
 and one row per true tumor (volume, contrast to the liver around it, its noise, found or not), which
-the chart plots. ``--cache DIR`` keeps each case's network output (labels and probabilities) so a
+the chart plots; the false tumors of tumor-free cases (size, HU, where, how sure); and every
+true cyst the filter calls tumor on its own true outline (its fitted mean). ``--cache DIR`` keeps each case's network output (labels and probabilities) so a
 rerun only redoes the analysis. Figures only, no assertion: the numbers go to BENCHMARKS.md.
 """
 
@@ -37,7 +38,7 @@ from LiverTumorSegLib.phantom import generate_case
 from LiverTumorSegLib.pipeline import Probabilities, segment
 from LiverTumorSegLib.postprocess import PostParams, PostProcessor
 from LiverTumorSegLib.registry import model_files
-from LiverTumorSegLib.tumorgap import LIVER, STEPS, TUMOR, tumor_dice_steps
+from LiverTumorSegLib.tumorgap import CYST, LIVER, STEPS, TUMOR, tumor_dice_steps
 
 THRESHOLDS_HU = (45.0, 50.0, 55.0, 60.0)
 SHELL_MM = (2.0, 8.0)  # the liver around a tumor: this far outside its outline
@@ -64,6 +65,41 @@ def tumor_rows(ct: np.ndarray, spacing_zyx, truth: np.ndarray, post: np.ndarray)
         rows.append({"ml": float(m.sum() * ml), "hu": float(np.median(hu)),
                      "contrast_hu": float(np.median(around) - np.median(hu)) if around.size else float("nan"),
                      "noise_hu": noise, "found": bool(pred.any()), "dice": dice(pred, m)})
+    return rows
+
+
+def false_tumor_rows(ct: np.ndarray, truth: np.ndarray, post: np.ndarray, probability: np.ndarray, ml: float) -> list[dict]:
+    """One row per predicted tumor region touching no true lesion: mL, median HU, share outside the true liver, max p."""
+    regions = cc3d.connected_components(post == TUMOR, connectivity=26)
+    lesion = truth >= TUMOR
+    rows = []
+    for i, box in enumerate(ndimage.find_objects(regions), start=1):
+        m = regions[box] == i
+        if lesion[box][m].any():
+            continue
+        rows.append({"ml": float(m.sum() * ml), "hu": float(np.median(ct[box][m])),
+                     "outside_liver": float((truth[box][m] == 0).mean()), "max_p": float(probability[box][m].max()) / 255})
+    return rows
+
+
+def cyst_rows(ct, truth: np.ndarray) -> list[dict]:
+    """One row per true cyst: mL, the filter's fitted mean on the true outlines, and whether it calls it tumor there."""
+    perfect = np.where(truth >= TUMOR, TUMOR, truth).astype(np.uint8)  # true lesions, tumor and cyst alike
+    processor = PostProcessor(ct, perfect)
+    params = PostParams(dilate_iterations=0)
+    bound, table = processor.apply(params)
+    fitted = {r["id"]: r["fit_M"] for r in table}
+    regions = cc3d.connected_components(perfect == TUMOR, connectivity=26)  # the processor's region ids (raster order)
+    if [r["voxels"] for r in table] != np.bincount(regions.ravel())[1:].tolist():
+        raise RuntimeError("region ids differ from the post-processor's")
+    cysts = cc3d.connected_components(truth == CYST, connectivity=26)
+    ml = float(np.prod(ct.spacing)) / 1000
+    rows = []
+    for i, box in enumerate(ndimage.find_objects(cysts), start=1):
+        m = cysts[box] == i
+        region = int(np.bincount(regions[box][m]).argmax())
+        rows.append({"ml": float(m.sum() * ml), "fit_M": fitted.get(region, float("nan")),
+                     "called_tumor": bool((bound[box][m] == TUMOR).mean() > 0.5)})
     return rows
 
 
@@ -133,7 +169,7 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, help="write the summary, cases and tumors here")
     args = ap.parse_args(argv)
     models = tuple(load_model(p, stage=s) for p, s in zip(model_files(args.model), ("liver", "tumor")))
-    cases, tumors = [], []
+    cases, tumors, false_tumors, cysts = [], [], [], []
     for seed in tqdm(range(args.seed0, args.seed0 + args.cases), desc="phantoms", file=sys.stderr):
         ct, lab = generate_case(seed)
         truth = lab.array
@@ -146,11 +182,15 @@ def main(argv=None):
             row[f"as is at {t:.0f} HU"] = dice(processor.apply(PostParams(cyst_threshold_hu=t))[0] == TUMOR, truth == TUMOR)
         cases.append(row)
         tumors += [dict(r, seed=seed) for r in tumor_rows(ct.array, ct.spacing[::-1], truth, post)]
+        ml = float(np.prod(ct.spacing)) / 1000
+        false_tumors += [dict(r, seed=seed) for r in false_tumor_rows(ct.array, truth, post, probs.tumor_full(), ml)]
+        cysts += [dict(r, seed=seed) for r in cyst_rows(ct, truth)]
     keys = list(STEPS) + [f"as is at {t:.0f} HU" for t in THRESHOLDS_HU[1:]]
     summary = {"seeds": f"{args.seed0}-{args.seed0 + args.cases - 1}", "cases": len(cases),
                "per_case_mean": {k: round(float(np.mean([c[k] for c in cases])), 4) for k in keys},
                "shipped_ci95": [round(x, 4) for x in mean_ci(c[STEPS[0]] for c in cases)],
-               "tumors": len(tumors), "tumors_missed": sum(not t["found"] for t in tumors)}
+               "tumors": len(tumors), "tumors_missed": sum(not t["found"] for t in tumors),
+               "cysts": len(cysts), "cysts_called_tumor_on_true_outline": sum(c["called_tumor"] for c in cysts)}
     print(json.dumps(summary, indent=2))
     print("seed  " + "  ".join(f"{k[:16]:>16}" for k in keys))
     for c in cases:
@@ -158,8 +198,16 @@ def main(argv=None):
     print("missed tumors (seed, mL, median HU, contrast HU, noise HU):")
     for t in sorted((t for t in tumors if not t["found"]), key=lambda t: t["ml"]):
         print(f"  {t['seed']}  {t['ml']:7.2f}  {t['hu']:5.0f}  {t['contrast_hu']:6.1f}  {t['noise_hu']:5.1f}")
+    print("false tumors in tumor-free cases (seed, mL, median HU, share outside the true liver, max p):")
+    free = {c["seed"] for c in cases if c["tumors_in_truth"] == 0}
+    for t in (t for t in false_tumors if t["seed"] in free):
+        print(f"  {t['seed']}  {t['ml']:6.3f}  {t['hu']:5.0f}  {t['outside_liver']:4.2f}  {t['max_p']:4.2f}")
+    print("true cysts called tumor on their true outline (seed, mL, fitted mean HU):")
+    for c in (c for c in cysts if c["called_tumor"]):
+        print(f"  {c['seed']}  {c['ml']:6.2f}  {c['fit_M']:5.1f}")
     if args.json:
-        args.json.write_text(json.dumps({"summary": summary, "cases": cases, "tumors": tumors}, indent=1))
+        args.json.write_text(json.dumps({"summary": summary, "cases": cases, "tumors": tumors,
+                                         "false_tumors": false_tumors, "cysts": cysts}, indent=1))
     if args.png:
         draw(summary, tumors, args.png)
 

@@ -37,8 +37,9 @@ def relabel_by_truth(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
     cyst = np.bincount(regions[truth == CYST], minlength=n + 1)
     touched = (tumor + cyst) > 0
     touched[0] = False
-    new = np.where(tumor >= cyst, TUMOR, CYST).astype(out.dtype)
-    out[touched[regions]] = new[regions][touched[regions]]
+    majority = np.where(tumor >= cyst, TUMOR, CYST).astype(out.dtype)
+    mask = touched[regions]
+    out[mask] = majority[regions[mask]]
     return out
 
 
