@@ -10,7 +10,8 @@ tumor/cyst labels made right (on phantoms, what the HU cyst filter got wrong: th
 each cyst's mean from 9-50 HU, so a cyst near or above 45 HU, whose partial-volume rim raises the fit
 a little more, is called tumor at 45 HU even on its true outline), no false tumors, no missed
 tumors; the rest up to 1 is the outline of the tumors found. The chart calls the first two rows
-"shipped" and "filter right".
+"shipped" and "filter right". The summary also gives the means of cases with tumors and of
+tumor-free cases apart.
 
 The step between two rows is what that cause costs in per-case mean Dice (order matters; this one
 is fixed). Also printed: the shipped Dice at other cyst-filter thresholds (a slider in the panel),
@@ -38,7 +39,7 @@ from LiverTumorSegLib.phantom import generate_case
 from LiverTumorSegLib.pipeline import Probabilities, segment
 from LiverTumorSegLib.postprocess import PostParams, PostProcessor
 from LiverTumorSegLib.registry import model_files
-from LiverTumorSegLib.tumorgap import CYST, LIVER, STEPS, TUMOR, tumor_dice_steps
+from LiverTumorSegLib.tumorgap import CYST, LIVER, STEPS, TUMOR, TUMORS_IN_TRUTH, summarize_steps, tumor_dice_steps, tumors_in_truth
 
 THRESHOLDS_HU = (45.0, 50.0, 55.0, 60.0)
 SHELL_MM = (2.0, 8.0)  # the liver around a tumor: this far outside its outline
@@ -176,8 +177,7 @@ def main(argv=None):
         labels, probs = network_output(seed, ct, models, args.cache)
         processor = PostProcessor.from_network(ct, labels, probs)
         post, _ = processor.apply(PostParams())
-        row = {"seed": seed, "tumors_in_truth": int(cc3d.connected_components(truth == TUMOR, connectivity=26, return_N=True)[1]),
-               **tumor_dice_steps(post, truth)}
+        row = {"seed": seed, TUMORS_IN_TRUTH: tumors_in_truth(truth), **tumor_dice_steps(post, truth)}
         for t in THRESHOLDS_HU[1:]:
             row[f"as is at {t:.0f} HU"] = dice(processor.apply(PostParams(cyst_threshold_hu=t))[0] == TUMOR, truth == TUMOR)
         cases.append(row)
@@ -189,6 +189,8 @@ def main(argv=None):
     summary = {"seeds": f"{args.seed0}-{args.seed0 + args.cases - 1}", "cases": len(cases),
                "per_case_mean": {k: round(float(np.mean([c[k] for c in cases])), 4) for k in keys},
                "shipped_ci95": [round(x, 4) for x in mean_ci(c[STEPS[0]] for c in cases)],
+               "groups": {g: {"cases": part["cases"], "per_case_mean": {k: round(v, 4) for k, v in part["per_case_mean"].items()}}
+                          for g, part in summarize_steps(cases)["groups"].items()},
                "tumors": len(tumors), "tumors_missed": sum(not t["found"] for t in tumors),
                "cysts": len(cysts), "cysts_called_tumor_on_true_outline": sum(c["called_tumor"] for c in cysts)}
     print(json.dumps(summary, indent=2))
@@ -199,7 +201,7 @@ def main(argv=None):
     for t in sorted((t for t in tumors if not t["found"]), key=lambda t: t["ml"]):
         print(f"  {t['seed']}  {t['ml']:7.2f}  {t['hu']:5.0f}  {t['contrast_hu']:6.1f}  {t['noise_hu']:5.1f}")
     print("false tumors in tumor-free cases (seed, mL, median HU, share outside the true liver, max p):")
-    free = {c["seed"] for c in cases if c["tumors_in_truth"] == 0}
+    free = {c["seed"] for c in cases if c[TUMORS_IN_TRUTH] == 0}
     for t in (t for t in false_tumors if t["seed"] in free):
         print(f"  {t['seed']}  {t['ml']:6.3f}  {t['hu']:5.0f}  {t['outside_liver']:4.2f}  {t['max_p']:4.2f}")
     print("true cysts called tumor on their true outline (seed, mL, fitted mean HU):")

@@ -20,7 +20,7 @@ from .cli import LABEL_EXTS, extension_of
 from .errors import InputError, OutputError
 from .imageio import read_labels, refuse_existing, same_grid, write_json, write_text
 from .metrics import case_metrics, mean_ci, summarize
-from .tumorgap import steps_markdown, summarize_steps, tumor_dice_steps
+from .tumorgap import TUMORS_IN_TRUTH, steps_markdown, summarize_steps, tumor_dice_steps, tumors_in_truth
 
 STRUCTURES = {
     "liver": lambda labels: labels >= 1,
@@ -137,8 +137,8 @@ def evaluate_case(name: str, pred_path: Path, truth_path: Path) -> tuple[list[di
 
 
 def gap_row(name: str, pred: np.ndarray, truth: np.ndarray, **extra) -> dict:
-    """The case's tumor Dice after each cumulative correction (``tumorgap.STEPS``)."""
-    return {"case": name, **extra, **tumor_dice_steps(pred, truth)}
+    """The case's count of true tumors and its tumor Dice after each cumulative correction (``tumorgap.STEPS``)."""
+    return {"case": name, **extra, TUMORS_IN_TRUTH: tumors_in_truth(truth), **tumor_dice_steps(pred, truth)}
 
 
 def case_rows(name: str, pred: np.ndarray, truth: np.ndarray, spacing_zyx, **extra) -> list[dict]:

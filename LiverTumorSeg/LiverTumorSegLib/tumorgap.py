@@ -9,7 +9,9 @@ prediction as it is (``STEPS[0]``), in this order:
 2. ``no false tumors``: tumor regions touching no true lesion become liver;
 3. ``no missed tumors``: true tumors that no predicted tumor touches are added with their true outline.
 
-What remains up to 1 is the outline of the tumors found. The steps are cumulative, so what a cause
+What remains up to 1 is the outline of the tumors found. The per-case means are also given apart
+for cases whose truth has tumors and for tumor-free ones (where a case scores 1 or 0: the per-case
+mean mixes an outline measure with a false-alarm rate). The steps are cumulative, so what a cause
 costs depends on the order; this one is fixed. A step works on whole regions, so it can cost a
 little below 0: a predicted region straddling a tumor and a cyst takes the label of the larger
 overlap, losing the rest. Dice of two empty masks is 1 (``metrics.dice``).
@@ -25,6 +27,8 @@ from .metrics import dice
 LIVER, TUMOR, CYST = 1, 2, 3
 STEPS = ("as is", "labels right", "no false tumors", "no missed tumors")
 COSTS = ("tumor/cyst labels", "false tumors", "missed tumors", "outlines")  # what each step's gain measures
+TUMORS_IN_TRUTH = "tumors in truth"  # a row's count of true tumors (26-connected regions)
+GROUPS = ("with tumors", "tumor-free")
 
 
 def relabel_by_truth(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -72,20 +76,40 @@ def tumor_dice_steps(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return {step: dice(m == TUMOR, truth == TUMOR) for step, m in zip(STEPS, maps)}
 
 
+def tumors_in_truth(truth: np.ndarray) -> int:
+    """How many true tumors (26-connected regions of label 2) a case has."""
+    return int(cc3d.connected_components(np.asarray(truth) == TUMOR, connectivity=26, return_N=True)[1])
+
+
+def _means(rows: list[dict]) -> dict[str, float]:
+    return {step: float(np.mean([r[step] for r in rows])) for step in STEPS}
+
+
 def summarize_steps(rows: list[dict]) -> dict:
-    """Per-case means of each step over ``rows`` (each holding the ``STEPS`` keys) and what each cause costs."""
-    means = {step: float(np.mean([r[step] for r in rows])) for step in STEPS}
+    """Per-case means of each step over ``rows`` (each holding the ``STEPS`` keys) and what each cause costs.
+
+    When every row also holds ``TUMORS_IN_TRUTH``, ``groups`` gives the case count and per-case
+    means of cases with tumors and of tumor-free cases (a group without cases is left out)."""
+    means = _means(rows)
     ends = list(means.values()) + [1.0]
-    return {"cases": len(rows), "per_case_mean": means,
-            "cost": {cause: ends[i + 1] - ends[i] for i, cause in enumerate(COSTS)}}
+    summary = {"cases": len(rows), "per_case_mean": means,
+               "cost": {cause: ends[i + 1] - ends[i] for i, cause in enumerate(COSTS)}}
+    if rows and all(TUMORS_IN_TRUTH in r for r in rows):
+        parts = dict(zip(GROUPS, ([r for r in rows if r[TUMORS_IN_TRUTH] > 0], [r for r in rows if r[TUMORS_IN_TRUTH] == 0])))
+        summary["groups"] = {g: {"cases": len(part), "per_case_mean": _means(part)} for g, part in parts.items() if part}
+    return summary
 
 
 def steps_markdown(summary: dict, level: int = 2) -> str:
     """A Markdown table of the per-case mean tumor Dice after each correction, then what each cause costs."""
+    groups = summary.get("groups", {})
+    head = "| step (cumulative) | per-case mean tumor Dice |" + "".join(
+        f" {g} ({part['cases']}) |" for g, part in groups.items())
     lines = [f"{'#' * level} Where the tumor Dice is lost", "",
              f"Per-case means over {summary['cases']} case(s); each step also removes one cause of error "
-             "(`tumorgap.py`).", "", "| step (cumulative) | per-case mean tumor Dice |", "|---|---|"]
-    lines += [f"| {step} | {summary['per_case_mean'][step]:.4f} |" for step in STEPS]
-    lines += ["| perfect outlines | 1.0000 |", "",
+             "(`tumorgap.py`).", "", head, "|---|---|" + "---|" * len(groups)]
+    lines += [f"| {step} | {summary['per_case_mean'][step]:.4f} |"
+              + "".join(f" {part['per_case_mean'][step]:.4f} |" for part in groups.values()) for step in STEPS]
+    lines += ["| perfect outlines | 1.0000 |" + " 1.0000 |" * len(groups), "",
               "Costs: " + ", ".join(f"{cause} {cost:.4f}" for cause, cost in summary["cost"].items()) + "."]
     return "\n".join(lines) + "\n"

@@ -99,6 +99,9 @@ def test_folders_hand_computed_metrics_and_summaries(folders, tmp_path, capsys):
     steps = json.loads((out / "summary.json").read_text(encoding="utf-8"))["tumor_gap"]
     assert steps["cost"] == pytest.approx({"tumor/cyst labels": 0.0, "false tumors": 0.0, "missed tumors": 0.5, "outlines": 0.1})
     assert "over 2 case(s)" in markdown and "missed tumors 0.5000" in markdown
+    assert gap["a"]["tumors in truth"] == gap["b"]["tumors in truth"] == "1"
+    assert list(steps["groups"]) == ["with tumors"] and steps["groups"]["with tumors"]["cases"] == 2
+    assert "| with tumors (2) |" in markdown
 
 
 def test_single_files_with_seg_nrrd_prediction(tmp_path, capsys):

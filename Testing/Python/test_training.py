@@ -385,7 +385,7 @@ def test_train_both_stages_then_evaluate_the_pair(phantoms, tmp_path, capsys):
     assert summary["tumor_gap"]["cases"] == 1 and sum(summary["tumor_gap"]["cost"].values()) == pytest.approx(
         1 - summary["post-processed"]["tumor"]["metrics"]["dsc"]["mean"])  # the steps start from the post-processed tumor Dice
     gap = (out / "tumor_gap.csv").read_text(encoding="utf-8").splitlines()
-    assert gap[0] == "case,output,as is,labels right,no false tumors,no missed tumors" and len(gap) == 2
+    assert gap[0] == "case,output,tumors in truth,as is,labels right,no false tumors,no missed tumors" and len(gap) == 2
     text = (out / "summary.md").read_text(encoding="utf-8")
     assert "Network output (before post-processing)" in text and "After post-processing" in text
     assert "Where the tumor Dice is lost" in text and "over 1 case(s)" in text

@@ -90,3 +90,23 @@ def test_a_tumor_called_cyst_is_relabelled_tumor_and_costs_are_the_steps():
     assert summary["cost"]["tumor/cyst labels"] == pytest.approx((steps["labels right"] + 1) / 2 - 0.5)
     text = tumorgap.steps_markdown(summary)
     assert "| labels right | " in text and "Costs: tumor/cyst labels" in text
+
+
+def test_cases_with_tumors_and_tumor_free_cases_are_also_summarised_apart():
+    truth, post = _case()
+    assert tumorgap.tumors_in_truth(truth) == 2  # A and B; the cyst C is not a tumor
+    free_truth = np.ones_like(truth)
+    assert tumorgap.tumors_in_truth(free_truth) == 0
+    with_tumors = {tumorgap.TUMORS_IN_TRUTH: 2, **tumorgap.tumor_dice_steps(post, truth)}
+    free = {tumorgap.TUMORS_IN_TRUTH: 0, **tumorgap.tumor_dice_steps(post, free_truth)}  # C and D are false tumors
+    assert [free[s] for s in tumorgap.STEPS] == [0.0, 0.0, 1.0, 1.0]
+    summary = tumorgap.summarize_steps([with_tumors, free])
+    assert summary["per_case_mean"]["as is"] == pytest.approx(with_tumors["as is"] / 2)
+    assert summary["groups"]["with tumors"] == {"cases": 1, "per_case_mean": {s: with_tumors[s] for s in tumorgap.STEPS}}
+    assert summary["groups"]["tumor-free"]["per_case_mean"]["no false tumors"] == 1.0
+    text = tumorgap.steps_markdown(summary)
+    assert "| step (cumulative) | per-case mean tumor Dice | with tumors (1) | tumor-free (1) |" in text
+    assert f"| no false tumors | {(with_tumors['no false tumors'] + 1) / 2:.4f} | {with_tumors['no false tumors']:.4f} | 1.0000 |" in text
+    assert "groups" not in tumorgap.summarize_steps([{s: 1.0 for s in tumorgap.STEPS}])  # rows without the count
+    only = tumorgap.summarize_steps([with_tumors])
+    assert list(only["groups"]) == ["with tumors"]
