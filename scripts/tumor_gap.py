@@ -189,8 +189,7 @@ def main(argv=None):
     summary = {"seeds": f"{args.seed0}-{args.seed0 + args.cases - 1}", "cases": len(cases),
                "per_case_mean": {k: round(float(np.mean([c[k] for c in cases])), 4) for k in keys},
                "shipped_ci95": [round(x, 4) for x in mean_ci(c[STEPS[0]] for c in cases)],
-               "groups": {g: {"cases": part["cases"], "per_case_mean": {k: round(v, 4) for k, v in part["per_case_mean"].items()}}
-                          for g, part in summarize_steps(cases)["groups"].items()},
+               "groups": summarize_steps(cases)["groups"],
                "tumors": len(tumors), "tumors_missed": sum(not t["found"] for t in tumors),
                "cysts": len(cysts), "cysts_called_tumor_on_true_outline": sum(c["called_tumor"] for c in cysts)}
     print(json.dumps(summary, indent=2))

@@ -95,8 +95,10 @@ def summarize_steps(rows: list[dict]) -> dict:
     summary = {"cases": len(rows), "per_case_mean": means,
                "cost": {cause: ends[i + 1] - ends[i] for i, cause in enumerate(COSTS)}}
     if rows and all(TUMORS_IN_TRUTH in r for r in rows):
-        parts = dict(zip(GROUPS, ([r for r in rows if r[TUMORS_IN_TRUTH] > 0], [r for r in rows if r[TUMORS_IN_TRUTH] == 0])))
-        summary["groups"] = {g: {"cases": len(part), "per_case_mean": _means(part)} for g, part in parts.items() if part}
+        with_tumors = [r for r in rows if r[TUMORS_IN_TRUTH] > 0]
+        tumor_free = [r for r in rows if r[TUMORS_IN_TRUTH] == 0]
+        summary["groups"] = {group: {"cases": len(part), "per_case_mean": _means(part)}
+                             for group, part in zip(GROUPS, (with_tumors, tumor_free)) if part}
     return summary
 
 
