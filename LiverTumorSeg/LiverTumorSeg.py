@@ -233,6 +233,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.dilateModeComboBox.currentIndexChanged.connect(self.onPostProcessingChanged)
         ui.cystFilterCheckBox.toggled.connect(self.onPostProcessingChanged)
         ui.cystThresholdSlider.valueChanged.connect(self.onPostProcessingChanged)
+        ui.cystCoreCheckBox.toggled.connect(self.onPostProcessingChanged)
         ui.regionTable.itemSelectionChanged.connect(self.onRegionSelected)
         ui.markTumorButton.clicked.connect(lambda: self.onDecision("tumor"))
         ui.markCystButton.clicked.connect(lambda: self.onDecision("cyst"))
@@ -448,8 +449,8 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         params = panel.params_from_controls(
             live.params, dilate_iterations=ui.dilateIterationsSpinBox.value, dilate_max_area_px=ui.dilateMaxAreaSpinBox.value,
             cyst_filter=ui.cystFilterCheckBox.checked, cyst_threshold_hu=ui.cystThresholdSlider.value,
-            dilate_mode=panel.dilate_mode_at(ui.dilateModeComboBox.currentIndex))
-        ui.cystThresholdSlider.enabled = params.cyst_filter
+            dilate_mode=panel.dilate_mode_at(ui.dilateModeComboBox.currentIndex), fit_on_core=ui.cystCoreCheckBox.checked)
+        ui.cystThresholdSlider.enabled = ui.cystCoreCheckBox.enabled = params.cyst_filter
         self._showDilationMode(params.dilate_mode)
         self._guarded(lambda overwrite: live.update(params, overwrite_edited=overwrite))
 
@@ -466,7 +467,8 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.dilateMaxAreaSpinBox.value = values["dilate_max_area_px"]
             ui.cystFilterCheckBox.checked = values["cyst_filter"]
             ui.cystThresholdSlider.value = values["cyst_threshold_hu"]
-            ui.cystThresholdSlider.enabled = values["cyst_filter"]
+            ui.cystCoreCheckBox.checked = values["fit_on_core"]
+            ui.cystThresholdSlider.enabled = ui.cystCoreCheckBox.enabled = values["cyst_filter"]
             ui.dilateModeComboBox.currentIndex = panel.dilate_mode_index(values["dilate_mode"])
             self._showDilationMode(values["dilate_mode"])
         finally:

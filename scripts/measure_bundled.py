@@ -1,6 +1,6 @@
 """Measure the bundled models and write the numbers into their model cards.
 
-    .venv/bin/python scripts/measure_bundled.py [--cases 48] [--seed0 2000] [--model NAME|FOLDER] [--no-write]
+    .venv/bin/python scripts/measure_bundled.py [--cases 48] [--seed0 2000] [--model NAME|FOLDER] [--no-write] [--cache DIR]
 
 Fresh phantoms (the test seeds 2000-2047, never used in training or for any choice; default random
 geometry, 512 matrix; 48 cases since 2026-11-29, 12 before: their per-case tumor Dice had a 95 %
@@ -9,6 +9,11 @@ when present, 3D-IRCADb patient 1.1 (expert masks; liver + livertumor01..07 merg
 the cyst kept apart). ``tumor_filter_on_truth``: the cyst filter (no dilation) applied to the
 true lesions, the most any network can reach with the filter at its default. Dice per case: a case with no lesion in truth and prediction counts 1,
 a missed or spurious lesion case 0 (LiTS convention); global Dice pools all voxels.
+
+``--cache DIR``: the phantoms' network outputs are read from (or written to) ``DIR``, the cache of
+``tumor_gap.py`` (same models, default mode), so a change of the post-processing alone is measured
+without rerunning the networks; the seconds per case are then those of the last uncached run (kept
+from the card, and marked so).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from LiverTumorSegLib.phantom import generate_case
 from LiverTumorSegLib.pipeline import segment
 from LiverTumorSegLib.postprocess import PostParams, PostProcessor
 from LiverTumorSegLib.registry import model_files
+from tumor_gap import network_output
 
 EVAL_SEED0 = 2000
 IRCAD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ircad-1.1"
@@ -69,6 +75,15 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def _seconds(seconds: list[float], tumor_path, cache) -> dict:
+    """The mean seconds per case; with every output from the cache, the card's last measured figure, marked so."""
+    if not cache:
+        return {"mean_seconds": round(float(np.mean(seconds)), 1)}
+    before = load_model(tumor_path, stage="tumor").card.get("metrics", {}).get("fresh_phantoms", {})
+    return {"mean_seconds": before.get("mean_seconds"),
+            "mean_seconds_note": "network outputs read from a cache; seconds as last measured without one"}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=48)
@@ -79,30 +94,37 @@ def main(argv=None):
                     help="test-time mirroring, as segment does by default (--no-tta: normal mode)")
     ap.add_argument("--model", default="phantom-small", help="bundled name or a folder with liver.ltsm + tumor.ltsm")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update the model cards")
+    ap.add_argument("--cache", type=Path, help="network outputs of the phantoms from/into this folder (tumor_gap.py's; "
+                                               "one folder per model, default mode only)")
     args = ap.parse_args(argv)
+    if args.cache and (args.fast or not args.tta):
+        ap.error("--cache holds outputs of the default mode (normal, mirrored): drop --fast / --no-tta")
     liver_path, tumor_path = model_files(args.model)
     models = load_model(liver_path, stage="liver"), load_model(tumor_path, stage="tumor")
     rows, seconds = [], []
     for seed in tqdm(range(args.seed0, args.seed0 + args.cases), desc="phantoms", file=sys.stderr):
         ct, lab = generate_case(seed)
-        r = segment(ct, *models, fast=args.fast, tta=args.tta)
-        post, _ = PostProcessor.from_network(ct, r.labels, r.probabilities).apply(PostParams())
+        if args.cache:
+            labels, probabilities = network_output(seed, ct, models, args.cache)
+        else:
+            r = segment(ct, *models, fast=args.fast, tta=args.tta)
+            labels, probabilities = r.labels, r.probabilities
+            seconds.append(r.report["timings"]["total_s"])
+        post, _ = PostProcessor.from_network(ct, labels, probabilities).apply(PostParams())
         perfect = np.where(lab.array >= 2, 2, lab.array).astype(np.uint8)  # the true lesions, tumor and cyst alike
         bound, _ = PostProcessor(ct, perfect).apply(PostParams(dilate_iterations=0))
         ml = float(np.prod(ct.spacing)) / 1000
-        rows.append(dict(_scores(r.labels, lab.array), seed=seed, truth_lesion_ml=float(np.isin(lab.array, (2, 3)).sum() * ml),
-                         pred_lesion_ml=float((r.labels == 2).sum() * ml),
+        rows.append(dict(_scores(labels, lab.array), seed=seed, truth_lesion_ml=float(np.isin(lab.array, (2, 3)).sum() * ml),
+                         pred_lesion_ml=float((labels == 2).sum() * ml),
                          tumor_after_filter=dice(post == 2, lab.array == 2), cyst_after_filter=dice(post == 3, lab.array == 3),
                          tumor_filter_on_truth=dice(bound == 2, lab.array == 2),
-                         tumor_inter_before=int(np.logical_and(r.labels == 2, lab.array == 2).sum()),
-                         tumor_sums_before=int((r.labels == 2).sum() + (lab.array == 2).sum()),
+                         tumor_inter_before=int(np.logical_and(labels == 2, lab.array == 2).sum()),
+                         tumor_sums_before=int((labels == 2).sum() + (lab.array == 2).sum()),
                          tumor_inter_after=int(np.logical_and(post == 2, lab.array == 2).sum()),
                          tumor_sums_after=int((post == 2).sum() + (lab.array == 2).sum()),
                          tumor_detection=lesion_detection(post == 2, lab.array == 2)))
-        seconds.append(r.report["timings"]["total_s"])
     phantom = dict(summarize(rows), seeds=f"{args.seed0}-{args.seed0 + args.cases - 1}", mode=("fast" if args.fast else "normal") + (" + tta" if args.tta else ""),
-                   mean_seconds=round(float(np.mean(seconds)), 1),
-                   note="lesion = tumor + cyst (the network target); tumor-only and cyst after the HU cyst filter with default parameters")
+                   **_seconds(seconds, tumor_path, args.cache), note="lesion = tumor + cyst (the network target); tumor-only and cyst after the HU cyst filter with default parameters")
     result = {"fresh_phantoms": phantom}
     ct = None
     if (IRCAD / "ct.nii.gz").exists():

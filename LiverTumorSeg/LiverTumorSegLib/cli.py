@@ -105,7 +105,7 @@ def post_params(args):
 
     return PostParams(cyst_filter=not args.no_cyst_filter, cyst_threshold_hu=args.cyst_threshold,
                       dilate_iterations=args.dilate_iterations, dilate_max_area_px=args.dilate_max_area,
-                      dilate_mode=args.dilate_mode)
+                      dilate_mode=args.dilate_mode, fit_on_core=not args.fit_whole_region)
 
 
 def add_tta_argument(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +125,9 @@ def add_post_arguments(p: argparse.ArgumentParser) -> None:
                         "3-D regions under 80 / 100 voxels of a 256 matrix grown once / twice (ignores the two flags above)")
     g.add_argument("--cyst-threshold", type=float, default=45.0, metavar="HU", help="fitted mean below this -> Liver cyst (default 45)")
     g.add_argument("--no-cyst-filter", action="store_true", help="keep every lesion as tumor")
+    g.add_argument("--fit-whole-region", action="store_true",
+                   help="fit the HU Gaussian to every voxel of a region (the paper's rule), not to its core "
+                        "(the region less its one-voxel partial-volume rim; the default)")
 
 
 PROGRESS_PREFIX = "PROGRESS "

@@ -7,7 +7,12 @@ Order of operations (fixed):
    the liver (labels 1, 2, 3);
 2. 3-D regions: 26-connected components of the candidates (cc3d); a region's id is its cc3d
    label (raster order, so stable for a given input);
-3. per-region HU fit on the original unclipped CT (cached per (bin width, smoothing));
+3. per-region HU fit on the original unclipped CT (cached per (bin width, smoothing)), with
+   ``fit_on_core`` (the default since 2026-11-30) on the region's core: the region less its
+   one-voxel rim (binary erosion with the 3x3x3 cube), where partial volume mixes lesion and liver
+   HU; a core of fewer than ``min_region_voxels`` voxels falls back to the whole region. Off, every
+   voxel of the region is fitted (the paper's rule). Chosen on tuning phantoms 3024-3071 and
+   3D-IRCADb 1.1 with a rule set beforehand (BENCHMARKS.md, "The cyst filter fits the core");
 4. decision: a manual override; else, with the filter on, "not tissue" iff the fitted mean M is
    below ``min_tissue_hu`` (gas or fat: no lesion has such HU), cyst iff M < threshold, else tumor;
 5. relabel: tumor 2, cyst 3 (cysts are set aside, never deleted), not tissue 0 (kept in the table,
@@ -67,6 +72,7 @@ AUTHORS_SIZE_STEPS = ((80, 1), (100, 2))  # 256-grid voxels below -> dilation ra
 DECISION_LABELS = {"tumor": 2, "cyst": 3, "not tissue": 0}
 MIN_R2 = 0.8  # below this a single Gaussian does not describe the histogram (e.g. bimodal)
 _MAD_TO_SD = 1.4826
+_CUBE = np.ones((3, 3, 3), bool)
 # 3x3 cross (4) or 3x3 square (8) in the middle plane of a 3x3x3 element: every slice on its own
 _IN_PLANE = {c: np.pad(ndimage.generate_binary_structure(2, r)[None], ((1, 1), (0, 0), (0, 0)))
              for c, r in ((4, 1), (8, 2))}
@@ -80,6 +86,7 @@ class PostParams:
     cyst_threshold_hu: float = 45.0
     min_tissue_hu: float = -100.0
     min_region_voxels: int = 20
+    fit_on_core: bool = True  # False: fit every voxel of the region (the paper's rule)
     bin_width_hu: float = 5.0
     smoothing_bins: float = 1.0
     dilate_iterations: int = 2
@@ -120,6 +127,7 @@ class _Region:
     allowed: np.ndarray  # bool, liver voxels of no other region inside crop
     index: np.ndarray  # flat indices into the full volume
     hu: np.ndarray  # float64 HU values
+    core_hu: np.ndarray  # float64 HU values of the region less its one-voxel rim (3x3x3 erosion)
     centroid: tuple[float, float, float]  # (k, j, i)
 
 
@@ -218,9 +226,15 @@ class PostProcessor:
     def region_ids(self) -> list[int]:
         return [r.id for r in self._regions]
 
-    def fit(self, region_id: int, bin_width: float, smoothing: float) -> Fit:
-        """The cached fit of one region for a histogram setting."""
-        return self._fits_for(bin_width, smoothing)[self._regions.index(self._by_id[region_id])]
+    def fit(self, region_id: int, bin_width: float, smoothing: float, on_core: bool = False) -> Fit | None:
+        """The cached fit of one region for a histogram setting (None: ``on_core`` and an empty core)."""
+        return self._fits_for(bin_width, smoothing, on_core)[self._regions.index(self._by_id[region_id])]
+
+    def fit_for(self, region_id: int, params: PostParams) -> tuple[Fit, bool]:
+        """The fit ``params`` decide region ``region_id`` with, and whether it is the core's."""
+        region = self._by_id[region_id]
+        on_core = _uses_core(region, params)
+        return self.fit(region_id, params.bin_width_hu, params.smoothing_bins, on_core), on_core
 
     def apply(self, params: PostParams, overrides: dict[int, str] | None = None, *,
               out: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
@@ -239,8 +253,8 @@ class PostProcessor:
             out[box] = self._base[box]
         flat = out.reshape(-1)
         rows = []
-        for region, fit in zip(self._regions, self._fits_for(params.bin_width_hu, params.smoothing_bins)):
-            row = self._row(region, fit, params, overrides.get(region.id))
+        for region in self._regions:
+            row = self._row(region, params, overrides.get(region.id))
             flat[region.index] = DECISION_LABELS[row["decision"]]
             rows.append(row)
         for region, row in zip(self._regions, rows):
@@ -258,10 +272,11 @@ class PostProcessor:
                 raise ValueError(f"override for region {rid} must be 'tumor' or 'cyst', not {value!r}")
         return overrides
 
-    def _fits_for(self, bin_width: float, smoothing: float) -> list[Fit]:
-        key = (float(bin_width), float(smoothing))
+    def _fits_for(self, bin_width: float, smoothing: float, on_core: bool = False) -> list[Fit | None]:
+        key = (float(bin_width), float(smoothing), bool(on_core))
         if key not in self._fits:
-            self._fits[key] = [fit_region(r.hu, *key) for r in self._regions]
+            values = (r.core_hu if on_core else r.hu for r in self._regions)
+            self._fits[key] = [fit_region(hu, *key[:2]) if hu.size else None for hu in values]
         return self._fits[key]
 
     def _grown_for(self, region: _Region, params: PostParams) -> np.ndarray:
@@ -275,8 +290,9 @@ class PostProcessor:
                 self._grown[key] = _grow_small(region, self._base.shape, *key[2:])
         return self._grown[key]
 
-    def _row(self, region: _Region, fit: Fit, params: PostParams, override: str | None) -> dict:
-        A, M, S, quality, fallback = _estimate(region.hu, fit, params.min_region_voxels)
+    def _row(self, region: _Region, params: PostParams, override: str | None) -> dict:
+        fit, on_core = self.fit_for(region.id, params)
+        A, M, S, quality, fallback = _estimate(region.core_hu if on_core else region.hu, fit, params.min_region_voxels)
         threshold = params.cyst_threshold_hu
         if override:
             decision, reason = override, "manual override"
@@ -284,6 +300,8 @@ class PostProcessor:
             decision, reason = "tumor", "cyst filter off"
         else:
             what = f"fallback median {M:.1f} HU ({fallback})" if fallback else f"fitted mean {M:.1f} HU"
+            if on_core:
+                what += " of the core"
             if M < params.min_tissue_hu:
                 decision, reason = "not tissue", f"{what} < {params.min_tissue_hu:g} HU: gas or fat, not a lesion (removed)"
             else:
@@ -300,6 +318,7 @@ class PostProcessor:
             "volume_ml": round(region.hu.size * float(np.prod(self.ct.spacing)) / 1000.0, 4),
             "fit_A": round(A, 2), "fit_M": round(M, 2), "fit_S": round(S, 2),
             "fit_quality": quality,
+            "fit_on": "core" if on_core else "region",
             "decision": decision,
             "reason": reason,
             "dilated": False,
@@ -315,6 +334,10 @@ def _estimate(hu: np.ndarray, fit: Fit, min_voxels: int) -> tuple[float, float, 
     median = float(np.median(hu))
     mad = float(np.median(np.abs(hu - median)))
     return float(hu.size), median, _MAD_TO_SD * mad, f"fallback: {reason}", reason
+
+
+def _uses_core(region: _Region, params: PostParams) -> bool:
+    return params.fit_on_core and region.core_hu.size >= params.min_region_voxels
 
 
 def grid_scale(shape: tuple[int, ...]) -> float:
@@ -365,6 +388,7 @@ def _find_regions(ct: np.ndarray, liver: np.ndarray, candidates: np.ndarray,
             allowed=liver[crop] & ((comp == 0) | own),
             index=np.ravel_multi_index(full, ct.shape),
             hu=ct[full].astype(np.float64),
+            core_hu=ct[crop][ndimage.binary_erosion(own, _CUBE)].astype(np.float64),
             centroid=tuple(float(c.mean()) for c in full),
         ))
     return regions
@@ -404,7 +428,8 @@ def save_region_histogram_png(processor: PostProcessor, region_id: int, path, pa
     """The region's HU histogram (bars), smoothed curve, fitted Gaussian and threshold line, as PNG."""
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, no global backend change
 
-    fit = processor.fit(region_id, params.bin_width_hu, params.smoothing_bins)
+    fit, on_core = processor.fit_for(region_id, params)
+    where = " (core)" if on_core else ""
     bw = params.bin_width_hu
     fig = Figure(figsize=(6, 4), dpi=100)
     ax = fig.add_subplot()
@@ -413,9 +438,9 @@ def save_region_histogram_png(processor: PostProcessor, region_id: int, path, pa
     if fit.failure is None:
         x = np.linspace(fit.centers[0], fit.centers[-1], 400)
         ax.plot(x, gaussian(x, fit.A, fit.M, fit.S), color="tab:red", label="Gaussian fit")
-        title = f"region {region_id}: A={fit.A:.0f} M={fit.M:.1f} HU S={fit.S:.1f} HU (R^2 {fit.r2:.3f})"
+        title = f"region {region_id}{where}: A={fit.A:.0f} M={fit.M:.1f} HU S={fit.S:.1f} HU (R^2 {fit.r2:.3f})"
     else:
-        title = f"region {region_id}: fallback ({fit.failure})"
+        title = f"region {region_id}{where}: fallback ({fit.failure})"
     ax.axvline(params.cyst_threshold_hu, color="k", linestyle="--", label=f"threshold {params.cyst_threshold_hu:g} HU")
     ax.set(title=title, xlabel="HU", ylabel="voxels per HU")
     ax.title.set_fontsize(9)
@@ -424,7 +449,7 @@ def save_region_histogram_png(processor: PostProcessor, region_id: int, path, pa
 
 
 TABLE_COLUMNS = ("id", "decision", "reason", "override", "voxels", "volume_ml", "fit_A", "fit_M", "fit_S", "fit_quality",
-                 "dilated", "centroid_voxel", "centroid_lps_mm", "centroid_ras_mm")
+                 "fit_on", "dilated", "centroid_voxel", "centroid_lps_mm", "centroid_ras_mm")
 
 
 def table_csv(rows: list[dict]) -> str:

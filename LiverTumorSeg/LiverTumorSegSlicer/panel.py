@@ -70,13 +70,14 @@ def slice_dilation_controls_enabled(dilate_mode: str) -> bool:
 
 
 def params_from_controls(current, *, dilate_iterations: int, dilate_max_area_px: int, cyst_filter: bool,
-                         cyst_threshold_hu: float, dilate_mode: str):
+                         cyst_threshold_hu: float, dilate_mode: str, fit_on_core: bool):
     """``current`` (a ``PostParams``) with the panel's controls (clamped to their ranges; an unknown
     dilation mode is the default); the settings the panel does not show (bin width, smoothing, ...) are kept."""
     return dataclasses.replace(
         current,
         dilate_mode=dilate_mode_at(dilate_mode_index(dilate_mode)),
         cyst_filter=bool(cyst_filter),
+        fit_on_core=bool(fit_on_core),
         cyst_threshold_hu=float(_clamp(cyst_threshold_hu, CYST_THRESHOLD_HU)),
         dilate_iterations=int(_clamp(dilate_iterations, DILATE_ITERATIONS)),
         dilate_max_area_px=int(_clamp(dilate_max_area_px, DILATE_MAX_AREA_PX)),
@@ -87,7 +88,7 @@ def controls_from_params(params) -> dict:
     """The control values that show ``params`` (a ``PostParams``): the inverse of ``params_from_controls``."""
     return {"dilate_iterations": params.dilate_iterations, "dilate_max_area_px": params.dilate_max_area_px,
             "cyst_filter": params.cyst_filter, "cyst_threshold_hu": params.cyst_threshold_hu,
-            "dilate_mode": params.dilate_mode}
+            "dilate_mode": params.dilate_mode, "fit_on_core": params.fit_on_core}
 
 
 REGION_COLUMNS = ("Region", "Volume (mL)", "Fitted mean (HU)", "Decision", "Why")

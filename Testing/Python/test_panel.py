@@ -40,14 +40,14 @@ def test_post_processing_only_with_a_result():
 def test_controls_map_to_post_processing_settings_within_their_ranges():
     current = PostParams(bin_width_hu=2.0, smoothing_bins=0.0, min_tissue_hu=-300.0)  # settings the panel does not show
     params = panel.params_from_controls(current, dilate_iterations=1, dilate_max_area_px=50, cyst_filter=True, cyst_threshold_hu=60,
-                                        dilate_mode="3d")
+                                        dilate_mode="3d", fit_on_core=False)
     assert params == PostParams(dilate_iterations=1, dilate_max_area_px=50, cyst_threshold_hu=60.0, dilate_mode="3d",
-                                bin_width_hu=2.0, smoothing_bins=0.0, min_tissue_hu=-300.0)
+                                bin_width_hu=2.0, smoothing_bins=0.0, min_tissue_hu=-300.0, fit_on_core=False)
     clamped = panel.params_from_controls(current, dilate_iterations=9, dilate_max_area_px=-5, cyst_filter=False, cyst_threshold_hu=500,
-                                         dilate_mode="bogus")
+                                         dilate_mode="bogus", fit_on_core=True)
     assert (clamped.dilate_iterations, clamped.dilate_max_area_px, clamped.cyst_threshold_hu) == (3, 0, 120.0)
-    assert not clamped.cyst_filter and clamped.dilate_mode == "slice"
-    for restored in (PostParams(cyst_threshold_hu=70.0, dilate_iterations=0, cyst_filter=False),
+    assert not clamped.cyst_filter and clamped.dilate_mode == "slice" and clamped.fit_on_core
+    for restored in (PostParams(cyst_threshold_hu=70.0, dilate_iterations=0, cyst_filter=False, fit_on_core=False),
                      PostParams(dilate_mode="3d", dilate_iterations=1)):
         assert panel.params_from_controls(restored, **panel.controls_from_params(restored)) == restored
 
@@ -76,6 +76,7 @@ def test_ui_control_ranges_and_defaults_are_the_panels_and_the_cores():
         assert (float(p["minimum"]), float(p["maximum"])) == bounds, name
         assert float(p["value"]) == defaults[key], name
     assert (props["cystFilterCheckBox"]["checked"] == "true") == defaults["cyst_filter"]
+    assert (props["cystCoreCheckBox"]["checked"] == "true") == defaults["fit_on_core"]
     combo = next(w for w in ui.iter("widget") if w.get("name") == "dilateModeComboBox")
     items = ["".join(i.find("property").itertext()).strip() for i in combo.findall("item")]
     assert items == [text for _, text in panel.DILATE_MODES]  # index i of the combo box is DILATE_MODES[i]
@@ -85,6 +86,8 @@ def test_ui_control_ranges_and_defaults_are_the_panels_and_the_cores():
     for argv in (["segment", "ct.nrrd", "-o", "s.seg.nrrd"], ["demo"], ["evaluate", "--model", "m", "-o", "e"]):
         assert build_parser().parse_args(argv).tta is True  # the command line mirrors by default, as the panel does
     assert build_parser().parse_args(["demo", "--no-tta"]).tta is False
+    for argv in (["postprocess", "--ct", "a", "--labels", "b", "-o", "c"], ["segment", "ct.nrrd", "-o", "s.seg.nrrd"]):
+        assert build_parser().parse_args(argv).fit_whole_region is (not defaults["fit_on_core"])  # the core fit, as the panel
     assert props["ttaCheckBox"]["checked"] == "true"
     assert panel.DILATE_ITERATIONS[1] == MAX_DILATE_ITERATIONS
     assert panel.CYST_THRESHOLD_HU == (-20.0, 120.0) and defaults["cyst_threshold_hu"] == 45.0  # the slider

@@ -168,6 +168,47 @@ def test_ill_posed_fits_fall_back():
         assert row["decision"] == ("cyst" if row["fit_M"] < 45 else "tumor")
 
 
+def _rimmed_cyst():
+    """A 36 HU cube (6 x 10 x 10) in a 100 HU liver, with a one-voxel partial-volume rim of 70 HU, labelled
+    to the rim's outer edge (8 x 12 x 12), noise SD 12 HU."""
+    labels = np.zeros((12, 30, 30), np.uint8)
+    labels[:, 2:28, 2:28] = 1
+    labels[2:10, 9:21, 9:21] = 2
+    ct = np.full(labels.shape, 100.0)
+    ct[2:10, 9:21, 9:21] = 70
+    ct[3:9, 10:20, 10:20] = 36
+    ct += np.random.default_rng(2).normal(0, 12, labels.shape)
+    return Volume(np.round(ct).astype(np.int16), (1.0, 1.0, 2.0)), labels
+
+
+def test_core_fit_drops_the_partial_volume_rim():
+    ct, labels = _rimmed_cyst()
+    processor = PostProcessor(ct, labels)
+    (whole,) = processor.apply(PostParams(dilate_iterations=0, fit_on_core=False))[1]
+    out, (core,) = processor.apply(PostParams(dilate_iterations=0))  # the core fit is the default
+    # 552 rim voxels at 70 HU beside 600 cyst voxels at 36: one Gaussian over both lands near their mean
+    # (52 HU), above 45; the core (exactly the 600 cyst voxels) near 36 HU
+    assert whole["fit_on"] == "region" and whole["decision"] == "tumor" and 45 < whole["fit_M"] < 60
+    assert core["fit_on"] == "core" and core["decision"] == "cyst" and abs(core["fit_M"] - 36) < 3
+    assert "of the core" in core["reason"] and core["voxels"] == whole["voxels"] == 8 * 12 * 12
+    fit, on_core = processor.fit_for(core["id"], PostParams(fit_on_core=True))
+    assert on_core and fit.counts.sum() == 6 * 10 * 10
+    assert np.all(out[labels == 2] == 3)  # the decision labels the whole region, rim included
+
+
+def test_core_fit_falls_back_to_the_region_when_the_core_is_small():
+    ct, labels = _rimmed_cyst()
+    params = PostParams(dilate_iterations=0, fit_on_core=True, min_region_voxels=601)  # core 600 voxels
+    (row,) = PostProcessor(ct, labels).apply(params)[1]
+    assert row["fit_on"] == "region" and "of the core" not in row["reason"]
+    thin = labels.copy()
+    thin[thin == 2] = 1
+    thin[5, 10:20, 10:20] = 2  # one slice thick: an empty core
+    processor = PostProcessor(ct, thin)
+    (row,) = processor.apply(PostParams(fit_on_core=True, dilate_iterations=0))[1]
+    assert row["fit_on"] == "region" and processor.fit(row["id"], 5.0, 1.0, on_core=True) is None
+
+
 def test_gas_region_is_not_tissue_and_removed():
     """A 'lesion' of gas (e.g. a false positive in bowel next to the liver) is no cyst."""
     labels = np.zeros((6, 40, 40), np.uint8)
