@@ -3,8 +3,9 @@
     OMP_NUM_THREADS=1 PYTHONPATH=LiverTumorSeg python scripts/ircad_cyst_filter.py
 
 Builds the labelmap in memory (liver 1; livertumor01..07 and liverkyst 2, i.e. all candidates),
-runs ``PostProcessor`` with the default ``PostParams`` and prints a Markdown table: each 3-D
-region, the truth structure(s) it overlaps, its fit and the decision. Region histogram plots go
+runs ``PostProcessor`` with the default ``PostParams`` (the fit on each region's core) and with the
+paper's rule (every voxel) and prints a Markdown table for each: each 3-D region, the truth
+structure(s) it overlaps, its fit and the decision. Region histogram plots go
 to a temporary folder (the data is CC BY-NC-ND: never commit derived images of it).
 """
 
@@ -61,12 +62,14 @@ def markdown_table(rows: list[dict], names: dict[int, list[str]]) -> str:
 
 def main() -> None:
     ct, labels, truth = load_case()
-    params = PostParams()
     processor = PostProcessor(ct, labels)
-    _, rows = processor.apply(params)
-    print(markdown_table(rows, truth_of_regions(labels, rows, truth)))
+    for title, params in (("default: each region's core (less its one-voxel rim)", PostParams()),
+                          ("the paper's rule: every voxel of the region", PostParams(fit_on_core=False))):
+        _, rows = processor.apply(params)
+        print(f"\n{title}\n\n{markdown_table(rows, truth_of_regions(labels, rows, truth))}")
+    params = PostParams()
     folder = Path(tempfile.mkdtemp(prefix="ircad_regions_"))
-    for r in rows:
+    for r in processor.apply(params)[1]:
         path = folder / f"region_{r['id']}.png"
         save_region_histogram_png(processor, r["id"], path, params)
         print(f"plot: region {r['id']}: {path}")
