@@ -145,6 +145,8 @@ def _stored_params(seg_node) -> PostParams:
         return PostParams()
     try:
         known = {f.name for f in dataclasses.fields(PostParams)}
-        return PostParams(**{k: v for k, v in json.loads(text).items() if k in known})
+        values = {k: v for k, v in json.loads(text).items() if k in known}
+        values.setdefault("fit_on_core", False)  # stored before the core fit existed: the whole-region fit it was made with
+        return PostParams(**values)
     except (ValueError, TypeError):
         return PostParams()

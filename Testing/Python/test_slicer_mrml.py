@@ -239,13 +239,17 @@ def test_live_post_processing_writes_what_the_core_computes(scene):
 
 def test_settings_and_decisions_are_stored_on_the_node(scene):
     from LiverTumorSegLib.postprocess import PostParams
-    from LiverTumorSegSlicer.session import OVERRIDES_ATTRIBUTE, _stored_params
+    from LiverTumorSegSlicer.session import OVERRIDES_ATTRIBUTE, PARAMS_ATTRIBUTE, _stored_params
 
     live, _ = _lesion_case(scene)
     live.update(PostParams(cyst_threshold_hu=60.0, dilate_iterations=1))
     region = live.rows[-1]["id"]
     live.set_decision(region, "tumor")
     assert _stored_params(live.seg_node) == PostParams(cyst_threshold_hu=60.0, dilate_iterations=1)
+    older = {k: v for k, v in json.loads(live.seg_node.GetAttribute(PARAMS_ATTRIBUTE)).items() if k != "fit_on_core"}
+    live.seg_node.SetAttribute(PARAMS_ATTRIBUTE, json.dumps(older))  # a node from before the core fit
+    assert _stored_params(live.seg_node) == PostParams(cyst_threshold_hu=60.0, dilate_iterations=1, fit_on_core=False)
+    live.update(PostParams(cyst_threshold_hu=60.0, dilate_iterations=1))
     assert json.loads(live.seg_node.GetAttribute(OVERRIDES_ATTRIBUTE)) == {str(region): "tumor"}
     hist = live.histogram(region)
     assert hist["hu"].shape == hist["histogram"].shape == hist["fit"].shape and hist["threshold_hu"] == 60.0
