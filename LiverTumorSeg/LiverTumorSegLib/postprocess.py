@@ -299,7 +299,8 @@ class PostProcessor:
         elif not params.cyst_filter:
             decision, reason = "tumor", "cyst filter off"
         else:
-            what = f"fallback median {M:.1f} HU ({fallback})" if fallback else f"fitted mean {M:.1f} HU"
+            shown = round(M, 2)  # as the table's fit_M, so both print the same digits
+            what = f"fallback median {shown:.1f} HU ({fallback})" if fallback else f"fitted mean {shown:.1f} HU"
             if on_core:
                 what += " of the core"
             if M < params.min_tissue_hu:

@@ -51,6 +51,7 @@ def test_threshold_moves_regions_by_fitted_mean(phantom, threshold):
     for row in rows:
         assert isinstance(row["fit_quality"], float)  # a real fit, no fallback, on this phantom
         assert (row["decision"] == "cyst") == (row["fit_M"] < threshold)
+        assert f"fitted mean {row['fit_M']:.1f} HU" in row["reason"]  # the table and the reason agree
         assert np.all(out[components == row["id"]] == (3 if row["decision"] == "cyst" else 2))
 
 
