@@ -7,8 +7,9 @@ on), followed by the post-processing at its defaults. The per-case tumor Dice (L
 tumor in truth and prediction counts 1, a missed or spurious case 0) is then recomputed after the
 cumulative corrections of ``LiverTumorSegLib.tumorgap`` (also in ``livertumorseg evaluate``): the
 tumor/cyst labels made right (on phantoms, what the HU cyst filter got wrong: the phantoms draw
-each cyst's mean from 9-50 HU, so a cyst near or above 45 HU, whose partial-volume rim raises the fit
-a little more, is called tumor at 45 HU even on its true outline), no false tumors, no missed
+each cyst's mean from 9-50 HU, so a cyst near or above 45 HU is called tumor at 45 HU even on its
+true outline; the default fit on each region's core leaves out the partial-volume rim, which
+raised a whole-region fit a little more), no false tumors, no missed
 tumors; the rest up to 1 is the outline of the tumors found. The chart calls the first two rows
 "shipped" and "filter right". The summary also gives the means of cases with tumors and of
 tumor-free cases apart.
