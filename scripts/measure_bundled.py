@@ -13,13 +13,15 @@ a missed or spurious lesion case 0 (LiTS convention); global Dice pools all voxe
 ``--cache DIR``: the phantoms' network outputs are read from (or written to) ``DIR``, the cache of
 ``tumor_gap.py`` (same models, default mode), so a change of the post-processing alone is measured
 without rerunning the networks; the seconds per case are then those of the last uncached run (kept
-from the card, and marked so).
+from the card, and marked so). ``--fit-whole-region``: the cyst filter fits every voxel of a
+region, as before 2026-11-30 (print only).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import sys
 from pathlib import Path
 
@@ -75,11 +77,11 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
-def _seconds(seconds: list[float], tumor_path, cache) -> dict:
+def _seconds(seconds: list[float], tumor_card: dict, cache) -> dict:
     """The mean seconds per case; with every output from the cache, the card's last measured figure, marked so."""
     if not cache:
         return {"mean_seconds": round(float(np.mean(seconds)), 1)}
-    before = load_model(tumor_path, stage="tumor").card.get("metrics", {}).get("fresh_phantoms", {})
+    before = tumor_card.get("metrics", {}).get("fresh_phantoms", {})
     return {"mean_seconds": before.get("mean_seconds"),
             "mean_seconds_note": "network outputs read from a cache; seconds as last measured without one"}
 
@@ -94,11 +96,16 @@ def main(argv=None):
                     help="test-time mirroring, as segment does by default (--no-tta: normal mode)")
     ap.add_argument("--model", default="phantom-small", help="bundled name or a folder with liver.ltsm + tumor.ltsm")
     ap.add_argument("--no-write", action="store_true", help="print only; do not update the model cards")
+    ap.add_argument("--fit-whole-region", action="store_true",
+                    help="the cyst filter fits every voxel of a region (the paper's rule), not its core (the default)")
     ap.add_argument("--cache", type=Path, help="network outputs of the phantoms from/into this folder (tumor_gap.py's; "
                                                "one folder per model, default mode only)")
     args = ap.parse_args(argv)
     if args.cache and (args.fast or not args.tta):
         ap.error("--cache holds outputs of the default mode (normal, mirrored): drop --fast / --no-tta")
+    if args.fit_whole_region and not args.no_write and args.seed0 == EVAL_SEED0:
+        ap.error("the cards carry the default post-processing: add --no-write to --fit-whole-region")
+    params = PostParams(fit_on_core=not args.fit_whole_region)
     liver_path, tumor_path = model_files(args.model)
     models = load_model(liver_path, stage="liver"), load_model(tumor_path, stage="tumor")
     rows, seconds = [], []
@@ -110,9 +117,9 @@ def main(argv=None):
             r = segment(ct, *models, fast=args.fast, tta=args.tta)
             labels, probabilities = r.labels, r.probabilities
             seconds.append(r.report["timings"]["total_s"])
-        post, _ = PostProcessor.from_network(ct, labels, probabilities).apply(PostParams())
+        post, _ = PostProcessor.from_network(ct, labels, probabilities).apply(params)
         perfect = np.where(lab.array >= 2, 2, lab.array).astype(np.uint8)  # the true lesions, tumor and cyst alike
-        bound, _ = PostProcessor(ct, perfect).apply(PostParams(dilate_iterations=0))
+        bound, _ = PostProcessor(ct, perfect).apply(replace(params, dilate_iterations=0))
         ml = float(np.prod(ct.spacing)) / 1000
         rows.append(dict(_scores(labels, lab.array), seed=seed, truth_lesion_ml=float(np.isin(lab.array, (2, 3)).sum() * ml),
                          pred_lesion_ml=float((labels == 2).sum() * ml),
@@ -124,7 +131,7 @@ def main(argv=None):
                          tumor_sums_after=int((post == 2).sum() + (lab.array == 2).sum()),
                          tumor_detection=lesion_detection(post == 2, lab.array == 2)))
     phantom = dict(summarize(rows), seeds=f"{args.seed0}-{args.seed0 + args.cases - 1}", mode=("fast" if args.fast else "normal") + (" + tta" if args.tta else ""),
-                   **_seconds(seconds, tumor_path, args.cache), note="lesion = tumor + cyst (the network target); tumor-only and cyst after the HU cyst filter with default parameters")
+                   **_seconds(seconds, models[1].card, args.cache), note="lesion = tumor + cyst (the network target); tumor-only and cyst after the HU cyst filter with default parameters")
     result = {"fresh_phantoms": phantom}
     ct = None
     if (IRCAD / "ct.nii.gz").exists():
@@ -132,7 +139,7 @@ def main(argv=None):
         truth = labels.array
         r = segment(ct, *models, fast=args.fast, tta=args.tta)
         s = _scores(r.labels, truth)
-        post, _ = PostProcessor.from_network(ct, r.labels, r.probabilities).apply(PostParams())
+        post, _ = PostProcessor.from_network(ct, r.labels, r.probabilities).apply(params)
         result["ircad_1_1"] = {"liver_dice": round(s["liver"], 4), "lesion_dice": round(s["lesion"], 4), "tumor_only_dice": round(s["tumor_only"], 4),
                                "tumor_dice_after_filter": round(dice(post == 2, truth == 2), 4),
                                "note": "real CT; never trained on, used only to pick the best epoch (validation)"}

@@ -232,9 +232,11 @@ class PostProcessor:
 
     def fit_for(self, region_id: int, params: PostParams) -> tuple[Fit, bool]:
         """The fit ``params`` decide region ``region_id`` with, and whether it is the core's."""
-        region = self._by_id[region_id]
-        on_core = _uses_core(region, params)
-        return self.fit(region_id, params.bin_width_hu, params.smoothing_bins, on_core), on_core
+        return self._decisive_fit(self._regions.index(self._by_id[region_id]), params)
+
+    def _decisive_fit(self, index: int, params: PostParams) -> tuple[Fit, bool]:
+        on_core = params.fit_on_core and self._regions[index].core_hu.size >= params.min_region_voxels
+        return self._fits_for(params.bin_width_hu, params.smoothing_bins, on_core)[index], on_core
 
     def apply(self, params: PostParams, overrides: dict[int, str] | None = None, *,
               out: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
@@ -253,8 +255,8 @@ class PostProcessor:
             out[box] = self._base[box]
         flat = out.reshape(-1)
         rows = []
-        for region in self._regions:
-            row = self._row(region, params, overrides.get(region.id))
+        for index, region in enumerate(self._regions):
+            row = self._row(index, params, overrides.get(region.id))
             flat[region.index] = DECISION_LABELS[row["decision"]]
             rows.append(row)
         for region, row in zip(self._regions, rows):
@@ -290,8 +292,9 @@ class PostProcessor:
                 self._grown[key] = _grow_small(region, self._base.shape, *key[2:])
         return self._grown[key]
 
-    def _row(self, region: _Region, params: PostParams, override: str | None) -> dict:
-        fit, on_core = self.fit_for(region.id, params)
+    def _row(self, index: int, params: PostParams, override: str | None) -> dict:
+        region = self._regions[index]
+        fit, on_core = self._decisive_fit(index, params)
         A, M, S, quality, fallback = _estimate(region.core_hu if on_core else region.hu, fit, params.min_region_voxels)
         threshold = params.cyst_threshold_hu
         if override:
@@ -335,10 +338,6 @@ def _estimate(hu: np.ndarray, fit: Fit, min_voxels: int) -> tuple[float, float, 
     median = float(np.median(hu))
     mad = float(np.median(np.abs(hu - median)))
     return float(hu.size), median, _MAD_TO_SD * mad, f"fallback: {reason}", reason
-
-
-def _uses_core(region: _Region, params: PostParams) -> bool:
-    return params.fit_on_core and region.core_hu.size >= params.min_region_voxels
 
 
 def grid_scale(shape: tuple[int, ...]) -> float:

@@ -91,10 +91,10 @@ class LiveResult:
     def histogram(self, region_id: int) -> dict:
         """A region's HU histogram and fitted Gaussian as plot series (voxels per HU)."""
         p = self.params
-        fit, on_core = self.processor.fit_for(region_id, p)
+        fit, _ = self.processor.fit_for(region_id, p)
         curve = gaussian(fit.centers, fit.A, fit.M, fit.S) if fit.failure is None else np.full(fit.centers.shape, np.nan)
         return {"hu": fit.centers, "histogram": fit.counts / p.bin_width_hu, "fit": curve,
-                "threshold_hu": p.cyst_threshold_hu, "failure": fit.failure, "on_core": on_core}
+                "threshold_hu": p.cyst_threshold_hu, "failure": fit.failure}
 
     def histogram_chart(self, region_id: int):
         """A plot chart node (table + histogram and Gaussian series) for one region, reused between calls."""
