@@ -49,7 +49,7 @@ class LiverTumorSeg(ScriptedLoadableModule):
         self.parent.contributors = ["LiverTumorSeg developers"]
         self.parent.helpText = (
             "Segments the liver, liver tumors and cysts in a CT with a two-stage G-UNETR++ network, then lets you "
-            "tune small-tumor dilation and the HU Gaussian cyst filter live, region by region. "
+            "tune small-tumor dilation, the HU Gaussian cyst filter and the HU outline refinement live, region by region. "
             "Research use only; the bundled weights are trained on synthetic phantoms (and one real CT): not for clinical use.")
         self.parent.acknowledgementText = "G-UNETR++ (Lee et al.), UNETR++ (Shaker et al.); built on 3D Slicer, PyTorch and MONAI."
 
@@ -234,6 +234,8 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.cystFilterCheckBox.toggled.connect(self.onPostProcessingChanged)
         ui.cystThresholdSlider.valueChanged.connect(self.onPostProcessingChanged)
         ui.cystCoreCheckBox.toggled.connect(self.onPostProcessingChanged)
+        ui.refineCheckBox.toggled.connect(self.onPostProcessingChanged)
+        ui.refineMmSpinBox.valueChanged.connect(self.onPostProcessingChanged)
         ui.regionTable.itemSelectionChanged.connect(self.onRegionSelected)
         ui.markTumorButton.clicked.connect(lambda: self.onDecision("tumor"))
         ui.markCystButton.clicked.connect(lambda: self.onDecision("cyst"))
@@ -449,8 +451,10 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         params = panel.params_from_controls(
             live.params, dilate_iterations=ui.dilateIterationsSpinBox.value, dilate_max_area_px=ui.dilateMaxAreaSpinBox.value,
             cyst_filter=ui.cystFilterCheckBox.checked, cyst_threshold_hu=ui.cystThresholdSlider.value,
-            dilate_mode=panel.dilate_mode_at(ui.dilateModeComboBox.currentIndex), fit_on_core=ui.cystCoreCheckBox.checked)
+            dilate_mode=panel.dilate_mode_at(ui.dilateModeComboBox.currentIndex), fit_on_core=ui.cystCoreCheckBox.checked,
+            refine_outlines=ui.refineCheckBox.checked, refine_max_mm=ui.refineMmSpinBox.value)
         ui.cystThresholdSlider.enabled = ui.cystCoreCheckBox.enabled = params.cyst_filter
+        ui.refineMmSpinBox.enabled = params.refine_outlines
         self._showDilationMode(params.dilate_mode)
         self._guarded(lambda overwrite: live.update(params, overwrite_edited=overwrite))
 
@@ -469,6 +473,9 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.cystThresholdSlider.value = values["cyst_threshold_hu"]
             ui.cystCoreCheckBox.checked = values["fit_on_core"]
             ui.cystThresholdSlider.enabled = ui.cystCoreCheckBox.enabled = values["cyst_filter"]
+            ui.refineCheckBox.checked = values["refine_outlines"]
+            ui.refineMmSpinBox.value = values["refine_max_mm"]
+            ui.refineMmSpinBox.enabled = values["refine_outlines"]
             ui.dilateModeComboBox.currentIndex = panel.dilate_mode_index(values["dilate_mode"])
             self._showDilationMode(values["dilate_mode"])
         finally:

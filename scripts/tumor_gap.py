@@ -88,7 +88,7 @@ def cyst_rows(ct, truth: np.ndarray) -> list[dict]:
     """One row per true cyst: mL, the filter's fitted mean on the true outlines, and whether it calls it tumor there."""
     perfect = np.where(truth >= TUMOR, TUMOR, truth).astype(np.uint8)  # true lesions, tumor and cyst alike
     processor = PostProcessor(ct, perfect)
-    params = PostParams(dilate_iterations=0)
+    params = PostParams(dilate_iterations=0, refine_outlines=False)  # the filter alone, on the true outlines
     bound, table = processor.apply(params)
     fitted = {r["id"]: r["fit_M"] for r in table}
     regions = cc3d.connected_components(perfect == TUMOR, connectivity=26)  # the processor's region ids (raster order)

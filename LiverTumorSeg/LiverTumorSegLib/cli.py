@@ -105,7 +105,17 @@ def post_params(args):
 
     return PostParams(cyst_filter=not args.no_cyst_filter, cyst_threshold_hu=args.cyst_threshold,
                       dilate_iterations=args.dilate_iterations, dilate_max_area_px=args.dilate_max_area,
-                      dilate_mode=args.dilate_mode, fit_on_core=not args.fit_whole_region)
+                      dilate_mode=args.dilate_mode, fit_on_core=not args.fit_whole_region,
+                      refine_outlines=not args.no_refine_outlines, refine_max_mm=args.refine_mm)
+
+
+def _reach_mm(text: str) -> float:
+    from .outline import MAX_REFINE_MM
+
+    value = float(text)
+    if not 0 < value <= MAX_REFINE_MM:
+        raise argparse.ArgumentTypeError(f"must be in (0, {MAX_REFINE_MM:g}] mm, not {text}")
+    return value
 
 
 def add_tta_argument(parser: argparse.ArgumentParser) -> None:
@@ -128,6 +138,11 @@ def add_post_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fit-whole-region", action="store_true",
                    help="fit the HU Gaussian to every voxel of a region (the paper's rule), not to its core "
                         "(the region less its one-voxel partial-volume rim; the default)")
+    g.add_argument("--no-refine-outlines", action="store_true",
+                   help="keep the outlines as the network and the dilation left them (default: each tumor and cyst "
+                        "grows into the liver around it, where the CT is on its side of half-way to the liver's HU)")
+    g.add_argument("--refine-mm", type=_reach_mm, default=3.0, metavar="MM",
+                   help="how far the outline refinement may grow a region, in mm (default 3, at most 10)")
 
 
 PROGRESS_PREFIX = "PROGRESS "

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 
 from .errors import OutputError
 from .imageio import check_suffix, refuse_existing
-
-# Slicer segment names (compared case-insensitively) -> our label values
 
 
 def run_postprocess(args) -> int:
@@ -29,7 +28,7 @@ def run_postprocess(args) -> int:
         write_text(table_csv(rows), args.table, overwrite=args.overwrite)
     if args.plots:
         _save_plots(processor, rows, Path(args.plots), params)
-    _print_summary(rows)
+    _print_summary(rows, labels, float(np.prod(ct.spacing)) / 1000.0)
     return 0
 
 
@@ -50,9 +49,11 @@ def _save_plots(processor, rows: list[dict], folder: Path, params) -> None:
         save_region_histogram_png(processor, row["id"], folder / f"region_{row['id']}.png", params)
 
 
-def _print_summary(rows: list[dict]) -> None:
+def _print_summary(rows: list[dict], labels: np.ndarray, voxel_ml: float) -> None:
+    """A line per region, then the totals of the labels written (after dilation and outline refinement)."""
     for r in rows:
-        print(f"region {r['id']}: {r['volume_ml']:.2f} mL, mean {r['fit_M']:.1f} HU -> {r['decision']} ({r['reason']})")
-    ml = {d: sum(r["volume_ml"] for r in rows if r["decision"] == d) for d in ("tumor", "cyst")}
+        outline = f"; outline +{r['refined_ml']:.2f} mL ({r['outline']})" if r["refined_ml"] else ""
+        print(f"region {r['id']}: {r['volume_ml']:.2f} mL, mean {r['fit_M']:.1f} HU -> {r['decision']} ({r['reason']}){outline}")
+    ml = {d: int((labels == label).sum()) * voxel_ml for d, label in (("tumor", 2), ("cyst", 3))}
     counts = {d: sum(r["decision"] == d for r in rows) for d in ("tumor", "cyst")}
     print(f"total: {len(rows)} regions; {counts['tumor']} tumor ({ml['tumor']:.2f} mL), {counts['cyst']} cyst ({ml['cyst']:.2f} mL)")

@@ -12,6 +12,7 @@ DILATE_MAX_AREA_PX = (0, 1000)
 # (PostParams.dilate_mode, the combo box's item text), in the combo box's order (tested against the .ui)
 DILATE_MODES = (("slice", "Per slice (paper)"), ("3d", "3-D (authors' code)"))
 CYST_THRESHOLD_HU = (-20.0, 120.0)
+REFINE_MM = (0.5, 10.0)  # outline.MAX_REFINE_MM is the upper bound (tested)
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,8 @@ def slice_dilation_controls_enabled(dilate_mode: str) -> bool:
 
 
 def params_from_controls(current, *, dilate_iterations: int, dilate_max_area_px: int, cyst_filter: bool,
-                         cyst_threshold_hu: float, dilate_mode: str, fit_on_core: bool):
+                         cyst_threshold_hu: float, dilate_mode: str, fit_on_core: bool, refine_outlines: bool,
+                         refine_max_mm: float):
     """``current`` (a ``PostParams``) with the panel's controls (clamped to their ranges; an unknown
     dilation mode is the default); the settings the panel does not show (bin width, smoothing, ...) are kept."""
     return dataclasses.replace(
@@ -78,6 +80,8 @@ def params_from_controls(current, *, dilate_iterations: int, dilate_max_area_px:
         dilate_mode=dilate_mode_at(dilate_mode_index(dilate_mode)),
         cyst_filter=bool(cyst_filter),
         fit_on_core=bool(fit_on_core),
+        refine_outlines=bool(refine_outlines),
+        refine_max_mm=float(_clamp(refine_max_mm, REFINE_MM)),
         cyst_threshold_hu=float(_clamp(cyst_threshold_hu, CYST_THRESHOLD_HU)),
         dilate_iterations=int(_clamp(dilate_iterations, DILATE_ITERATIONS)),
         dilate_max_area_px=int(_clamp(dilate_max_area_px, DILATE_MAX_AREA_PX)),
@@ -88,10 +92,11 @@ def controls_from_params(params) -> dict:
     """The control values that show ``params`` (a ``PostParams``): the inverse of ``params_from_controls``."""
     return {"dilate_iterations": params.dilate_iterations, "dilate_max_area_px": params.dilate_max_area_px,
             "cyst_filter": params.cyst_filter, "cyst_threshold_hu": params.cyst_threshold_hu,
-            "dilate_mode": params.dilate_mode, "fit_on_core": params.fit_on_core}
+            "dilate_mode": params.dilate_mode, "fit_on_core": params.fit_on_core,
+            "refine_outlines": params.refine_outlines, "refine_max_mm": params.refine_max_mm}
 
 
-REGION_COLUMNS = ("Region", "Volume (mL)", "Fitted mean (HU)", "Decision", "Why")
+REGION_COLUMNS = ("Region", "Volume (mL)", "Fitted mean (HU)", "Decision", "Why", "Outline")
 
 
 def region_table(rows: list[dict]) -> list[tuple[str, ...]]:
@@ -99,7 +104,8 @@ def region_table(rows: list[dict]) -> list[tuple[str, ...]]:
     cells = []
     for row in rows:
         decision = row["decision"] + (" (by hand)" if row.get("override") else "")
-        cells.append((str(row["id"]), f"{row['volume_ml']:.2f}", f"{row['fit_M']:.0f}", decision, row["reason"]))
+        outline = f"+{row['refined_ml']:.2f} mL: {row['outline']}" if row.get("refined_ml") else row.get("outline", "")
+        cells.append((str(row["id"]), f"{row['volume_ml']:.2f}", f"{row['fit_M']:.0f}", decision, row["reason"], outline))
     return cells
 
 

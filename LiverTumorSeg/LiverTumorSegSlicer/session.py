@@ -147,6 +147,7 @@ def _stored_params(seg_node) -> PostParams:
         known = {f.name for f in dataclasses.fields(PostParams)}
         values = {k: v for k, v in json.loads(text).items() if k in known}
         values.setdefault("fit_on_core", False)  # stored before the core fit existed: the whole-region fit it was made with
+        values.setdefault("refine_outlines", False)  # stored before the outline refinement existed: the outlines it had
         return PostParams(**values)
     except (ValueError, TypeError):
         return PostParams()

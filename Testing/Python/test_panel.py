@@ -40,15 +40,16 @@ def test_post_processing_only_with_a_result():
 def test_controls_map_to_post_processing_settings_within_their_ranges():
     current = PostParams(bin_width_hu=2.0, smoothing_bins=0.0, min_tissue_hu=-300.0)  # settings the panel does not show
     params = panel.params_from_controls(current, dilate_iterations=1, dilate_max_area_px=50, cyst_filter=True, cyst_threshold_hu=60,
-                                        dilate_mode="3d", fit_on_core=False)
+                                        dilate_mode="3d", fit_on_core=False, refine_outlines=True, refine_max_mm=2.5)
     assert params == PostParams(dilate_iterations=1, dilate_max_area_px=50, cyst_threshold_hu=60.0, dilate_mode="3d",
-                                bin_width_hu=2.0, smoothing_bins=0.0, min_tissue_hu=-300.0, fit_on_core=False)
+                                bin_width_hu=2.0, smoothing_bins=0.0, min_tissue_hu=-300.0, fit_on_core=False, refine_max_mm=2.5)
     clamped = panel.params_from_controls(current, dilate_iterations=9, dilate_max_area_px=-5, cyst_filter=False, cyst_threshold_hu=500,
-                                         dilate_mode="bogus", fit_on_core=True)
+                                         dilate_mode="bogus", fit_on_core=True, refine_outlines=False, refine_max_mm=99)
     assert (clamped.dilate_iterations, clamped.dilate_max_area_px, clamped.cyst_threshold_hu) == (3, 0, 120.0)
     assert not clamped.cyst_filter and clamped.dilate_mode == "slice" and clamped.fit_on_core
+    assert not clamped.refine_outlines and clamped.refine_max_mm == 10.0
     for restored in (PostParams(cyst_threshold_hu=70.0, dilate_iterations=0, cyst_filter=False, fit_on_core=False),
-                     PostParams(dilate_mode="3d", dilate_iterations=1)):
+                     PostParams(dilate_mode="3d", dilate_iterations=1, refine_outlines=False, refine_max_mm=6.5)):
         assert panel.params_from_controls(restored, **panel.controls_from_params(restored)) == restored
 
 
@@ -64,6 +65,7 @@ def test_dilation_mode_combo_and_which_spin_boxes_it_leaves_on():
 def test_ui_control_ranges_and_defaults_are_the_panels_and_the_cores():
     import xml.etree.ElementTree as ET
 
+    from LiverTumorSegLib.outline import MAX_REFINE_MM
     from LiverTumorSegLib.postprocess import MAX_DILATE_ITERATIONS
 
     ui = ET.parse(REPO / "LiverTumorSeg" / "Resources" / "UI" / "LiverTumorSeg.ui")
@@ -71,12 +73,14 @@ def test_ui_control_ranges_and_defaults_are_the_panels_and_the_cores():
     defaults = panel.controls_from_params(PostParams())
     for name, bounds, key in (("dilateIterationsSpinBox", panel.DILATE_ITERATIONS, "dilate_iterations"),
                               ("dilateMaxAreaSpinBox", panel.DILATE_MAX_AREA_PX, "dilate_max_area_px"),
-                              ("cystThresholdSlider", panel.CYST_THRESHOLD_HU, "cyst_threshold_hu")):
+                              ("cystThresholdSlider", panel.CYST_THRESHOLD_HU, "cyst_threshold_hu"),
+                              ("refineMmSpinBox", panel.REFINE_MM, "refine_max_mm")):
         p = props[name]
         assert (float(p["minimum"]), float(p["maximum"])) == bounds, name
         assert float(p["value"]) == defaults[key], name
     assert (props["cystFilterCheckBox"]["checked"] == "true") == defaults["cyst_filter"]
     assert (props["cystCoreCheckBox"]["checked"] == "true") == defaults["fit_on_core"]
+    assert (props["refineCheckBox"]["checked"] == "true") == defaults["refine_outlines"]
     combo = next(w for w in ui.iter("widget") if w.get("name") == "dilateModeComboBox")
     items = ["".join(i.find("property").itertext()).strip() for i in combo.findall("item")]
     assert items == [text for _, text in panel.DILATE_MODES]  # index i of the combo box is DILATE_MODES[i]
@@ -87,18 +91,24 @@ def test_ui_control_ranges_and_defaults_are_the_panels_and_the_cores():
         assert build_parser().parse_args(argv).tta is True  # the command line mirrors by default, as the panel does
     assert build_parser().parse_args(["demo", "--no-tta"]).tta is False
     for argv in (["postprocess", "--ct", "a", "--labels", "b", "-o", "c"], ["segment", "ct.nrrd", "-o", "s.seg.nrrd"]):
-        assert build_parser().parse_args(argv).fit_whole_region is (not defaults["fit_on_core"])  # the core fit, as the panel
+        args = build_parser().parse_args(argv)
+        assert args.fit_whole_region is (not defaults["fit_on_core"])  # the core fit, as the panel
+        assert args.no_refine_outlines is (not defaults["refine_outlines"]) and args.refine_mm == defaults["refine_max_mm"]
     assert props["ttaCheckBox"]["checked"] == "true"
     assert panel.DILATE_ITERATIONS[1] == MAX_DILATE_ITERATIONS
+    assert panel.REFINE_MM[1] == MAX_REFINE_MM
     assert panel.CYST_THRESHOLD_HU == (-20.0, 120.0) and defaults["cyst_threshold_hu"] == 45.0  # the slider
 
 
 def test_region_table_cells_and_status_line():
-    rows = [{"id": 3, "volume_ml": 1.234, "fit_M": 30.4, "decision": "cyst", "reason": "fitted mean 30.4 HU < 45 HU", "override": None},
-            {"id": 4, "volume_ml": 12.0, "fit_M": 90.0, "decision": "cyst", "reason": "manual override", "override": "cyst"}]
+    rows = [{"id": 3, "volume_ml": 1.234, "fit_M": 30.4, "decision": "cyst", "reason": "fitted mean 30.4 HU < 45 HU", "override": None,
+             "refined_ml": 0.456, "outline": "liver 98 HU, grown to 64 HU"},
+            {"id": 4, "volume_ml": 12.0, "fit_M": 90.0, "decision": "cyst", "reason": "manual override", "override": "cyst",
+             "refined_ml": 0.0, "outline": "liver 95 HU, contrast under 10 HU: outline kept"}]
     cells = panel.region_table(rows)
-    assert cells[0] == ("3", "1.23", "30", "cyst", "fitted mean 30.4 HU < 45 HU")
-    assert cells[1][3] == "cyst (by hand)"
+    assert cells[0] == ("3", "1.23", "30", "cyst", "fitted mean 30.4 HU < 45 HU", "+0.46 mL: liver 98 HU, grown to 64 HU")
+    assert cells[1][3] == "cyst (by hand)" and cells[1][5] == "liver 95 HU, contrast under 10 HU: outline kept"
+    assert all(len(c) == len(panel.REGION_COLUMNS) for c in cells)
     report = {"device": "cpu (2 threads)", "timings": {"liver_s": 1.25, "tumor_s": 2.5}, "warnings": []}
     assert panel.status_line(report) == "Done on cpu (2 threads): liver 1.2 s, tumors 2.5 s"
 

@@ -121,6 +121,7 @@ def test_cache_after_changes_equals_fresh_run(phantom):
     processor = PostProcessor(ct, merged)
     steps = [PostParams(cyst_threshold_hu=30), PostParams(bin_width_hu=2, smoothing_bins=2),
              PostParams(dilate_iterations=3, dilate_connectivity=4), PostParams(dilate_mode="3d"), PostParams(cyst_filter=False),
+             PostParams(refine_max_mm=1.5), PostParams(refine_outlines=False),
              PostParams(cyst_threshold_hu=60, dilate_max_area_px=40, bin_width_hu=4)]
     for params in steps:
         cached = processor.apply(params)
@@ -271,15 +272,18 @@ def test_active_box_holds_every_change_any_setting_makes():
     labels[5:25, 10:70, 10:70] = 1
     labels[10:12, 20:23, 20:23] = 2  # small: dilated
     labels[15:20, 40:50, 40:50] = 2
-    ct[15:20, 40:50, 40:50] = 20  # cyst-like
+    ct[15:20, 38:52, 38:52] = 20  # cyst-like, 2 mm wider than its label: the outline refinement takes the rim
     labels[20, 60:62, 30:34] = 2  # 8 voxels = 82 on the 256 grid: the 3-D mode grows it 2 slices up and down
     processor = PostProcessor(Volume(ct, (1.0, 1.0, 2.0)), labels)
     box = processor.active_box
     outside = np.ones(ct.shape, bool)
     outside[box] = False
-    results = [processor.apply(PostParams(cyst_threshold_hu=t, dilate_iterations=i, cyst_filter=f, dilate_mode=m))[0]
-               for t in (-20, 45, 120) for i in (0, 3) for f in (True, False) for m in ("slice", "3d")]
+    results = [processor.apply(PostParams(cyst_threshold_hu=t, dilate_iterations=i, cyst_filter=f, dilate_mode=m,
+                                          refine_outlines=r, refine_max_mm=mm))[0]
+               for t in (-20, 45, 120) for i in (0, 3) for f in (True, False) for m in ("slice", "3d")
+               for r, mm in ((False, 3.0), (True, 3.0), (True, 10.0))]
     assert any(not np.array_equal(results[0][box], r[box]) for r in results)
+    assert not np.array_equal(results[0], results[1])  # the refinement took the cyst's rim
     for r in results:
         assert np.array_equal(r[outside], results[0][outside])
     empty = PostProcessor(Volume(ct, (1.0, 1.0, 2.0)), np.where(labels > 0, 1, 0).astype(np.uint8))
@@ -296,12 +300,13 @@ def test_apply_in_place_equals_a_fresh_apply():
     labels[5:25, 10:70, 10:70] = 1
     labels[10:12, 20:23, 20:23] = 2
     labels[15:20, 40:50, 40:50] = 2
-    ct[15:20, 40:50, 40:50] = 20
+    ct[15:20, 38:52, 38:52] = 20  # a rim for the outline refinement
     labels[20, 60:62, 30:34] = 2  # grown in z by the 3-D mode
     processor = PostProcessor(Volume(ct, (1.0, 1.0, 2.0)), labels)
     buffer = None
-    for t, i, m in ((45, 2, "3d"), (-20, 0, "slice"), (120, 3, "3d"), (30, 1, "slice"), (45, 0, "3d")):
-        params = PostParams(cyst_threshold_hu=t, dilate_iterations=i, dilate_mode=m)
+    for t, i, m, r in ((45, 2, "3d", True), (-20, 0, "slice", False), (120, 3, "3d", True), (30, 1, "slice", True),
+                       (45, 0, "3d", False), (45, 2, "slice", True)):
+        params = PostParams(cyst_threshold_hu=t, dilate_iterations=i, dilate_mode=m, refine_outlines=r)
         buffer, _ = processor.apply(params, out=buffer)
         assert np.array_equal(buffer, processor.apply(params)[0])
 

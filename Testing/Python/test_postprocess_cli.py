@@ -89,6 +89,28 @@ def test_fit_whole_region_flag_reaches_the_table(case, tmp_path, capsys):
     assert all(c["fit_M"] == w["fit_M"] for c, w in zip(rows["core"], rows["whole"]) if c["fit_on"] == "region")  # too small
 
 
+def test_outline_refinement_flags_reach_the_labels_and_the_table(case, tmp_path, capsys):
+    """Default: regions grow into liver voxels only, and the table says by how much; off: nothing grows."""
+    runs = {}
+    for name, flags in (("on", ("--refine-mm", "2")), ("off", ("--no-refine-outlines",))):
+        table = tmp_path / f"{name}.csv"
+        code, stdout, err = _postprocess(capsys, case, tmp_path / f"{name}.nii.gz", "--table", table, "--dilate-iterations", "0", *flags)
+        assert code == 0, err
+        with open(table, newline="") as f:
+            runs[name] = (_labels(tmp_path / f"{name}.nii.gz"), list(csv.DictReader(f)), stdout)
+    (on, rows_on, out_on), (off, rows_off, out_off) = runs["on"], runs["off"]
+    assert {r["outline"] for r in rows_off} == {"not refined"} and {float(r["refined_ml"]) for r in rows_off} == {0.0}
+    changed = on != off
+    assert np.all(off[changed] == 1) and np.all(on[changed] >= 2)  # liver voxels became lesion, nothing else moved
+    ml = float(np.prod(case[1].spacing)) / 1000
+    assert sum(float(r["refined_ml"]) for r in rows_on) == pytest.approx(changed.sum() * ml, abs=1e-3)
+    assert all(r["outline"].startswith("liver ") for r in rows_on)
+    assert "outline +" in out_on and "outline +" not in out_off
+    with pytest.raises(SystemExit) as exit_info:
+        _postprocess(capsys, case, tmp_path / "bad.nii.gz", "--refine-mm", "11")
+    assert exit_info.value.code == 2 and "--refine-mm: must be in (0, 10] mm" in capsys.readouterr().err
+
+
 def test_dilate_mode_flag_reaches_the_post_processing(case, tmp_path, capsys):
     from LiverTumorSegLib.cli import build_parser, post_params
     from LiverTumorSegLib.imageio import read_volume

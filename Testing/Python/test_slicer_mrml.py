@@ -246,9 +246,14 @@ def test_settings_and_decisions_are_stored_on_the_node(scene):
     region = live.rows[-1]["id"]
     live.set_decision(region, "tumor")
     assert _stored_params(live.seg_node) == PostParams(cyst_threshold_hu=60.0, dilate_iterations=1)
-    older = {k: v for k, v in json.loads(live.seg_node.GetAttribute(PARAMS_ATTRIBUTE)).items() if k != "fit_on_core"}
+    stored = json.loads(live.seg_node.GetAttribute(PARAMS_ATTRIBUTE))
+    older = {k: v for k, v in stored.items() if k not in ("fit_on_core", "refine_outlines", "refine_max_mm")}
     live.seg_node.SetAttribute(PARAMS_ATTRIBUTE, json.dumps(older))  # a node from before the core fit
-    assert _stored_params(live.seg_node) == PostParams(cyst_threshold_hu=60.0, dilate_iterations=1, fit_on_core=False)
+    assert _stored_params(live.seg_node) == PostParams(cyst_threshold_hu=60.0, dilate_iterations=1, fit_on_core=False,
+                                                       refine_outlines=False)
+    older = {k: v for k, v in stored.items() if k not in ("refine_outlines", "refine_max_mm")}
+    live.seg_node.SetAttribute(PARAMS_ATTRIBUTE, json.dumps(older))  # a node from before the outline refinement
+    assert _stored_params(live.seg_node) == PostParams(cyst_threshold_hu=60.0, dilate_iterations=1, refine_outlines=False)
     live.update(PostParams(cyst_threshold_hu=60.0, dilate_iterations=1))
     assert json.loads(live.seg_node.GetAttribute(OVERRIDES_ATTRIBUTE)) == {str(region): "tumor"}
     hist = live.histogram(region)
