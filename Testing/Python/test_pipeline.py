@@ -90,7 +90,7 @@ def test_probability_cache_reproduces_labels(models, case, result, tmp_path, sto
 
 def test_card_threshold_reaches_labels_cache_and_postprocessing(models, case, tmp_path):
     """A card cut-off other than 0.5 governs the labels, is kept in the cache, and the post-processing
-    candidates then equal the network's tumor labels (filter and dilation off)."""
+    candidates then equal the network's tumor labels (filter, dilation and outline refinement off)."""
     liver_model, tumor_model = models
     strict = copy.copy(tumor_model)
     strict.card = copy.deepcopy(tumor_model.card)
@@ -104,7 +104,8 @@ def test_card_threshold_reaches_labels_cache_and_postprocessing(models, case, tm
     probs.save(path)
     loaded = Probabilities.load(path)
     assert loaded.tumor_threshold == 204
-    out, _ = PostProcessor.from_network(case[0], result.labels, loaded).apply(PostParams(cyst_filter=False, dilate_iterations=0))
+    off = PostParams(cyst_filter=False, dilate_iterations=0, refine_outlines=False)
+    out, _ = PostProcessor.from_network(case[0], result.labels, loaded).apply(off)
     assert np.array_equal(out, result.labels)
 
 
