@@ -289,6 +289,8 @@ class PostProcessor:
                     flat[added] = DECISION_LABELS[row["decision"]]
                     row["refined_ml"] = round(added.size * voxel_ml, 4)
                     row["outline"] = refinement.note
+                    row["outline_liver_hu"] = round(refinement.liver_hu, 1)
+                    row["outline_level_hu"] = round(refinement.level_hu, 1)
         return out, rows
 
     def _checked(self, overrides: dict[int, str]) -> dict[int, str]:
@@ -366,6 +368,8 @@ class PostProcessor:
             "dilated": False,
             "refined_ml": 0.0,
             "outline": "not refined",
+            "outline_liver_hu": math.nan,
+            "outline_level_hu": math.nan,
             "override": override,
         }
 
@@ -471,8 +475,10 @@ def _grow_3d(region: _Region, shape, scale: float) -> np.ndarray:
     return np.ravel_multi_index(tuple(c + s.start for c, s in zip(coords, region.crop)), shape)
 
 
-def save_region_histogram_png(processor: PostProcessor, region_id: int, path, params: PostParams) -> None:
-    """The region's HU histogram (bars), smoothed curve, fitted Gaussian and threshold line, as PNG."""
+def save_region_histogram_png(processor: PostProcessor, region_id: int, path, params: PostParams,
+                              row: dict | None = None) -> None:
+    """The region's HU histogram (bars), smoothed curve, fitted Gaussian and threshold line, as PNG;
+    with its table ``row``, also the liver HU around it and the level the outline refinement grew it to."""
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, no global backend change
 
     fit, on_core = processor.fit_for(region_id, params)
@@ -489,6 +495,9 @@ def save_region_histogram_png(processor: PostProcessor, region_id: int, path, pa
     else:
         title = f"region {region_id}{where}: fallback ({fit.failure})"
     ax.axvline(params.cyst_threshold_hu, color="k", linestyle="--", label=f"threshold {params.cyst_threshold_hu:g} HU")
+    if row is not None and math.isfinite(row.get("outline_level_hu", math.nan)):
+        ax.axvline(row["outline_liver_hu"], color="tab:green", linestyle="-.", label=f"liver around {row['outline_liver_hu']:.0f} HU")
+        ax.axvline(row["outline_level_hu"], color="tab:orange", linestyle=":", label=f"outline level {row['outline_level_hu']:.0f} HU")
     ax.set(title=title, xlabel="HU", ylabel="voxels per HU")
     ax.title.set_fontsize(9)
     ax.legend(fontsize=8)
@@ -496,7 +505,7 @@ def save_region_histogram_png(processor: PostProcessor, region_id: int, path, pa
 
 
 TABLE_COLUMNS = ("id", "decision", "reason", "override", "voxels", "volume_ml", "fit_A", "fit_M", "fit_S", "fit_quality",
-                 "fit_on", "dilated", "refined_ml", "outline", "centroid_voxel", "centroid_lps_mm", "centroid_ras_mm")
+                 "fit_on", "dilated", "refined_ml", "outline", "outline_liver_hu", "outline_level_hu", "centroid_voxel", "centroid_lps_mm", "centroid_ras_mm")
 
 
 def table_csv(rows: list[dict]) -> str:

@@ -46,7 +46,7 @@ def _save_plots(processor, rows: list[dict], folder: Path, params) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     for row in rows:
-        save_region_histogram_png(processor, row["id"], folder / f"region_{row['id']}.png", params)
+        save_region_histogram_png(processor, row["id"], folder / f"region_{row['id']}.png", params, row)
 
 
 def _print_summary(rows: list[dict], labels: np.ndarray, voxel_ml: float) -> None:
