@@ -124,7 +124,8 @@ class LiveResult:
             chart.AddAndObservePlotSeriesNodeID(series.GetID())
         row = next((r for r in self.rows if r["id"] == region_id), None)
         what = f"{row['decision']}, {row['reason']}" if row else ""
-        chart.SetTitle(f"Region {region_id}: {what} (threshold {h['threshold_hu']:g} HU)")
+        outline = f"; outline {row['outline']}" if row and row.get("refined_ml") else ""
+        chart.SetTitle(f"Region {region_id}: {what} (threshold {h['threshold_hu']:g} HU{outline})")
         chart.SetXAxisTitle("HU")
         chart.SetYAxisTitle("voxels per HU")
         return chart

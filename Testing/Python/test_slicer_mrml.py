@@ -339,6 +339,8 @@ def test_region_histogram_becomes_a_slicer_plot(scene):
     assert table.GetNumberOfRows() == hist["hu"].size and table.GetNumberOfColumns() == 3
     again = live.histogram_chart(live.rows[-1]["id"])
     assert again.GetID() == chart.GetID() and scene.GetNumberOfNodesByClass("vtkMRMLPlotSeriesNode") == 2
+    grown = next(r for r in live.rows if r["refined_ml"] > 0)  # the title says what the outline refinement did
+    assert f"outline {grown['outline']}" in live.histogram_chart(grown["id"]).GetTitle()
 
 
 def test_any_sequence_of_slider_moves_keeps_segments_exact(scene):
