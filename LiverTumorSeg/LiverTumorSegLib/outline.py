@@ -43,9 +43,10 @@ class Refinement:
     note: str
 
 
-def reach_voxels(spacing_kji) -> tuple[int, int, int]:
-    """Voxels around a region that refining it may read (the liver shell, the growth, the 3x3x3 mean)."""
-    return tuple(int(math.ceil(max(SHELL_MM, MAX_REFINE_MM) / float(s))) + 1 for s in spacing_kji)
+def reach_voxels(spacing_kji, max_mm: float = MAX_REFINE_MM) -> tuple[int, int, int]:
+    """Voxels around a region that refining it up to ``max_mm`` may read (the liver shell, the growth
+    and the 3x3x3 mean around each voxel it may take)."""
+    return tuple(int(math.ceil(max(SHELL_MM, max_mm) / float(s))) + 1 for s in spacing_kji)
 
 
 def refine_outline(hu: np.ndarray, spacing_kji, crop: tuple[slice, ...], lesion: np.ndarray, parenchyma: np.ndarray,

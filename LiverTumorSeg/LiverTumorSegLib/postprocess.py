@@ -214,9 +214,7 @@ class PostProcessor:
         self._by_id = {r.id: r for r in self._regions}
         self._base = liver.astype(np.uint8)  # lesion voxels that are no candidate become liver
         self._parenchyma = liver & ~candidates if self._regions else None  # liver voxels of no region
-        reach = reach_voxels(ct.spacing[::-1])
-        self._outer = [tuple(slice(max(c.start - p, 0), min(c.stop + p, n)) for c, p, n in zip(r.crop, reach, liver.shape))
-                       for r in self._regions]  # room for the outline refinement
+        self._outer = [self._widened(r.crop, MAX_REFINE_MM) for r in self._regions]  # room for any outline refinement
         self._fits: dict[tuple[float, float], list[Fit]] = {}
         self._grown: dict[tuple, np.ndarray] = {}
         self._refined: dict[tuple, Refinement] = {}
@@ -317,15 +315,22 @@ class PostProcessor:
                 self._grown[key] = _grow_small(region, self._base.shape, *key[2:])
         return self._grown[key]
 
+    def _widened(self, crop: tuple[slice, ...], max_mm: float) -> tuple[slice, ...]:
+        """``crop`` with room for refining its region up to ``max_mm``, inside the volume."""
+        reach = reach_voxels(self.ct.spacing[::-1], max_mm)
+        return tuple(slice(max(c.start - p, 0), min(c.stop + p, n)) for c, p, n in zip(crop, reach, self._base.shape))
+
     def _refined_for(self, index: int, row: dict, grown: np.ndarray | None, params: PostParams) -> Refinement:
-        region, outer = self._regions[index], self._outer[index]
-        dilation = None if grown is None else _dilation_key(params)
-        key = (region.id, row["decision"], row["fit_M"], dilation, params.refine_max_mm)
+        region = self._regions[index]
+        outer = self._widened(region.crop, params.refine_max_mm)  # no more than this setting reads
+        dilated = grown is not None and grown.size > 0
+        # a region the dilation leaves as it is shares one entry across dilation settings
+        key = (region.id, row["decision"], row["fit_M"], _dilation_key(params) if dilated else None, params.refine_max_mm)
         if key not in self._refined:
             lesion = np.zeros(tuple(s.stop - s.start for s in outer), bool)
             inner = tuple(slice(c.start - o.start, c.stop - o.start) for c, o in zip(region.crop, outer))
             lesion[inner] = region.own
-            if grown is not None and grown.size:
+            if dilated:
                 coords = np.unravel_index(grown, self._base.shape)
                 lesion[tuple(c - o.start for c, o in zip(coords, outer))] = True
             self._refined[key] = refine_outline(self.ct.array, self.ct.spacing[::-1], outer, lesion,
