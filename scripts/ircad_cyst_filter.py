@@ -65,14 +65,14 @@ def main() -> None:
     ct, labels, truth = load_case()
     processor = PostProcessor(ct, labels)
     params = PostParams()
-    for title, setting in (("default: each region's core (less its one-voxel rim)", params),
-                           ("the paper's rule: every voxel of the region", replace(params, fit_on_core=False))):
-        rows = processor.apply(setting)[1]
+    default_rows = processor.apply(params)[1]
+    for title, rows in (("default: each region's core (less its one-voxel rim)", default_rows),
+                        ("the paper's rule: every voxel of the region", processor.apply(replace(params, fit_on_core=False))[1])):
         print(f"\n{title}\n\n{markdown_table(rows, truth_of_regions(labels, rows, truth))}")
     folder = Path(tempfile.mkdtemp(prefix="ircad_regions_"))
-    for r in processor.apply(params)[1]:
+    for r in default_rows:
         path = folder / f"region_{r['id']}.png"
-        save_region_histogram_png(processor, r["id"], path, params)
+        save_region_histogram_png(processor, r["id"], path, params, r)
         print(f"plot: region {r['id']}: {path}")
 
 
