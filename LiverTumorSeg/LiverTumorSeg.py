@@ -312,6 +312,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._problems = {"volume": self.logic.input_problem(self.ui.inputVolumeSelector.currentNode()),
                           "model": self.logic.model_problem(self.ui.modelSelector.currentData),
                           "missing": tuple(dependencies.missing())}
+        self.ui.disclaimerLabel.text = panel.disclaimer(self.ui.modelSelector.currentData)
         self.updateView()
 
     def state(self) -> panel.PanelInputs:

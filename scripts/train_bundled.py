@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from LiverTumorSegLib.datasets import write_split
+from LiverTumorSegLib.modelfile import read_card, update_card
 from LiverTumorSegLib.phantom import write_cases
 from LiverTumorSegLib.registry import WEIGHTS_DIR
 from LiverTumorSegLib.trainconfig import load_config
@@ -36,6 +37,17 @@ TRAIN_SEEDS = range(1000, 1060)
 FINETUNE_SEEDS = range(1060, 1100)
 VAL_SEEDS = range(1900, 1904)
 REAL_TRAIN, REAL_VAL = "lits-117-128cube", "ircad-1.1"
+NOT_CLINICAL = "Research and demonstration only. NOT FOR CLINICAL USE."
+SELECTION = ("3D-IRCADb 1.1 (real) and 4 phantoms were used to pick the best epoch, and 3D-IRCADb 1.1 was a condition of "
+             "every later adoption rule: its figure is not an independent estimate.")
+INTENDED_USE = {
+    "liver": f"{NOT_CLINICAL} Trained on 60 synthetic phantoms and one real CT (LiTS case 117 as cropped to 128^3 by "
+             f"its packager, spacing unknown). {SELECTION}",
+    "tumor": f"{NOT_CLINICAL} Trained on 60 synthetic phantoms and one real CT (LiTS case 117, cropped), then fine-tuned "
+             f"twice on 100 synthetic phantoms and that CT around the liver stage 1 predicts. {SELECTION}",
+}
+REPRODUCE = ("scripts/train_bundled.py --install in the LiverTumorSeg repository: three runs (liver and tumor from "
+             "scratch, then two tumor fine-tunes); a card's 'command' and 'seconds' are those of its model's last run")
 
 
 def cascade_config() -> dict:
@@ -59,6 +71,12 @@ def train(cli: Path, stage: str, data: list[Path], split: Path, config: str, out
            "--config", config, "--name", f"phantom-small-{stage}", *extra, "-o", str(out)]
     print(" ".join(cmd), flush=True)
     return subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+
+
+def describe(path: Path, stage: str) -> None:
+    """Say in a bundled card what the model was trained on and how to rebuild it."""
+    card = read_card(path)
+    update_card(path, intended_use=INTENDED_USE[stage], training={**card["training"], "reproduce": REPRODUCE})
 
 
 def main(argv=None) -> int:
@@ -93,7 +111,9 @@ def main(argv=None) -> int:
         return 1
     if args.install:
         for stage, folder in (("liver", run), ("tumor", cascade2)):
-            shutil.copyfile(folder / f"{stage}.ltsm", WEIGHTS_DIR / "phantom-small" / f"{stage}.ltsm")
+            target = WEIGHTS_DIR / "phantom-small" / f"{stage}.ltsm"
+            shutil.copyfile(folder / f"{stage}.ltsm", target)
+            describe(target, stage)
     print(json.dumps({"runs": [str(run), str(cascade), str(cascade2)], "installed": args.install}))
     return 0
 

@@ -126,7 +126,7 @@ def add_tta_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_post_arguments(p: argparse.ArgumentParser) -> None:
-    """The post-processing flags shared by segment and postprocess (defaults: DESIGN.md section 4)."""
+    """The post-processing flags shared by segment and postprocess (defaults: ``PostParams``)."""
     g = p.add_argument_group("post-processing")
     g.add_argument("--dilate-iterations", type=int, default=2, choices=range(4), metavar="N", help="small-tumor dilation, 0-3 (default 2)")
     g.add_argument("--dilate-max-area", type=int, default=100, metavar="PX", help="dilate 2-D tumor regions smaller than this, in pixels (default 100)")
@@ -342,8 +342,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from .modelfile import read_card
-    from .registry import BUNDLED, IMPORTABLE, model_files
+    from .registry import BUNDLED, IMPORTABLE, model_files, model_summary, peek_card
 
     if args.action == "import":
         from .importer import import_pyliverlesionseg
@@ -357,9 +356,9 @@ def cmd_models(args) -> int:
     for name, text in {**BUNDLED, **IMPORTABLE}.items():
         print(f"{name}: {text}")
         try:
+            print(f"  {model_summary(name)}")
             for f in model_files(name):
-                card = read_card(f)
-                print(f"  {card['stage']}: {f}  metrics: {json.dumps(card.get('metrics', {}))}")
+                print(f"  {peek_card(f)['stage']}: {f} (all measured figures: the card's 'metrics')")
         except LiverTumorSegError as err:
             print(f"  {'not imported yet' if name in IMPORTABLE else 'not available'}: {err}")
     return 0

@@ -1,4 +1,4 @@
-"""Training losses for the two binary stages (DESIGN.md section 5, notes/network-and-speed.md section 6).
+"""Training losses for the two binary stages: the G-UNETR++ paper's Dice + CE + HD (liver) and Dice + focal + HD (tumor).
 
 All functions take logits ``(B, 2, Z, Y, X)`` and an integer target ``(B, 1, Z, Y, X)`` in {0, 1}
 and return a scalar tensor. ``StageLoss`` combines them per stage, with an HD ramp-in and deep

@@ -1,6 +1,6 @@
 """G-UNETR++: UNETR++ with two extra encoders fed with mixed second derivatives of the CT tile.
 
-Our implementation of the architecture described in DESIGN.md section 2 (G-UNETR++, Lee et al.,
+Our implementation of the architecture the papers describe (G-UNETR++, Lee et al.,
 Appl. Sci. 2025; UNETR++, Shaker et al., IEEE TMI 2024). MONAI supplies the convolution blocks.
 """
 

@@ -1,4 +1,4 @@
-"""Post-processing a clinician tunes live: HU Gaussian cyst filter, then small-tumor dilation.
+"""Post-processing a user tunes live: HU Gaussian cyst filter, small-tumor dilation, HU outline refinement.
 
 Order of operations (fixed):
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 from .errors import ModelFileError
@@ -57,3 +59,34 @@ def stage_files(model: str | Path | None = DEFAULT_MODEL, liver: str | Path | No
             path = Path(str(choice))
             files[i] = path if path.is_file() else model_files(choice)[i]
     return files[0], files[1]
+
+
+def peek_card(path: Path) -> dict:
+    """A model file's card read from its safetensors header alone (no torch: the Slicer panel calls
+    this before its packages are installed). Raises ``ModelFileError`` on an unreadable file."""
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size)) if 0 < size < 2**24 else None
+        return json.loads(header["__metadata__"]["card"])
+    except (OSError, struct.error, ValueError, KeyError, TypeError) as err:
+        raise ModelFileError(f"{path} has no readable model card: {err}") from None
+
+
+def model_summary(name_or_path: str | Path = DEFAULT_MODEL) -> str:
+    """What a user must read before using a model: its intended use and the figures its cards hold."""
+    liver_file, tumor_file = model_files(name_or_path)
+    liver, tumor = peek_card(liver_file), peek_card(tumor_file)
+    metrics = {**liver.get("metrics", {}), **tumor.get("metrics", {})}
+    phantoms, ircad = metrics.get("fresh_phantoms", {}), metrics.get("ircad_1_1", {})
+    figures = []
+    if "tumor_after_filter_dice_per_case_mean" in phantoms:
+        low, high = phantoms.get("tumor_after_filter_dice_per_case_ci95", (float("nan"),) * 2)
+        figures.append(f"{phantoms['cases']} synthetic test phantoms: liver Dice {phantoms['liver_dice_per_case_mean']:.3f}, "
+                       f"tumor Dice per case {phantoms['tumor_after_filter_dice_per_case_mean']:.3f} "
+                       f"[95 % CI {low:.3f}-{high:.3f}]")
+    tumor_dice = ircad.get("tumor_dice_after_filter", ircad.get("tumor_dice"))
+    if "liver_dice" in ircad and tumor_dice is not None:
+        figures.append(f"one real CT (3D-IRCADb 1.1): liver {ircad['liver_dice']:.3f}, tumor {tumor_dice:.3f}")
+    measured = "Measured: " + "; ".join(figures) + "." if figures else "Its cards hold no measured figures."
+    return f"{tumor.get('intended_use', liver.get('intended_use', 'NOT FOR CLINICAL USE.'))} {measured}"

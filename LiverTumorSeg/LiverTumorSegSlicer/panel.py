@@ -13,6 +13,17 @@ DILATE_MAX_AREA_PX = (0, 1000)
 DILATE_MODES = (("slice", "Per slice (paper)"), ("3d", "3-D (authors' code)"))
 CYST_THRESHOLD_HU = (-20.0, 120.0)
 REFINE_MM = (0.5, 10.0)  # outline.MAX_REFINE_MM is the upper bound (tested)
+DISCLAIMER = "Research use only: NOT FOR CLINICAL USE."
+
+
+def disclaimer(model) -> str:
+    """The panel's top line for the chosen model: its intended use and measured figures, from its cards."""
+    from LiverTumorSegLib.registry import model_summary
+
+    try:
+        return model_summary(model)
+    except Exception as err:  # noqa: BLE001 - any unreadable model keeps the plain warning
+        return f"{DISCLAIMER} ({err})"
 
 
 @dataclass(frozen=True)

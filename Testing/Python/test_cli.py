@@ -173,7 +173,8 @@ def test_phantom_command_and_train_refusals(tmp_path, capsys):
 def test_models_lists_bundled(capsys):
     code, out, _ = _run(capsys, "models")
     assert code == 0 and "phantom-small" in out
-    assert "not available" not in out and out.count("metrics:") >= 2
+    assert "not available" not in out and "NOT FOR CLINICAL USE" in out and "Measured: 48 synthetic test phantoms" in out
+    assert out.count("phantom-small/liver.ltsm") == out.count("phantom-small/tumor.ltsm") == 1
     assert "pyliverlesionseg" in out  # importable, imported or not
 
 

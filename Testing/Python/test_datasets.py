@@ -12,6 +12,7 @@ from LiverTumorSegLib.datasets import (LITS_PAPER_SPLIT, LITS_PAPER_TEST, Case, 
                                        find_lits, find_msd, find_pairs, load_case, make_split, read_split,
                                        write_split)
 from LiverTumorSegLib.errors import InputError, OutputError
+from LiverTumorSegLib.phantom import generate_case, write_cases
 
 SHAPE = (8, 16, 16)  # (z, y, x)
 SPACING = (0.8, 0.8, 2.0)
@@ -123,6 +124,28 @@ def test_pairs_both_layouts(tmp_path):
     (case,) = find_pairs(tmp_path / "q")
     assert case.name == "x" and case.label == tmp_path / "q" / "labels" / "x.nii.gz"
     assert np.array_equal(load_case(case)[1].array, label_array())
+
+
+def test_pairs_one_case_per_folder(tmp_path):
+    """``image.nii.gz`` + ``label.nii.gz`` in a folder is one case named after the folder (the layout
+    of shared/data's lits-117-128cube); each such folder is its own ``--data``."""
+    write_pair(tmp_path / "patient-7" / "image.nii.gz", tmp_path / "patient-7" / "label.nii.gz")
+    (case,) = find_cases(tmp_path / "patient-7")
+    assert (case.name, case.kind, case.image.name) == ("patient-7", "pairs", "image.nii.gz")
+    assert np.array_equal(load_case(case)[1].array, label_array())
+    (tmp_path / "patient-7" / "label.nii.gz").unlink()
+    with pytest.raises(InputError, match="No known data set layout"):
+        find_cases(tmp_path / "patient-7")
+
+
+def test_phantom_format_reads_what_the_generator_writes(tmp_path):
+    (ct_file, label_file), = write_cases(tmp_path, 1, 4100)
+    (case,) = find_cases(tmp_path, "phantom")
+    assert (case.name, case.image, case.label) == ("case_4100", ct_file, label_file)
+    ct, labels = load_case(case)
+    truth_ct, truth = generate_case(4100)
+    assert np.array_equal(labels.array, truth.array) and np.allclose(ct.array, truth_ct.array, atol=0.5)
+    assert np.allclose(ct.direction, truth_ct.direction) and np.allclose(ct.spacing, truth_ct.spacing)
 
 
 # ---------------------------------------------------------------- 3D-IRCADb

@@ -137,9 +137,12 @@ def test_stage_loss_hd_ramp(epoch, ramp):
     assert StageLoss(cfg)(HD_LOGITS, HD_TGT, epoch).item() == pytest.approx(expected.item(), rel=1e-9)
 
 
-def test_stage_loss_liver_terms():
-    expected = soft_dice_loss(LOGITS, TARGET) + cross_entropy(LOGITS, TARGET)
-    assert StageLoss(LOSS_CONFIGS["liver"])(LOGITS, TARGET, 0).item() == pytest.approx(expected.item(), rel=1e-9)
+@pytest.mark.parametrize("epoch, ramp", [(0, 0.0), (80, 1.0)])
+def test_stage_loss_liver_terms(epoch, ramp):
+    expected = (soft_dice_loss(HD_LOGITS, HD_TGT) + cross_entropy(HD_LOGITS, HD_TGT)
+                + ramp * 0.1 * hausdorff_dt_loss(HD_LOGITS, HD_TGT))
+    assert hausdorff_dt_loss(HD_LOGITS, HD_TGT).item() > 0.01  # the HD term counts at full ramp
+    assert StageLoss(LOSS_CONFIGS["liver"])(HD_LOGITS, HD_TGT, epoch).item() == pytest.approx(expected.item(), rel=1e-9)
 
 
 def test_stage_loss_godc_option():
@@ -154,7 +157,12 @@ def test_stage_loss_deep_supervision_weighting():
     outputs = [torch.randn(1, 2, n, n, n) for n in (4, 2, 1)]
     loss = StageLoss(LOSS_CONFIGS["liver"])
     targets = [target, target[..., ::2, ::2, ::2], target[..., ::4, ::4, ::4]]
-    expected = sum(w * loss(o, t, 50) for w, o, t in zip(DS_WEIGHTS, outputs, targets))
+
+    def liver_terms(o, t):  # Dice + CE + 0.1 HD at full ramp, from the terms checked by hand above
+        return soft_dice_loss(o, t) + cross_entropy(o, t) + 0.1 * hausdorff_dt_loss(o, t)
+
+    expected = 4 / 7 * liver_terms(outputs[0], targets[0]) + 2 / 7 * liver_terms(outputs[1], targets[1]) \
+        + 1 / 7 * liver_terms(outputs[2], targets[2])
     assert DS_WEIGHTS == pytest.approx((4 / 7, 2 / 7, 1 / 7))
     assert loss(outputs, target, 50).item() == pytest.approx(expected.item(), rel=1e-6)
 

@@ -11,7 +11,7 @@ from LiverTumorSegLib.errors import ModelFileError
 from LiverTumorSegLib.modelfile import load_model, read_card, save_model, update_card
 from LiverTumorSegLib.netconfig import SMALL, NetConfig
 from LiverTumorSegLib.network import GUNETRpp
-from LiverTumorSegLib.registry import model_files
+from LiverTumorSegLib.registry import model_files, model_summary, peek_card
 
 CARD = {"name": "t", "stage": "liver", "labels": ["background", "liver"], "inference": {}, "training": {},
         "preprocessing": {"resample": {"mode": "spacing", "spacing": [4, 2.5, 2.5]}}, "intended_use": "tests"}
@@ -112,3 +112,48 @@ def test_bundled_tumor_card_names_the_bundled_liver_model():
     liver_path, tumor_path = model_files("phantom-small")
     liver, tumor = load_model(liver_path, stage="liver"), load_model(tumor_path, stage="tumor")
     assert tumor.card["training"]["liver_masks_from"]["weights_sha256"] == liver.weights_sha256
+
+
+def test_bundled_cards_say_what_they_were_trained_on_and_hold_fp16_weights():
+    from safetensors import safe_open
+
+    for path in model_files("phantom-small"):
+        card = read_card(path)
+        assert "NOT FOR CLINICAL USE" in card["intended_use"] and "synthetic phantoms" in card["intended_use"]
+        assert "not an independent estimate" in card["intended_use"]  # 3D-IRCADb 1.1 helped choose
+        assert "scripts/train_bundled.py" in card["training"]["reproduce"]
+        assert peek_card(path) == card  # the torch-free reader sees the same card
+        with safe_open(str(path), framework="pt") as f:
+            dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+        assert torch.float16 in dtypes and not dtypes & {torch.float32, torch.float64, torch.bfloat16}
+
+
+def test_summary_and_docs_quote_the_bundled_cards():
+    """The figures users read (panel, `models`, README, BENCHMARKS) are the ones measured into the cards."""
+    from conftest import REPO
+
+    metrics = read_card(model_files("phantom-small")[1])["metrics"]
+    phantoms, ircad = metrics["fresh_phantoms"], metrics["ircad_1_1"]
+    low, high = phantoms["tumor_after_filter_dice_per_case_ci95"]
+    figures = [f"{phantoms['tumor_after_filter_dice_per_case_mean']:.3f}", f"{low:.3f}-{high:.3f}",
+               f"{phantoms['liver_dice_per_case_mean']:.3f}", f"{ircad['liver_dice']:.3f}",
+               f"{ircad['tumor_dice_after_filter']:.3f}"]
+    summary = model_summary("phantom-small")
+    assert "NOT FOR CLINICAL USE" in summary and f"{phantoms['cases']} synthetic test phantoms" in summary
+    for text in (summary, (REPO / "README.md").read_text(encoding="utf-8"), (REPO / "BENCHMARKS.md").read_text(encoding="utf-8")):
+        assert [f for f in figures if f not in text] == []
+
+
+def test_summary_of_a_model_without_measured_figures(tmp_path):
+    for path in model_files("phantom-small"):
+        shutil.copyfile(path, tmp_path / path.name)
+        update_card(tmp_path / path.name, metrics={})
+    assert model_summary(tmp_path).endswith("Its cards hold no measured figures.")
+
+
+def test_peek_card_refuses_a_truncated_file(saved, tmp_path):
+    bad = tmp_path / "cut.ltsm"
+    bad.write_bytes(saved[1].read_bytes()[:20])
+    with pytest.raises(ModelFileError, match="no readable model card"):
+        peek_card(bad)
+    assert peek_card(saved[1]) == read_card(saved[1])

@@ -130,3 +130,10 @@ def test_slicer_installs_what_pyproject_requires():
     installed_by_us = {re.split(r"[<>=!~ ]", r, maxsplit=1)[0].lower() for r in dependencies.REQUIREMENTS.values()}
     assert names - installed_by_us == {p.lower() for p in dependencies.PROTECTED if p.lower() in names}
     assert installed_by_us <= names
+
+
+def test_disclaimer_names_the_models_use_and_measured_figures():
+    text = panel.disclaimer("phantom-small")
+    assert "NOT FOR CLINICAL USE" in text and "synthetic phantoms" in text and "Measured:" in text
+    broken = panel.disclaimer("/no/such/model")
+    assert broken.startswith(panel.DISCLAIMER) and "Unknown model" in broken

@@ -248,6 +248,18 @@ def test_training_reduces_the_loss(tmp_path):
     assert history[-1]["val_dice"] > 0.5
 
 
+def test_learning_rate_follows_the_poly_decay(tmp_path):
+    """lr = lr0 (1 - it / total) ** 0.9 after each iteration (it counts iterations, not epochs)."""
+    config = tiny_config(epochs=2, iterations_per_epoch=3, augmentation={})
+    trainer = StageTrainer(config, "liver", _blob_samples(), [], tmp_path, torch.device("cpu"))
+    lr0, total = config["optimizer"]["lr"], 6
+    assert config["poly_exponent"] == 0.9 and trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr0)
+    for epoch in range(2):
+        trainer.train_epoch()
+        it = 3 * (epoch + 1)
+        assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr0 * (1 - it / total) ** 0.9, abs=1e-12)
+
+
 def test_interrupted_run_resumes_to_the_same_state(tmp_path):
     config = tiny_config(epochs=4, val_every=1)
     samples, val = _blob_samples(), _blob_samples(1)
