@@ -73,14 +73,28 @@ def _blob_samples(n: int = 2) -> list[Sample]:
 # ---------------------------------------------------------------- samples and patches
 
 
-def test_tumor_samples_are_built_like_inference_input():
-    ct, lab = generate_case(3001, spacing=(1.5, 1.5, 4.0), matrix=240)
-    pre = load_config("small")["preprocessing"]["tumor"]
-    sample = build_sample(ct, lab, "tumor", pre)
-    hu, spacing, ro = to_canonical(ct)
-    expected, mask, _ = tumor_stage_input(hu, ro.to_canonical(lab.array) > 0, spacing, pre)
-    assert np.array_equal(sample.image, expected) and np.array_equal(sample.mask, mask)
-    assert sample.target.shape == sample.image.shape and not sample.target[~mask].any()
+def test_tumor_samples_are_built_like_inference_input(monkeypatch):
+    """A stage-2 training sample built on stage 1's predicted liver is, voxel for voxel, the image
+    ``segment`` hands the tumor network (captured there) for the same CT and models."""
+    import LiverTumorSegLib.pipeline as pipeline
+
+    ct, lab = generate_case(3001, spacing=(2.0, 2.0, 5.0), matrix=176)
+    liver_model, tumor_model = (load_model(f) for f in model_files("phantom-small"))
+    fed = []
+    run_network = pipeline.sliding_window_probabilities
+
+    def capture(net, img, **kw):
+        fed.append(img.copy())
+        return run_network(net, img, **kw)
+
+    monkeypatch.setattr(pipeline, "sliding_window_probabilities", capture)
+    pipeline.segment(ct, liver_model, tumor_model, device="cpu", fast=True)
+    assert len(fed) == 2  # stage 1, then stage 2
+    monkeypatch.undo()
+    predicted = pipeline.segment(ct, liver_model, None, device="cpu", fast=True).labels > 0
+    sample = build_sample(ct, lab, "tumor", tumor_model.card["preprocessing"], liver=predicted)
+    assert sample.image.shape == fed[1].shape and np.array_equal(sample.image, fed[1])
+    assert sample.target.shape == sample.image.shape and not sample.target[~sample.mask].any()
     assert set(np.unique(sample.target)) <= {0, 1} and sample.target.any()
 
 
