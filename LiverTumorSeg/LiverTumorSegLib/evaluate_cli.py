@@ -128,7 +128,7 @@ def match_cases(pred: Path, truth: Path) -> list[tuple[str, Path, Path]]:
 
 def evaluate_case(name: str, pred_path: Path, truth_path: Path) -> tuple[list[dict], dict]:
     """One row per structure (case, structure and every ``case_metrics`` value) and the case's ``gap_row``."""
-    pred, truth = read_labels(pred_path), read_labels(truth_path)
+    pred, truth = read_labels(pred_path, ours=True), read_labels(truth_path, ours=True)
     if not same_grid(pred, truth, SPACING_TOL):
         raise InputError(f"Case '{name}': prediction and truth are on different grids (shape "
                          f"{pred.shape_ijk} vs {truth.shape_ijk}, spacing {pred.spacing} vs {truth.spacing}, "

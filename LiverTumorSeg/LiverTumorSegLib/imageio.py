@@ -46,8 +46,9 @@ def read_volume(path) -> Volume:
     return _to_volume(image, path)
 
 
-def read_labels(path, reference: Volume | None = None) -> Volume:
-    """Read a label volume as integers; with ``reference``, require the same voxel grid.
+def read_labels(path, reference: Volume | None = None, *, ours: bool = False) -> Volume:
+    """Read a label volume as integers; with ``reference``, require the same voxel grid; with
+    ``ours``, require our label values only (0 background, 1 liver, 2 tumor, 3 cyst).
 
     A Slicer ``.seg.nrrd`` gives our labels from its segments named Liver (1), Liver tumor (2)
     and Liver cyst (3), whatever their IDs; other segments are ignored.
@@ -56,6 +57,12 @@ def read_labels(path, reference: Volume | None = None) -> Volume:
         volume = _read_seg_nrrd(Path(path))
     else:
         volume = _read_integer_volume(path)
+    if ours:
+        others = np.setdiff1d(np.unique(volume.array), np.arange(len(SEGMENTS) + 1))
+        if others.size:
+            shown = ", ".join(str(v) for v in others[:5]) + (", ..." if others.size > 5 else "")
+            raise InputError(f"'{path}' holds label values {shown} besides 0 background, 1 liver, 2 tumor and "
+                             "3 cyst: it is not a label map of ours (a CT, or labels of another scheme?).")
     if reference is not None and not same_grid(volume, reference):
         raise InputError(f"The labels in '{path}' are not on the voxel grid of the image; "
                          "resample them onto the image first.")
@@ -115,7 +122,7 @@ def _read_image_file(path: Path) -> sitk.Image:
         reader.ReadImageInformation()
         _check_layout(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), path)
         if path.name.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti_complete(path)
+            _check_nifti_file(path)
         return reader.Execute()
     except RuntimeError as exc:
         log.debug("ITK could not read %s: %s", path, exc)
@@ -123,16 +130,39 @@ def _read_image_file(path: Path) -> sitk.Image:
                          "or not a valid image.") from exc
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """Raise RuntimeError when a NIfTI file lacks voxel bytes: ITK zero-fills truncated files silently."""
+NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI-1 datatype codes of real-valued voxels
+
+
+def _check_nifti_file(path: Path) -> None:
+    """What ITK's NIfTI reader would hide. Raise RuntimeError when the file lacks voxel bytes (ITK
+    zero-fills a truncated file), and InputError for a zero or non-finite voxel size in a header
+    without an sform (ITK reads it as 1 mm) or for NaN/infinite float voxels (ITK reads them as 0)."""
     compressed = path.name.lower().endswith(".gz")
     try:
         with (gzip.open if compressed else open)(path, "rb") as f:
             header = f.read(348)
-            if compressed:  # decompress to the end: also checks the CRC
-                size = len(header) + sum(len(chunk) for chunk in iter(lambda: f.read(1 << 24), b""))
-            else:
+            info = _nifti_header(header)
+            if info is not None and info["sform_code"] == 0:
+                sizes = info["pixdim"][1:min(info["dims"][0], 3) + 1]
+                if not all(np.isfinite(s) and s != 0 for s in sizes):
+                    raise InputError(f"'{path.name}' has a voxel size of {' x '.join(f'{s:g}' for s in sizes)} mm "
+                                     "in its header: the image's geometry is unknown. Fix the header (pixdim).")
+            float_code = NIFTI_FLOATS.get(info["datatype"]) if info is not None else None
+            if float_code is None and not compressed:
                 size = path.stat().st_size
+            else:  # read to the end: checks a compressed file's CRC, and float voxels for NaN/inf
+                size, bad = len(header), 0
+                skip = max(info["offset"] - len(header), 0) if float_code else 0
+                size += len(f.read(skip))
+                dtype = np.dtype(info["endian"] + float_code) if float_code else None
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    size += len(chunk)
+                    if dtype is not None:
+                        usable = len(chunk) - len(chunk) % dtype.itemsize  # whole 16 MiB reads until the end: aligned
+                        bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(chunk[:usable], dtype))))
+                if bad:
+                    raise InputError(f"'{path.name}' contains {bad} NaN or infinite voxel values; "
+                                     "it is damaged or not a CT.")
     except (OSError, EOFError, zlib.error) as exc:
         raise RuntimeError(f"compressed stream is damaged: {exc}") from exc
     expected = _nifti_data_end(header)
@@ -140,17 +170,30 @@ def _check_nifti_complete(path: Path) -> None:
         raise RuntimeError(f"NIfTI file holds {size} bytes, its header announces {expected}")
 
 
-def _nifti_data_end(header: bytes) -> int | None:
-    """Byte offset of the end of the voxel data from a NIfTI-1 header (None if not one)."""
+def _nifti_header(header: bytes) -> dict | None:
+    """The fields of a NIfTI-1 header this module checks (None if not one)."""
     for endian in "<>":
         if len(header) < 348 or struct.unpack(endian + "i", header[:4])[0] != 348:
             continue
         dims = struct.unpack(endian + "8h", header[40:56])
-        bitpix = struct.unpack(endian + "h", header[72:74])[0]
-        offset = struct.unpack(endian + "f", header[108:112])[0]
-        if 1 <= dims[0] <= 7:
-            return max(int(offset), 352) + int(np.prod(dims[1:dims[0] + 1])) * bitpix // 8
+        if not 1 <= dims[0] <= 7:
+            return None
+        return {"endian": endian, "dims": dims,
+                "datatype": struct.unpack(endian + "h", header[70:72])[0],
+                "bitpix": struct.unpack(endian + "h", header[72:74])[0],
+                "pixdim": struct.unpack(endian + "8f", header[76:108]),
+                "offset": int(struct.unpack(endian + "f", header[108:112])[0]),
+                "sform_code": struct.unpack(endian + "h", header[254:256])[0]}
     return None
+
+
+def _nifti_data_end(header: bytes) -> int | None:
+    """Byte offset of the end of the voxel data from a NIfTI-1 header (None if not one)."""
+    info = _nifti_header(header)
+    if info is None:
+        return None
+    dims = info["dims"]
+    return max(info["offset"], 352) + int(np.prod(dims[1:dims[0] + 1])) * info["bitpix"] // 8
 
 
 def _read_dicom_folder(path: Path) -> sitk.Image:

@@ -13,14 +13,15 @@ from .imageio import check_suffix, refuse_existing
 def run_postprocess(args) -> int:
     """Read the CT and labels, apply the post-processing flags, write labels, table and plots."""
     from .cli import output_kind, post_params
-    from .imageio import read_labels, read_volume, write_labels, write_seg_nrrd, write_text
+    from .imageio import check_ct, read_labels, read_volume, write_labels, write_seg_nrrd, write_text
     from .postprocess import PostProcessor, table_csv
 
     params = post_params(args)
     kind = output_kind(Path(args.output))
     _refuse_existing(args)
     ct = read_volume(args.ct)
-    processor = PostProcessor(ct, read_labels(Path(args.labels), ct).array)
+    check_ct(ct)  # the HU fits and the outline levels mean nothing on another kind of image
+    processor = PostProcessor(ct, read_labels(Path(args.labels), ct, ours=True).array)
     labels, rows = processor.apply(params)
     write = write_seg_nrrd if kind == ".seg.nrrd" else write_labels
     write(labels, ct, args.output, overwrite=args.overwrite)

@@ -152,3 +152,14 @@ def test_prediction_with_another_origin_is_refused(tmp_path, capsys):
     code = main(["evaluate", "--pred", str(tmp_path / "p.nii.gz"), "--truth", str(tmp_path / "t.nii.gz"), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and "different grids" in err and "Traceback" not in err
+
+
+def test_a_ct_given_as_the_prediction_is_refused(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    ct = rng.normal(40, 300, SHAPE).astype(np.int16)
+    _write(ct, tmp_path / "pred.nii.gz")
+    _write(_labels(TUMOR), tmp_path / "truth.nii.gz")
+    code, _, err = _run(capsys, "evaluate", "--pred", tmp_path / "pred.nii.gz", "--truth", tmp_path / "truth.nii.gz",
+                        "-o", tmp_path / "out")
+    _one_error_line(code, err, "pred.nii.gz", "label values")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -96,6 +96,30 @@ def test_read_truncated_file(tmp_path, name, keep):
         read_volume(tmp_path / name)
 
 
+@pytest.mark.parametrize("name", ["ct.nii.gz", "ct.nii", "ct.nrrd"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_read_refuses_non_finite_voxels_in_any_format(tmp_path, name, value, dtype):
+    """ITK's NIfTI reader turns NaN and infinities into 0; the file must still be refused."""
+    ct = fake_ct().astype(dtype)
+    ct[3, 4, 5:8] = value
+    with raises_input("NaN or infinite"):
+        check_ct(read_volume(save(ct, tmp_path / name)))
+
+
+@pytest.mark.parametrize("axis", [0, 2])
+def test_read_refuses_a_zero_voxel_size_in_a_nifti_header(tmp_path, axis):
+    """Without an sform, ITK reads a voxel size of 0 in the header as 1 mm: the volumes would be wrong."""
+    path = save(fake_ct(), tmp_path / "ct.nii")
+    data = bytearray(path.read_bytes())
+    assert int.from_bytes(data[254:256], "little") == 1  # ITK writes an sform: the voxel size is ignored there
+    data[252:256] = (1).to_bytes(2, "little") + (0).to_bytes(2, "little")  # qform only, as many converters write
+    data[80 + 4 * axis:84 + 4 * axis] = np.float32(0).tobytes()
+    path.write_bytes(bytes(data))
+    with raises_input("voxel size of"):
+        read_volume(path)
+
+
 def test_read_garbage_file(tmp_path):
     (tmp_path / "bad.nrrd").write_bytes(gzip.compress(b"not an image"))
     with raises_input("could not be read"):

@@ -198,3 +198,24 @@ def test_real_ct_filter_keeps_every_ircad_tumor(shared_data):
             assert c["decision"] == "tumor" and c["fit_on"] == "core" and 60 <= c["fit_M"] < r["fit_M"], (name, c)
     cyst = [r for r in rows if "liverkyst" in names[r["id"]]]
     assert len(cyst) == 1 and cyst[0]["reason"]
+
+
+def test_an_image_that_is_not_a_ct_is_refused(case, tmp_path, capsys):
+    """The HU fits and outline levels mean nothing on MR or a label map: as for segment, one error."""
+    folder, ct, truth = case
+    write_volume(ct.with_array((ct.array.astype(np.float32) + 1024) / 4), tmp_path / "mr.nii.gz")
+    code, _, err = _run(capsys, "postprocess", "--ct", tmp_path / "mr.nii.gz", "--labels", folder / "labels.nii.gz",
+                        "-o", tmp_path / "out.nii.gz")
+    _assert_clean_error(code, err, "does not look like a CT")
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+@pytest.mark.parametrize("what", ["the CT itself", "a label 7"])
+def test_labels_that_are_not_ours_are_refused(case, tmp_path, capsys, what):
+    folder, ct, truth = case
+    labels = folder / "ct.nii.gz"
+    if what == "a label 7":
+        labels = write_labels(np.where(truth == 3, 7, truth), ct, tmp_path / "seven.nii.gz")
+    code, _, err = _run(capsys, "postprocess", "--ct", folder / "ct.nii.gz", "--labels", labels, "-o", tmp_path / "out.nii.gz")
+    _assert_clean_error(code, err, "label values", "not a label map of ours")
+    assert not (tmp_path / "out.nii.gz").exists()
