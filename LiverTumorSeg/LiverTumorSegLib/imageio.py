@@ -425,11 +425,23 @@ def _output_path(path, suffixes, overwrite: bool) -> tuple[Path, str]:
 
 
 def refuse_existing(paths, overwrite: bool) -> None:
-    """Refuse, before any work, to replace existing outputs unless ``overwrite``."""
+    """Refuse, before any work, to replace existing outputs unless ``overwrite``, and outputs whose
+    folder could not be made or written (nothing is created here)."""
     existing = [str(p) for p in paths if p and Path(p).exists()]
     if existing and not overwrite:
         more = " ..." if len(existing) > 3 else ""
         raise OutputError(f"Output exists: {', '.join(existing[:3])}{more}. Use --overwrite to replace.")
+    for path in paths:
+        if path:
+            _check_writable(Path(path))
+
+
+def _check_writable(path: Path) -> None:
+    folder = path.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"'{path}' cannot be written: '{folder}' is not a folder you may write in.")
 
 
 def check_suffix(path, suffix: str, what: str) -> None:

@@ -116,6 +116,7 @@ def run_train(args) -> int:
     config = load_run_config(args, run_dir)
     recipe = stage_recipe(config, stage)
     liver_model = stage1_model(args)
+    init = load_model(args.init, stage=stage) if args.init else None  # a bad file fails before the run folder is made
     device = distributed.start(world, resolve_device(args.device))
     try:
         cases = gather_cases([Path(d) for d in args.data], args.format)
@@ -142,7 +143,6 @@ def run_train(args) -> int:
         if not world.main:
             train = prepared_samples(split["train"], cases, stage, recipe.preprocessing, cache, build=False, **masks)
             val = []
-        init = load_model(args.init, stage=stage) if args.init else None
         trainer = StageTrainer(config, stage, train, val, run_dir, device, world, init.net if init else None)
         total = config["epochs"] * config["iterations_per_epoch"]
         bar = tqdm(total=total, desc=f"training {stage}", unit="it", disable=None if world.main else True, file=sys.stderr)

@@ -209,3 +209,11 @@ def test_output_never_replaces_its_input(ct_file, tmp_path, capsys):
     code, _, err = _run(capsys, "segment", src, "-o", src, "--format", ".nii.gz", "--overwrite")
     _assert_clean_error(code, err, "replace its own input")
     assert (src / "a.nii.gz").read_bytes() == before
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "ct.nii.gz").write_bytes(b"not read: the outputs are checked first")
+    code, _, err = _run(capsys, "segment", tmp_path / "ct.nii.gz", "-o", tmp_path / "a-file" / "out.nii.gz")
+    _assert_clean_error(code, err, "cannot be written", "a-file")
+    assert (tmp_path / "a-file").read_text() == "x"

@@ -467,3 +467,12 @@ def test_pseudolabel_names_are_unique_and_nothing_is_overwritten(phantoms, tmp_p
                  "--device", "cpu"]) != 0
     assert "exists" in capsys.readouterr().err and mine.read_bytes() == b"the user's file"
     assert not (out / "pseudo-labels.json").exists()
+
+
+def test_a_corrupt_init_model_fails_before_the_run_folder_is_made(phantoms, tmp_path, capsys):
+    bad = tmp_path / "cut.ltsm"
+    bad.write_bytes(model_files("phantom-small")[0].read_bytes()[:4000])
+    code = main(["train", "--stage", "liver", "--data", str(phantoms), "--init", str(bad), "-o", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and "truncated or corrupt" in err and err.count("error:") == 1
+    assert not (tmp_path / "run").exists()
