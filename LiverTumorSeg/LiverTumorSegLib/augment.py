@@ -33,7 +33,7 @@ class Augmenter:
         scale = settings.get("scale")
         if scale and scale.get("prob"):
             spatial.append(RandZoomd(KEYS, prob=scale["prob"], min_zoom=scale["min"], max_zoom=scale["max"],
-                                     mode=("trilinear", "nearest"), padding_mode="constant", keep_size=True))
+                                     mode=("trilinear", "nearest-exact"), padding_mode="constant", keep_size=True))
         self.spatial = Compose(spatial) if spatial else None
         shift = settings.get("intensity_shift")
         self.shift = RandShiftIntensityd("image", offsets=shift["max"], prob=shift["prob"]) if shift and shift.get("prob") else None

@@ -208,6 +208,26 @@ def test_mirroring_and_rotation_move_image_and_label_together():
         assert o_lab.sum() == lab.sum()  # 90-degree steps and flips only permute voxels
 
 
+def test_scaling_zooms_image_and_label_together_about_the_centre():
+    """A centred cube zoomed by s in [0.75, 1.33] stays centred (the crop back to the patch size may
+    move it by half a voxel), its volume changes by about s**3, and its label lands on the image's
+    voxels (PyTorch's plain "nearest" would shift the label by up to half a voxel: "nearest-exact")."""
+    img = np.zeros((24, 48, 48), np.float32)
+    img[8:16, 16:32, 16:32] = 1.0
+    lab = (img > 0).astype(np.uint8)
+    ratios = []
+    for seed in range(10):
+        o_img, o_lab = Augmenter({"scale": {"prob": 1.0, "min": 0.75, "max": 1.33}})(img, lab, seed)
+        shown = o_img > 0.5
+        assert o_img.shape == img.shape and 2 * (shown & (o_lab > 0)).sum() / (shown.sum() + o_lab.sum()) > 0.97
+        centre = np.array(np.nonzero(o_lab)).mean(axis=1)
+        assert np.allclose(centre, np.array(np.nonzero(shown)).mean(axis=1), atol=0.25)
+        assert np.allclose(centre, (11.5, 23.5, 23.5), atol=0.75)
+        ratios.append(o_lab.sum() / lab.sum())
+    assert min(ratios) >= 0.75 ** 3 * 0.8 and max(ratios) <= 1.33 ** 3 * 1.2
+    assert max(ratios) / min(ratios) > 1.3  # the zoom factor really varies
+
+
 def test_intensity_shift_leaves_the_masked_background_at_zero():
     img = np.zeros((8, 16, 16), np.float32)
     img[:, 4:12, 4:12] = 0.5
