@@ -496,3 +496,15 @@ def test_a_corrupt_init_model_fails_before_the_run_folder_is_made(phantoms, tmp_
     err = capsys.readouterr().err
     assert code == 2 and "truncated or corrupt" in err and err.count("error:") == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bf16, expected", [(True, (torch.bfloat16, False)), (False, (torch.float16, True))])
+def test_mixed_precision_on_cuda_only(monkeypatch, bf16, expected):
+    """CUDA trains in bf16 where the GPU has it, else fp16 with a gradient scaler; the CPU in fp32.
+    (No GPU here: the CUDA capability is stubbed, the choice is what is tested.)"""
+    from LiverTumorSegLib.trainer import amp_settings
+
+    assert amp_settings(torch.device("cpu"), True) == (None, False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert amp_settings(torch.device("cuda:0"), True) == expected
+    assert amp_settings(torch.device("cuda:0"), False) == (None, False)
