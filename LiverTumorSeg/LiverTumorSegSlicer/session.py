@@ -1,4 +1,4 @@
-"""A segmentation result the clinician tunes live: the cached network output, the core's
+"""A segmentation result the user tunes live: the cached network output, the core's
 post-processing, and the segmentation node it keeps up to date (MRML, no Qt).
 
 Moving a slider calls ``update``: the core re-derives labels from its cache (no network) and
