@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -471,17 +473,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a batch scheduler, ``kill``), handled like Ctrl-C: temporary files are removed."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main_thread else None
     try:
         return args.func(args)
     except Cancelled as err:
         print(f"cancelled: {err}", file=sys.stderr)
         return 130
-    except KeyboardInterrupt:
-        print("cancelled by the user; outputs already finished are kept, none is half-written.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        how, code = ("terminated (SIGTERM)", 143) if isinstance(err, Terminated) else ("cancelled by the user", 130)
+        print(f"{how}; outputs already finished are kept, none is half-written.", file=sys.stderr)
+        return code
     except LiverTumorSegError as err:
         if args.debug:
             traceback.print_exc()
@@ -495,6 +508,9 @@ def main(argv=None) -> int:
             traceback.print_exc()
         print(f"error: unexpected failure: {type(err).__name__}: {err} (run with --debug for details)", file=sys.stderr)
         return 1
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -217,3 +217,28 @@ def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, c
     code, _, err = _run(capsys, "segment", tmp_path / "ct.nii.gz", "-o", tmp_path / "a-file" / "out.nii.gz")
     _assert_clean_error(code, err, "cannot be written", "a-file")
     assert (tmp_path / "a-file").read_text() == "x"
+
+
+@pytest.mark.parametrize("sig, code, words", [("SIGINT", 130, "cancelled by the user"), ("SIGTERM", 143, "terminated (SIGTERM)")])
+def test_interrupt_or_terminate_mid_run_leaves_no_output(tmp_path, sig, code, words):
+    """Ctrl-C or a scheduler's SIGTERM during the network: one message, its exit code, no output and
+    no temporary file left beside where it would have gone."""
+    import signal
+    import subprocess
+    import sys
+
+    ct, _ = generate_case(11, spacing=(1.5, 1.5, 3.0), matrix=240)
+    write_volume(ct, tmp_path / "ct.nii.gz")
+    out = tmp_path / "out"
+    out.mkdir()
+    child = subprocess.Popen([sys.executable, "-m", "LiverTumorSegLib.cli", "segment", str(tmp_path / "ct.nii.gz"),
+                              "-o", str(out / "seg.nii.gz"), "--progress-lines", "--device", "cpu"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in child.stdout:  # the network is running once progress is reported
+        if line.startswith("PROGRESS "):
+            break
+    child.send_signal(getattr(signal, sig))
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == code, err
+    assert words in err and "Traceback" not in err
+    assert list(out.iterdir()) == []
