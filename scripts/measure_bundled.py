@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/measure_bundled.py [--cases 48] [--seed0 2000] [--model NAME|FOLDER] [--no-write] [--cache DIR]
 
-Fresh phantoms (the test seeds 2000-2047, never used in training or for any choice; default random
+Fresh phantoms (the test seeds 2000-2047, never used in training or validation, no parameter set on them; default random
 geometry, 512 matrix; 48 cases since 2026-11-29, 12 before: their per-case tumor Dice had a 95 %
 CI 0.42 wide) and,
 when present, 3D-IRCADb patient 1.1 (expert masks; liver + livertumor01..07 merged in memory,

@@ -58,7 +58,7 @@ def read_labels(path, reference: Volume | None = None, *, ours: bool = False) ->
     else:
         volume = _read_integer_volume(path)
     if ours:
-        others = np.setdiff1d(np.unique(volume.array), np.arange(len(SEGMENTS) + 1))
+        others = np.setdiff1d(np.unique(volume.array), [0, *(s["label"] for s in SEGMENTS)])
         if others.size:
             shown = ", ".join(str(v) for v in others[:5]) + (", ..." if others.size > 5 else "")
             raise InputError(f"'{path}' holds label values {shown} besides 0 background, 1 liver, 2 tumor and "

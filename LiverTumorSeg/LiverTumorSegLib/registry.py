@@ -62,8 +62,9 @@ def stage_files(model: str | Path | None = DEFAULT_MODEL, liver: str | Path | No
 
 
 def peek_card(path: Path) -> dict:
-    """A model file's card read from its safetensors header alone (no torch: the Slicer panel calls
-    this before its packages are installed). Raises ``ModelFileError`` on an unreadable file."""
+    """A model file's card read from its safetensors header alone (the format's 8-byte length and JSON).
+    Not ``safetensors.safe_open``: the Slicer panel calls this before its packages (safetensors and
+    torch among them) are installed. Raises ``ModelFileError`` on an unreadable file."""
     try:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
