@@ -9,6 +9,8 @@
 2. Fine-tunes that tumor stage in ``WORK/cascade`` on samples built around the liver that step 1's
    liver model predicts (``--liver-model``: the masks inference hands stage 2), with 40 more
    phantoms (1060-1099): the ``small`` recipe at Adam 2e-4 for 25 epochs, validated every 5.
+   Stage 1 runs unmirrored here (``--no-liver-tta``), as it did when the bundled model was
+   trained; ``train``'s default now mirrors it, as ``segment`` does.
 3. Continues that fine-tune in ``WORK/cascade2`` (same data, split and masks): ``--init`` from step
    2's tumor model, Adam 1e-4, 30 more epochs (the validation Dice was still rising at step 2's end).
 
@@ -102,12 +104,12 @@ def main(argv=None) -> int:
     config_file = args.work / "cascade-config.json"
     config_file.write_text(json.dumps(cascade_config(), indent=1), encoding="utf-8")
     if train(cli, "tumor", data, finetune_split, str(config_file), cascade, 2,
-             "--init", str(run / "tumor.ltsm"), "--liver-model", str(run / "liver.ltsm")).wait():
+             "--init", str(run / "tumor.ltsm"), "--liver-model", str(run / "liver.ltsm"), "--no-liver-tta").wait():
         return 1
     config_file = args.work / "cascade2-config.json"
     config_file.write_text(json.dumps(continuation_config(), indent=1), encoding="utf-8")
     if train(cli, "tumor", data, finetune_split, str(config_file), cascade2, 2,
-             "--init", str(cascade / "tumor.ltsm"), "--liver-model", str(run / "liver.ltsm")).wait():
+             "--init", str(cascade / "tumor.ltsm"), "--liver-model", str(run / "liver.ltsm"), "--no-liver-tta").wait():
         return 1
     if args.install:
         for stage, folder in (("liver", run), ("tumor", cascade2)):

@@ -449,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init", type=Path, help="fine-tune: start from this model file's weights (same network configuration)")
     s.add_argument("--liver-model", help="tumor stage: build each case's sample around this liver model's prediction "
                                          "(model name, folder or .ltsm), as inference will, not the reference liver")
+    s.add_argument("--liver-tta", action=argparse.BooleanOptionalAction,
+                   help="with --liver-model: predict the liver mirrored, as segment does by default (the "
+                        "default here too); --no-liver-tta: unmirrored, as segment --no-tta")
     s.add_argument("--name", help="model name in the card (default: <run folder>-<stage>)")
     s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     s.add_argument("--overwrite", action="store_true", help="start over in a run folder that has this stage")

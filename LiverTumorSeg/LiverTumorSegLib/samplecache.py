@@ -7,9 +7,10 @@ written last and records what the arrays were built from; anything else there is
 
 Tumor-stage samples can be built around stage 1's predicted liver instead of the reference one
 (``liver_model``), so stage 2 learns on the masks it will be handed at inference (stage 1 also
-lets in bits of neighbours, e.g. the gallbladder). The prediction runs as ``segment`` runs it
-(normal mode, no mirroring), once per case. The cache key holds the liver model's weights sha256
-and a hash of its card less the metrics: writing measured numbers into a card keeps the samples.
+lets in bits of neighbours, e.g. the gallbladder). The prediction runs as ``segment`` runs it by
+default (normal step, mirrored), or unmirrored as ``segment --no-tta`` (``liver_tta`` False), once
+per case. The cache key holds the liver model's weights sha256, a hash of its card less the
+metrics (writing measured numbers into a card keeps the samples) and the mirroring.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ CACHE_FORMAT = 1
 ARRAYS = ("image", "target", "mask")
 
 
-def cache_key(case: Case, stage: str, pre: dict, liver_model=None) -> dict:
+def cache_key(case: Case, stage: str, pre: dict, liver_model=None, liver_tta: bool = True) -> dict:
     """What a prepared sample depends on: the source files (path, size, time), the preprocessing and
     (tumor stage) the liver model whose prediction it is built around."""
     def stamp(path: Path | None):
@@ -42,14 +43,16 @@ def cache_key(case: Case, stage: str, pre: dict, liver_model=None) -> dict:
     key = {"format": CACHE_FORMAT, "stage": stage, "preprocessing": pre, "image": stamp(case.image), "label": stamp(case.label)}
     if liver_model is not None:
         key["liver_model"] = liver_model.prediction_key()
+        key["liver_tta"] = liver_tta
     return key
 
 
-def predicted_liver(ct, liver_model, device) -> np.ndarray:
-    """Stage 1's liver mask of a CT on its own grid, as ``segment`` computes it (normal mode)."""
+def predicted_liver(ct, liver_model, device, tta: bool = True) -> np.ndarray:
+    """Stage 1's liver mask of a CT on its own grid, as ``segment`` computes it (mirrored unless
+    ``tta`` is False, as with ``segment --no-tta``)."""
     from .pipeline import segment
 
-    return segment(ct, liver_model, None, device=str(device)).labels > 0
+    return segment(ct, liver_model, None, device=str(device), tta=tta).labels > 0
 
 
 def _read_meta(folder: Path) -> dict | None:
@@ -84,18 +87,20 @@ def load(folder: Path, name: str) -> Sample | None:
 
 
 def prepared_samples(names: list[str], cases: dict, stage: str, pre: dict, cache_dir: Path, *,
-                     build: bool, show: bool = False, liver_model=None, device="cpu") -> list[Sample]:
+                     build: bool, show: bool = False, liver_model=None, liver_tta: bool = True,
+                     device="cpu") -> list[Sample]:
     """The stage samples of the named cases, from the cache; missing or stale ones are built when
     ``build`` (one process per run does that), else that is an error. Cases without labels, and
     for tumors cases without liver, have no sample. ``liver_model`` (tumor stage): build around its
-    predicted liver, run on ``device``."""
+    predicted liver (mirrored unless ``liver_tta`` is
+    False), run on ``device``."""
     from tqdm import tqdm
 
     samples = []
     for name in tqdm([n for n in names if n in cases], desc=f"preparing {stage}", unit="case",
                      disable=None if show else True, file=sys.stderr):
         case, folder = cases[name], cache_dir / name
-        key = cache_key(case, stage, pre, liver_model if stage == "tumor" else None)
+        key = cache_key(case, stage, pre, liver_model if stage == "tumor" else None, liver_tta)
         meta = _read_meta(folder)
         if meta is None or meta["key"] != json.loads(json.dumps(key)):
             if not build:
@@ -103,7 +108,7 @@ def prepared_samples(names: list[str], cases: dict, stage: str, pre: dict, cache
             ct, labels = load_case(case)
             sample = None
             if labels is not None:
-                liver = predicted_liver(ct, liver_model, device) if key.get("liver_model") else None
+                liver = predicted_liver(ct, liver_model, device, liver_tta) if key.get("liver_model") else None
                 sample = build_sample(ct, labels, stage, pre, name, liver=liver)
             store(sample, key, folder)
         sample = load(folder, name)

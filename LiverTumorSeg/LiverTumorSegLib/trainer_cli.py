@@ -135,7 +135,8 @@ def run_train(args) -> int:
             print(f"{stage}: split from {split_source}; device {device}; {world.size} process(es)", file=sys.stderr)
         distributed.barrier(world)
         cache = run_dir / "cache" / stage
-        masks = {"liver_model": liver_model, "device": device}
+        liver_tta = args.liver_tta is not False  # mirrored unless --no-liver-tta, as segment's default
+        masks = {"liver_model": liver_model, "liver_tta": liver_tta, "device": device}
         if world.main:  # one process prepares; the others map its files
             train = prepared_samples(split["train"], cases, stage, recipe.preprocessing, cache, build=True, show=True, **masks)
             val = prepared_samples(split["val"], cases, stage, recipe.preprocessing, cache, build=True, show=True, **masks)
@@ -166,7 +167,7 @@ def run_train(args) -> int:
         finally:
             bar.close()
         if world.main:
-            _write_model(args, trainer, config, cases, split, device, world, outcome, init, liver_model)
+            _write_model(args, trainer, config, cases, split, device, world, outcome, init, liver_model, liver_tta)
     finally:
         distributed.stop(world)
     return 0
@@ -175,6 +176,8 @@ def run_train(args) -> int:
 def stage1_model(args):
     """The liver model whose predictions the tumor stage's samples are built around (--liver-model), or None."""
     if args.liver_model is None:
+        if args.liver_tta is not None:
+            raise InputError("--liver-tta / --no-liver-tta say how --liver-model predicts the liver; give --liver-model too.")
         return None
     if args.stage != "tumor":
         raise InputError("--liver-model is for the tumor stage: it builds stage 2's samples around stage 1's predicted liver.")
@@ -184,7 +187,8 @@ def stage1_model(args):
     return load_model(path, stage="liver")
 
 
-def _write_model(args, trainer, config, cases, split, device, world, outcome, init, liver_model=None) -> None:
+def _write_model(args, trainer, config, cases, split, device, world, outcome, init, liver_model=None,
+                 liver_tta=True) -> None:
     stage, run_dir = args.stage, Path(args.output)
     net, epoch = trainer.final_network()
     present = {part: [n for n in split[part] if n in cases] for part in SPLITS}
@@ -200,7 +204,7 @@ def _write_model(args, trainer, config, cases, split, device, world, outcome, in
     command = "livertumorseg " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "livertumorseg train"
     card = make_card(name, config, stage, data=data, best=outcome["best"], history=outcome["history"], epoch=epoch,
                      seconds=outcome["history"][-1]["seconds"], hardware=hardware(device, world), command=command, init=init and init.identity(),
-                     liver_masks=liver_model and liver_model.identity())
+                     liver_masks=liver_model and {**liver_model.identity(), "mirrored": liver_tta})
     path = save_model(net, card, run_dir / f"{stage}.ltsm")
     best = outcome["best"]
     note = f"validation Dice {best['dice']:.4f} at epoch {best['epoch']}" if best["epoch"] else "no validation cases: last epoch"

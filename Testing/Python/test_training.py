@@ -88,10 +88,11 @@ def test_tumor_samples_are_built_like_inference_input(monkeypatch):
         return run_network(net, img, **kw)
 
     monkeypatch.setattr(pipeline, "sliding_window_probabilities", capture)
-    pipeline.segment(ct, liver_model, tumor_model, device="cpu", fast=True)
+    pipeline.segment(ct, liver_model, tumor_model, device="cpu", tta=True)  # the CLI's and panel's default
     assert len(fed) == 2  # stage 1, then stage 2
     monkeypatch.undo()
-    predicted = pipeline.segment(ct, liver_model, None, device="cpu", fast=True).labels > 0
+    predicted = predicted_liver(ct, liver_model, "cpu")  # what train --liver-model builds on by default
+    assert not np.array_equal(predicted, predicted_liver(ct, liver_model, "cpu", tta=False))  # mirroring matters here
     sample = build_sample(ct, lab, "tumor", tumor_model.card["preprocessing"], liver=predicted)
     assert sample.image.shape == fed[1].shape and np.array_equal(sample.image, fed[1])
     assert sample.target.shape == sample.image.shape and not sample.target[~sample.mask].any()
@@ -407,15 +408,27 @@ def test_train_both_stages_then_evaluate_the_pair(phantoms, tmp_path, capsys):
     liver_model = load_model(model_files("phantom-small")[0], stage="liver")
     training = json.loads(main_card(cascade / "tumor.ltsm"))["training"]
     assert "liver predicted by stage 1" in training["target"]
-    assert training["liver_masks_from"] == liver_model.identity()
+    assert training["liver_masks_from"] == {**liver_model.identity(), "mirrored": True}
     name = sorted(json.loads((cascade / "split.json").read_text(encoding="utf-8"))["train"])[0]
     cached = json.loads((cascade / "cache" / "tumor" / name / "meta.json").read_text(encoding="utf-8"))
-    assert cached["key"]["liver_model"] == liver_model.prediction_key()
+    assert cached["key"]["liver_model"] == liver_model.prediction_key() and cached["key"]["liver_tta"] is True
     ct, labels = load_case(gather_cases([phantoms])[name])
     predicted = predicted_liver(ct, liver_model, "cpu")
     assert not np.array_equal(predicted, labels.array > 0)
     own = build_sample(ct, labels, "tumor", TINY_PRE["tumor"], liver=predicted)
     assert np.array_equal(np.load(cascade / "cache" / "tumor" / name / "mask.npy"), own.mask)
+    # unmirrored on request (as the bundled tumor stage was trained): the card and the cache say so
+    plain = tmp_path / "cascade-plain"
+    assert main(["train", "--stage", "tumor", "--data", str(phantoms), "--config", str(cfg_file), "--epochs", "1",
+                 "--liver-model", "phantom-small", "--no-liver-tta", "-o", str(plain)]) == 0
+    assert json.loads(main_card(plain / "tumor.ltsm"))["training"]["liver_masks_from"]["mirrored"] is False
+    cached = json.loads((plain / "cache" / "tumor" / name / "meta.json").read_text(encoding="utf-8"))
+    assert cached["key"]["liver_tta"] is False
+    unmirrored = build_sample(ct, labels, "tumor", TINY_PRE["tumor"], liver=predicted_liver(ct, liver_model, "cpu", tta=False))
+    assert np.array_equal(np.load(plain / "cache" / "tumor" / name / "mask.npy"), unmirrored.mask)
+    assert main(["train", "--stage", "tumor", "--data", str(phantoms), "--config", str(cfg_file), "--epochs", "1",
+                 "--no-liver-tta", "-o", str(tmp_path / "no-liver")]) == 2
+    assert "give --liver-model too" in capsys.readouterr().err
     assert main(["train", "--stage", "liver", "--data", str(phantoms), "--config", str(cfg_file),
                  "--liver-model", "phantom-small", "-o", str(tmp_path / "wrong")]) == 2
     assert "--liver-model is for the tumor stage" in capsys.readouterr().err
