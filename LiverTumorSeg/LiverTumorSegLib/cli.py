@@ -28,6 +28,17 @@ def device_arg(text: str) -> str:
     raise argparse.ArgumentTypeError(f"'{text}' is not auto, cpu, cuda or cuda:N")
 
 
+def positive_minutes(text: str) -> float:
+    """--time-limit: a number of minutes above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of minutes above 0")
+    return value
+
+
 def extension_of(path: Path, exts) -> str | None:
     name = path.name.lower()
     if name.endswith(".seg.nrrd"):
@@ -454,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "default here too); --no-liver-tta: unmirrored, as segment --no-tta")
     s.add_argument("--name", help="model name in the card (default: <run folder>-<stage>)")
     s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
+    s.add_argument("--time-limit", type=positive_minutes, metavar="MINUTES",
+                   help="stop after the last epoch that fits in this many minutes (e.g. a job's or a lent GPU's "
+                        "time), writing the model and its card; --resume continues")
     s.add_argument("--overwrite", action="store_true", help="start over in a run folder that has this stage")
     s.set_defaults(func=cmd_train)
 

@@ -266,12 +266,18 @@ class StageTrainer:
 
     # ------------------------------------------------------------ the run
 
-    def run(self, *, resume: bool = False, progress=None, on_epoch=None) -> dict:
-        """Train to the configured number of epochs; ``on_epoch(entry)`` after each epoch's checkpoint."""
+    def run(self, *, resume: bool = False, progress=None, on_epoch=None, time_limit: float | None = None) -> dict:
+        """Train to the configured number of epochs; ``on_epoch(entry)`` after each epoch's checkpoint.
+
+        ``time_limit``: seconds for this call. After each epoch, stop if one more of the longest
+        epoch so far would not fit (so at least one runs); the result's ``stopped`` is then True and
+        the checkpoint lets ``resume`` continue. The learning rate keeps the full run's schedule."""
         if resume:
             self.load_checkpoint()
         t0 = time.perf_counter() - (self.history[-1]["seconds"] if self.history else 0.0)
+        started, longest = time.perf_counter(), 0.0
         while self.epoch < self.config["epochs"]:
+            epoch_start = time.perf_counter()
             loss = self.train_epoch(progress)
             entry = {"epoch": self.epoch + 1, "loss": round(loss, 5), "lr": self.scheduler.get_last_lr()[0]}
             last = self.epoch + 1 == self.config["epochs"]
@@ -290,7 +296,12 @@ class StageTrainer:
             distributed.barrier(self.world)
             if on_epoch is not None:
                 on_epoch(entry)
-        return {"history": self.history, "best": self.best}
+            longest = max(longest, time.perf_counter() - epoch_start)
+            if time_limit is not None and self.epoch < self.config["epochs"]:
+                out_of_time = time.perf_counter() - started + longest > time_limit
+                if distributed.mean(self.world, float(out_of_time)) > 0:  # every process stops together
+                    return {"history": self.history, "best": self.best, "stopped": True}
+        return {"history": self.history, "best": self.best, "stopped": False}
 
     def state(self) -> dict:
         return {
@@ -340,9 +351,10 @@ class StageTrainer:
 
 def make_card(name: str, config: dict, stage: str, *, data: dict, best: dict, history: list, epoch: int,
               seconds: float, hardware: str, command: str, init: dict | None = None,
-              liver_masks: dict | None = None) -> dict:
+              liver_masks: dict | None = None, stopped: bool = False) -> dict:
     """A model card for a network this recipe produced (test-set metrics are measured separately);
-    ``liver_masks``: the liver model whose predictions the tumor samples were built around."""
+    ``liver_masks``: the liver model whose predictions the tumor samples were built around;
+    ``stopped``: the run ended at its time limit, before the configured epochs."""
     from . import __version__
 
     recipe = stage_recipe(config, stage)
@@ -362,6 +374,8 @@ def make_card(name: str, config: dict, stage: str, *, data: dict, best: dict, hi
             "recipe": {k: v for k, v in config.items() if k != "preprocessing"},
             "initialised_from": init or "random (seed in the recipe)",
             "weights_from_epoch": epoch,
+            **({"stopped_at_time_limit": f"after epoch {len(history)} of {config['epochs']} (resumable; the "
+                                         "learning rate had not finished its decay)"} if stopped else {}),
             "best_validation": best,
             "seconds": round(seconds), "hardware": hardware, "command": command,
             "history": history,

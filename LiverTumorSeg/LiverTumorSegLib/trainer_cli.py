@@ -160,7 +160,8 @@ def run_train(args) -> int:
                 save_training_curves_png(trainer.history, run_dir / f"{stage}.curves.png", f"{stage} stage ({run_dir.name})")
 
         try:
-            outcome = trainer.run(resume=args.resume, progress=progress, on_epoch=on_epoch)
+            limit = args.time_limit * 60 if args.time_limit is not None else None
+            outcome = trainer.run(resume=args.resume, progress=progress, on_epoch=on_epoch, time_limit=limit)
         except KeyboardInterrupt:
             raise Cancelled(f"training interrupted; {trainer.epoch} finished epoch(s) are kept in "
                             f"{trainer.files['checkpoint.pt']}: continue with --resume.") from None
@@ -204,8 +205,12 @@ def _write_model(args, trainer, config, cases, split, device, world, outcome, in
     command = "livertumorseg " + shlex.join(sys.argv[1:]) if sys.argv[1:] else "livertumorseg train"
     card = make_card(name, config, stage, data=data, best=outcome["best"], history=outcome["history"], epoch=epoch,
                      seconds=outcome["history"][-1]["seconds"], hardware=hardware(device, world), command=command, init=init and init.identity(),
-                     liver_masks=liver_model and {**liver_model.identity(), "mirrored": liver_tta})
+                     liver_masks=liver_model and {**liver_model.identity(), "mirrored": liver_tta},
+                     stopped=outcome["stopped"])
     path = save_model(net, card, run_dir / f"{stage}.ltsm")
     best = outcome["best"]
     note = f"validation Dice {best['dice']:.4f} at epoch {best['epoch']}" if best["epoch"] else "no validation cases: last epoch"
     print(f"wrote {path} ({note}; {time.strftime('%H:%M:%S', time.gmtime(card['training']['seconds']))} of training)")
+    if outcome["stopped"]:
+        print(f"stopped at the time limit after epoch {trainer.epoch} of {config['epochs']}: continue with --resume "
+              f"(the model file is rewritten at the end)", file=sys.stderr)

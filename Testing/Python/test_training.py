@@ -317,6 +317,42 @@ def test_interrupted_run_resumes_to_the_same_state(tmp_path):
     assert whole.optimizer.state_dict()["state"][0]["exp_avg"].equal(resumed.optimizer.state_dict()["state"][0]["exp_avg"])
 
 
+def test_a_time_limit_stops_between_epochs_and_resume_finishes_the_run(tmp_path):
+    """A limit no epoch fits in stops after the first (the checkpoint resumes to the whole run's
+    state); a limit every epoch fits in changes nothing."""
+    config = tiny_config(epochs=3, val_every=1)
+    samples, val = _blob_samples(), _blob_samples(1)
+    whole = StageTrainer(config, "liver", samples, val, tmp_path / "whole", torch.device("cpu"))
+    assert whole.run(time_limit=1e9)["stopped"] is False and len(whole.history) == 3
+    cut = StageTrainer(config, "liver", samples, val, tmp_path / "cut", torch.device("cpu"))
+    outcome = cut.run(time_limit=1e-9)
+    assert outcome["stopped"] is True and cut.epoch == 1 and len(outcome["history"]) == 1
+    resumed = StageTrainer(config, "liver", samples, val, tmp_path / "cut", torch.device("cpu"))
+    assert resumed.run(resume=True)["stopped"] is False
+    for key, value in _params(whole.net).items():
+        assert torch.equal(value, resumed.net.state_dict()[key]), key
+    assert [h["loss"] for h in whole.history] == [h["loss"] for h in resumed.history]
+
+
+def test_train_time_limit_writes_a_model_that_says_so(phantoms, tmp_path, capsys):
+    cfg_file = tmp_path / "tiny.json"
+    cfg_file.write_text(json.dumps(tiny_config(val_every=1)), encoding="utf-8")
+    run = tmp_path / "run"
+    args = ["train", "--stage", "liver", "--data", str(phantoms), "--config", str(cfg_file), "-o", str(run)]
+    assert main([*args, "--epochs", "3", "--time-limit", "1e-6"]) == 0
+    assert "stopped at the time limit after epoch 1 of 3" in capsys.readouterr().err
+    training = json.loads(main_card(run / "liver.ltsm"))["training"]
+    assert training["stopped_at_time_limit"].startswith("after epoch 1 of 3") and len(training["history"]) == 1
+    assert main([*args, "--epochs", "3", "--resume"]) == 0
+    training = json.loads(main_card(run / "liver.ltsm"))["training"]
+    assert "stopped_at_time_limit" not in training and len(training["history"]) == 3
+    for bad in ("0", "-1", "soon", "inf"):
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, "--time-limit", bad])
+        assert exit_.value.code == 2
+    assert "is not a number of minutes above 0" in capsys.readouterr().err
+
+
 def test_resume_refuses_another_config(tmp_path):
     StageTrainer(tiny_config(epochs=1), "liver", _blob_samples(), [], tmp_path, torch.device("cpu")).run()
     other = StageTrainer(tiny_config(epochs=2, batch=4), "liver", _blob_samples(), [], tmp_path, torch.device("cpu"))
