@@ -336,6 +336,12 @@ def cmd_train(args) -> int:
     return run_train(args)
 
 
+def cmd_compare(args) -> int:
+    from .compare import run_compare
+
+    return run_compare(args)
+
+
 def cmd_pseudolabel(args) -> int:
     from .teacher import run_pseudolabel
 
@@ -428,6 +434,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--out", required=True, type=Path, help="folder for metrics.csv, summary.md, summary.json and boxplot.png")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_evaluate)
+
+    s = sub.add_parser("compare", help="two evaluate folders, paired case by case (difference, bootstrap CI, Wilcoxon p)",
+                       description="Compare two evaluations of the same cases (e.g. two models): for each output, "
+                                   "structure and metric, the mean per-case difference B - A with its bootstrap 95 %% CI, "
+                                   "the Wilcoxon signed-rank p, and how many cases B does better or worse.")
+    s.add_argument("a", type=Path, help="evaluate output folder A (the reference)")
+    s.add_argument("b", type=Path, help="evaluate output folder B")
+    s.add_argument("-o", "--out", required=True, type=Path, help="folder for compare.md, compare.json and compare.png")
+    s.add_argument("--overwrite", action="store_true")
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("demo", help="segment a phantom (or --ct) and write all outputs and an overlay PNG")
     s.add_argument("-o", "--out", default="demo-output", type=Path)

@@ -1,0 +1,162 @@
+"""``livertumorseg compare``: two evaluations of the same cases, paired case by case.
+
+Two ``evaluate`` output folders (their ``metrics.csv``) are matched on (output, structure, case).
+For each metric: the mean of B - A over the cases both scored, a percentile-bootstrap 95 % CI of
+that mean (``metrics.mean_ci``), the two-sided Wilcoxon signed-rank p (scipy; zero differences
+dropped, as Wilcoxon did), and how many cases B does better, worse or the same. A case that is
+not finite in either (e.g. HD95 with an empty mask) is left out of that metric, and counted.
+Paired, because two models on the same cases share each case's difficulty: their per-case Dice
+differences vary far less than the Dice itself, so two unpaired CIs overlap where the paired one
+may not.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from .errors import InputError
+from .imageio import refuse_existing, write_json, write_text
+from .metrics import mean_ci
+
+METRICS = (("DSC", "dsc", 1), ("ASSD (mm)", "assd_mm", -1), ("HD95 (mm)", "hd95_mm", -1))  # (label, key, +1: higher is better)
+OUTPUTS = ("compare.md", "compare.json", "compare.png")
+NO_OUTPUT = ""  # evaluate --pred/--truth rows have no "output" column
+
+
+def read_metrics(folder: Path) -> dict[tuple[str, str, str], dict[str, float]]:
+    """(output, structure, case) -> {metric: value} from an ``evaluate`` folder's metrics.csv."""
+    path = Path(folder) / "metrics.csv"
+    try:
+        with path.open(encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError as err:
+        raise InputError(f"Cannot read {path}: {err.strerror or err}. Give two folders written by livertumorseg evaluate.") from None
+    if not rows or not {"case", "structure", "dsc"} <= set(rows[0]):
+        raise InputError(f"{path} is not the metrics.csv of livertumorseg evaluate (case, structure, dsc ...).")
+    table = {}
+    for row in rows:
+        key = (row.get("output", NO_OUTPUT), row["structure"], row["case"])
+        table[key] = {k: _number(row.get(k)) for _, k, _ in METRICS}
+    return table
+
+
+def _number(text) -> float:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def wilcoxon_p(differences: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p of paired differences; 1.0 when none differs from 0."""
+    nonzero = differences[differences != 0]
+    if nonzero.size == 0:
+        return 1.0
+    return float(stats.wilcoxon(nonzero).pvalue)
+
+
+def compare_metric(a: list[float], b: list[float], direction: int) -> dict:
+    """Paired summary of one metric over the cases (same order in ``a`` and ``b``)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    both = np.isfinite(a) & np.isfinite(b)
+    diff = b[both] - a[both]
+    better = int(np.sum(direction * diff > 0))
+    worse = int(np.sum(direction * diff < 0))
+    low, high = mean_ci(diff)
+    return {
+        "cases": int(both.sum()), "left_out": int((~both).sum()),
+        "mean_a": float(a[both].mean()) if both.any() else math.nan,
+        "mean_b": float(b[both].mean()) if both.any() else math.nan,
+        "mean_difference": float(diff.mean()) if diff.size else math.nan, "ci95": [low, high],
+        "wilcoxon_p": wilcoxon_p(diff), "b_better": better, "b_worse": worse, "same": int(diff.size) - better - worse,
+    }
+
+
+def verdict(row: dict, direction: int) -> str:
+    """Plain words for a row: which is better where the CI of the difference excludes 0."""
+    low, high = row["ci95"]
+    if not (math.isfinite(low) and math.isfinite(high)) or low <= 0 <= high:
+        return "no clear difference (the CI holds 0)"
+    return "B better" if direction * low > 0 else "A better"
+
+
+def compare(a_dir: Path, b_dir: Path) -> dict:
+    """Every (output, structure, metric) both folders scored, paired on the cases both hold."""
+    a, b = read_metrics(a_dir), read_metrics(b_dir)
+    shared = sorted(set(a) & set(b))
+    if not shared:
+        raise InputError(f"{a_dir} and {b_dir} share no (case, structure): were they evaluated on the same cases?")
+    groups = sorted({k[:2] for k in shared})
+    result = {"a": str(a_dir), "b": str(b_dir), "only_in_a": sorted({k[2] for k in set(a) - set(b)}),
+              "only_in_b": sorted({k[2] for k in set(b) - set(a)}), "rows": []}
+    for output, structure in groups:
+        keys = [k for k in shared if k[:2] == (output, structure)]
+        for label, metric, direction in METRICS:
+            row = compare_metric([a[k][metric] for k in keys], [b[k][metric] for k in keys], direction)
+            row.update(output=output, structure=structure, metric=label)
+            row["verdict"] = verdict(row, direction)
+            result["rows"].append(row)
+    return result
+
+
+def markdown(result: dict) -> str:
+    """The comparison as a Markdown table (one row per output, structure and metric)."""
+    lines = [f"A = `{result['a']}`, B = `{result['b']}`; paired on the cases both scored.", "",
+             "| output | structure | metric | cases | A | B | B - A [95 % CI] | Wilcoxon p | B better / worse / same | |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        low, high = r["ci95"]
+        cases = f"{r['cases']} ({r['left_out']} left out)" if r["left_out"] else str(r["cases"])
+        lines.append(f"| {r['output'] or '-'} | {r['structure']} | {r['metric']} | {cases} | {r['mean_a']:.4f} | "
+                     f"{r['mean_b']:.4f} | {r['mean_difference']:+.4f} [{low:+.4f}, {high:+.4f}] | "
+                     f"{r['wilcoxon_p']:.3g} | {r['b_better']} / {r['b_worse']} / {r['same']} | {r['verdict']} |")
+    for side in ("a", "b"):
+        if result[f"only_in_{side}"]:
+            lines.append(f"\nOnly in {side.upper()} (left out): {', '.join(result[f'only_in_{side}'])}")
+    return "\n".join(lines) + "\n"
+
+
+def save_plot(a_dir: Path, b_dir: Path, path: Path) -> Path:
+    """Per-case DSC of B against A, one panel per (output, structure); points above the diagonal: B better."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a, b = read_metrics(a_dir), read_metrics(b_dir)
+    shared = sorted(set(a) & set(b))
+    groups = sorted({k[:2] for k in shared})
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.4), squeeze=False)
+    for ax, (output, structure) in zip(axes[0], groups):
+        keys = [k for k in shared if k[:2] == (output, structure)]
+        ax.plot([0, 1], [0, 1], color="0.6", lw=0.8)
+        ax.scatter([a[k]["dsc"] for k in keys], [b[k]["dsc"] for k in keys], s=14, alpha=0.7)
+        ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel="DSC, A", ylabel="DSC, B",
+               title=f"{structure}" + (f" ({output})" if output else ""))
+        ax.set_aspect("equal")
+    fig.suptitle("per-case DSC, B against A (above the line: B better)", fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run_compare(args) -> int:
+    """``compare A B -o DIR``: write compare.md, compare.json and compare.png, print the table."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"The output must be a folder; {out} is a file.")
+    refuse_existing([out / name for name in OUTPUTS], args.overwrite)
+    result = compare(Path(args.a), Path(args.b))
+    text = markdown(result)
+    write_text(text, out / "compare.md", overwrite=args.overwrite)
+    write_json(result, out / "compare.json", overwrite=args.overwrite)
+    save_plot(Path(args.a), Path(args.b), out / "compare.png")
+    print(text)
+    return 0

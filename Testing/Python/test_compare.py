@@ -1,0 +1,62 @@
+"""``livertumorseg compare``: paired per-case differences of two evaluations, checked by hand."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from LiverTumorSegLib.compare import compare_metric, verdict, wilcoxon_p
+from test_evaluate_cli import SHIFTED, TUMOR, _labels, _one_error_line, _run, _write
+
+
+def test_paired_difference_counts_and_exact_wilcoxon():
+    row = compare_metric([0.5, 0.6, 0.7, 0.8, 0.9], [0.6, 0.7, 0.8, 0.9, 1.0], 1)
+    assert row["mean_difference"] == pytest.approx(0.1) and row["cases"] == 5 and row["left_out"] == 0
+    assert (row["b_better"], row["b_worse"], row["same"]) == (5, 0, 0)
+    assert row["wilcoxon_p"] == pytest.approx(2 / 2**5)  # exact: all 5 ranks positive, two-sided
+    assert row["ci95"][0] == pytest.approx(0.1) and row["ci95"][1] == pytest.approx(0.1)
+    assert verdict(row, 1) == "B better"
+
+
+def test_distances_count_lower_as_better_and_non_finite_cases_are_left_out():
+    row = compare_metric([2.0, 3.0, math.inf, 5.0], [1.0, 4.0, 2.0, 5.0], -1)
+    assert (row["cases"], row["left_out"]) == (3, 1)
+    assert (row["b_better"], row["b_worse"], row["same"]) == (1, 1, 1)
+    assert row["mean_a"] == pytest.approx(10 / 3) and row["mean_b"] == pytest.approx(10 / 3)
+    assert row["mean_difference"] == pytest.approx(0.0) and verdict(row, -1).startswith("no clear difference")
+
+
+def test_no_difference_gives_p_one():
+    assert wilcoxon_p(np.zeros(4)) == 1.0
+    assert compare_metric([1.0, 0.0], [1.0, 0.0], 1)["wilcoxon_p"] == 1.0
+
+
+def test_two_evaluate_folders_compared_end_to_end(tmp_path, capsys):
+    """A: case a's tumor shifted (DSC 0.8), case b's missed (0); B: both exact (1, 1)."""
+    truth, pred_a, pred_b = tmp_path / "truth", tmp_path / "pred_a", tmp_path / "pred_b"
+    for case in ("a", "b"):
+        _write(_labels(TUMOR), truth / f"{case}.nii.gz")
+        _write(_labels(TUMOR), pred_b / f"{case}.nii.gz")
+    _write(_labels(SHIFTED), pred_a / "a.nii.gz")
+    _write(_labels(None), pred_a / "b.nii.gz")
+    for pred, out in ((pred_a, "eval_a"), (pred_b, "eval_b")):
+        code, _, err = _run(capsys, "evaluate", "--pred", pred, "--truth", truth, "-o", tmp_path / out)
+        assert code == 0, err
+    code, out, err = _run(capsys, "compare", tmp_path / "eval_a", tmp_path / "eval_b", "-o", tmp_path / "cmp")
+    assert code == 0, err
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text(encoding="utf-8"))
+    rows = {(r["structure"], r["metric"]): r for r in result["rows"]}
+    tumor = rows[("tumor", "DSC")]
+    assert tumor["mean_a"] == pytest.approx(0.4) and tumor["mean_b"] == pytest.approx(1.0)
+    assert tumor["mean_difference"] == pytest.approx(0.6) and tumor["b_better"] == 2
+    liver = rows[("liver", "DSC")]
+    assert liver["same"] == 2 and liver["mean_difference"] == 0 and liver["wilcoxon_p"] == 1.0
+    assert "| tumor | DSC | 2 |" in out and (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+    assert (tmp_path / "cmp" / "compare.md").read_text(encoding="utf-8") == out.rstrip("\n") + "\n"
+
+    code, _, err = _run(capsys, "compare", tmp_path / "eval_a", tmp_path / "eval_b", "-o", tmp_path / "cmp")
+    _one_error_line(code, err, "exists")
+    code, _, err = _run(capsys, "compare", tmp_path / "eval_a", truth, "-o", tmp_path / "cmp2")
+    _one_error_line(code, err, "metrics.csv")
+    assert not (tmp_path / "cmp2").exists()
