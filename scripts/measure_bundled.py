@@ -1,6 +1,7 @@
 """Measure the bundled models and write the numbers into their model cards.
 
     .venv/bin/python scripts/measure_bundled.py [--cases 48] [--seed0 2000] [--model NAME|FOLDER] [--no-write] [--cache DIR]
+        [--metrics-csv DIR]
 
 Fresh phantoms (the test seeds 2000-2047, never used in training or validation, no parameter set on them; default random
 geometry, 512 matrix; 48 cases since 2026-11-29, 12 before: their per-case tumor Dice had a 95 %
@@ -14,7 +15,8 @@ a missed or spurious lesion case 0 (LiTS convention); global Dice pools all voxe
 ``tumor_gap.py`` (same models, default mode), so a change of the post-processing alone is measured
 without rerunning the networks; the seconds per case are then those of the last uncached run (kept
 from the card, and marked so). ``--fit-whole-region``: the cyst filter fits every voxel of a
-region, as before 2026-11-30 (print only).
+region, as before 2026-11-30 (print only). ``--metrics-csv DIR``: the per-case Dice also as
+``DIR/metrics.csv`` in ``evaluate``'s layout, so that ``livertumorseg compare`` pairs two models' runs.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import numpy as np
 from tqdm import tqdm
 
 from LiverTumorSegLib.datasets import find_cases, load_case
+from LiverTumorSegLib.evaluate_cli import NETWORK, POSTPROCESSED, metrics_csv
+from LiverTumorSegLib.imageio import write_text
 from LiverTumorSegLib.metrics import dice, lesion_detection, mean_ci
 from LiverTumorSegLib.modelfile import load_model, update_card
 from LiverTumorSegLib.phantom import generate_case
@@ -77,6 +81,14 @@ def summarize(rows: list[dict]) -> dict:
     return out
 
 
+def compare_rows(rows: list[dict]) -> list[dict]:
+    """Per-case Dice rows in ``evaluate``'s metrics.csv layout (case, output, structure, dsc), for ``compare``."""
+    fields = ((NETWORK, "liver", "liver"), (NETWORK, "lesion", "lesion"),
+              (POSTPROCESSED, "tumor", "tumor_after_filter"), (POSTPROCESSED, "cyst", "cyst_after_filter"))
+    return [{"case": f"phantom_{r['seed']}", "output": output, "structure": structure, "dsc": r[key]}
+            for r in rows for output, structure, key in fields]
+
+
 def _seconds(seconds: list[float], tumor_card: dict, cache) -> dict:
     """The mean seconds per case; with every output from the cache, the card's last measured figure, marked so."""
     if not cache:
@@ -100,6 +112,8 @@ def main(argv=None):
                     help="the cyst filter fits every voxel of a region (the paper's rule), not its core (the default)")
     ap.add_argument("--cache", type=Path, help="network outputs of the phantoms from/into this folder (tumor_gap.py's; "
                                                "one folder per model, default mode only)")
+    ap.add_argument("--metrics-csv", type=Path, metavar="DIR",
+                    help="also write DIR/metrics.csv (per-case Dice, evaluate's layout) for livertumorseg compare")
     args = ap.parse_args(argv)
     if args.cache and (args.fast or not args.tta):
         ap.error("--cache holds outputs of the default mode (normal, mirrored): drop --fast / --no-tta")
@@ -144,6 +158,8 @@ def main(argv=None):
                                "tumor_dice_after_filter": round(dice(post == 2, truth == 2), 4),
                                "note": "real CT; never trained on; it picked the best epoch and was a condition of every adoption rule: not an independent estimate"}
     print(json.dumps(result, indent=2))
+    if args.metrics_csv:
+        write_text(metrics_csv(compare_rows(rows)), args.metrics_csv / "metrics.csv", overwrite=True)
     for row in rows:
         print(f"seed {row['seed']}: liver {row['liver']:.4f} lesion {row['lesion']:.4f} tumor-only {row['tumor_only']:.4f} "
               f"-> after the cyst filter tumor {row['tumor_after_filter']:.4f} cyst {row['cyst_after_filter']:.4f} "

@@ -98,6 +98,8 @@ def compare(a_dir: Path, b_dir: Path) -> dict:
         keys = [k for k in shared if k[:2] == (output, structure)]
         for label, metric, direction in METRICS:
             row = compare_metric([a[k][metric] for k in keys], [b[k][metric] for k in keys], direction)
+            if row["cases"] == 0:  # a metric neither file holds for this structure (e.g. Dice-only tables)
+                continue
             row.update(output=output, structure=structure, metric=label)
             row["verdict"] = verdict(row, direction)
             result["rows"].append(row)
