@@ -124,6 +124,11 @@ def find_ircad(root: Path) -> list[Case]:
     folders = [root] if _ircad_parts(root) else sorted(
         (p for p in root.iterdir() if p.is_dir() and _ircad_parts(p)), key=lambda p: natural_key(p.name))
     if not folders:
+        zipped = sorted(z.parent for z in (*root.glob("PATIENT_DICOM.zip"), *root.glob("*/PATIENT_DICOM.zip")))
+        if zipped:  # the layout as 3D-IRCADb distributes it: each patient's series zipped
+            raise InputError(f"3D-IRCADb patient folder(s) with the DICOM still zipped in '{root}' (e.g. "
+                             f"'{zipped[0].name}'): unzip PATIENT_DICOM.zip and MASKS_DICOM.zip inside each "
+                             "patient folder first (cd 3Dircadb1.1 && unzip PATIENT_DICOM.zip && unzip MASKS_DICOM.zip).")
         raise LayoutNotFound(f"No 3D-IRCADb patient folder (ct.nii.gz + masks/, or PATIENT_DICOM/ + "
                              f"MASKS_DICOM/) in '{root}'.")
     return [Case(folder.name, *_ircad_parts(folder), "ircad") for folder in folders]

@@ -215,6 +215,20 @@ def test_ircad_original_dicom_layout(tmp_path):
     assert np.array_equal(labels.array, expected_ircad_labels(masks))
 
 
+@pytest.mark.parametrize("where", [".", "3Dircadb1.1"])
+def test_ircad_still_zipped_says_to_unzip(tmp_path, where):
+    """3D-IRCADb ships each patient's series as PATIENT_DICOM.zip + MASKS_DICOM.zip."""
+    import zipfile
+
+    patient = tmp_path / where
+    patient.mkdir(exist_ok=True)
+    for name in ("PATIENT_DICOM.zip", "MASKS_DICOM.zip"):
+        zipfile.ZipFile(patient / name, "w").close()
+    for fmt in ("auto", "ircad"):
+        with pytest.raises(InputError, match="unzip PATIENT_DICOM.zip and MASKS_DICOM.zip"):
+            find_cases(tmp_path, fmt)
+
+
 def test_ircad_without_liver_mask(tmp_path):
     write(ct_array(), tmp_path / "ct.nii.gz")
     write(fake_ircad_masks()["spleen"], tmp_path / "masks" / "spleen.nii.gz")
