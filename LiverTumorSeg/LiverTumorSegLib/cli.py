@@ -28,6 +28,13 @@ def device_arg(text: str) -> str:
     raise argparse.ArgumentTypeError(f"'{text}' is not auto, cpu, cuda or cuda:N")
 
 
+def positive_int(text: str) -> int:
+    """A whole number above 0."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number above 0")
+    return int(text)
+
+
 def positive_minutes(text: str) -> float:
     """--time-limit: a number of minutes above 0."""
     try:
@@ -479,6 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--liver-tta", action=argparse.BooleanOptionalAction,
                    help="with --liver-model: predict the liver mirrored, as segment does by default (the "
                         "default here too); --no-liver-tta: unmirrored, as segment --no-tta")
+    s.add_argument("--workers", type=positive_int, metavar="N",
+                   help="cases prepared at once, in separate processes (default: the CPU count, at most 8)")
     s.add_argument("--name", help="model name in the card (default: <run folder>-<stage>)")
     s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     s.add_argument("--time-limit", type=positive_minutes, metavar="MINUTES",

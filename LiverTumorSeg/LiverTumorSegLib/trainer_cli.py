@@ -10,6 +10,7 @@ a model for ``segment --model`` and ``evaluate --model``).
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 import time
@@ -137,9 +138,12 @@ def run_train(args) -> int:
         cache = run_dir / "cache" / stage
         liver_tta = args.liver_tta is not False  # mirrored unless --no-liver-tta, as segment's default
         masks = {"liver_model": liver_model, "liver_tta": liver_tta, "device": device}
-        if world.main:  # one process prepares; the others map its files
-            train = prepared_samples(split["train"], cases, stage, recipe.preprocessing, cache, build=True, show=True, **masks)
-            val = prepared_samples(split["val"], cases, stage, recipe.preprocessing, cache, build=True, show=True, **masks)
+        if world.main:  # one process prepares (with its workers); the others map its files
+            workers = args.workers or min(8, os.cpu_count() or 1)
+            train = prepared_samples(split["train"], cases, stage, recipe.preprocessing, cache, build=True, show=True,
+                                     workers=workers, **masks)
+            val = prepared_samples(split["val"], cases, stage, recipe.preprocessing, cache, build=True, show=True,
+                                   workers=workers, **masks)
         distributed.barrier(world)
         if not world.main:
             train = prepared_samples(split["train"], cases, stage, recipe.preprocessing, cache, build=False, **masks)

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -180,6 +181,27 @@ def test_prepared_samples_are_cached_and_memory_mapped(phantoms, tmp_path):
         prepared_samples(names, cases, "tumor", finer, cache, build=False)
     rebuilt = prepared_samples(names, cases, "tumor", finer, cache, build=True)
     assert rebuilt[0].image.shape != first[0].image.shape
+
+
+def test_samples_prepared_by_worker_processes_equal_one_process(phantoms, tmp_path):
+    """Two spawned workers, each loading stage 1 itself, write the files one process writes."""
+    cases = gather_cases([phantoms])
+    names = sorted(cases)[:2]
+    liver_model = load_model(model_files("phantom-small")[0], stage="liver")
+    common = dict(build=True, liver_model=liver_model, liver_tta=False)
+    one = prepared_samples(names, cases, "tumor", TINY_PRE["tumor"], tmp_path / "one", **common)
+    two = prepared_samples(names, cases, "tumor", TINY_PRE["tumor"], tmp_path / "two", workers=2, **common)
+    assert [s.name for s in two] == [s.name for s in one] == names
+    for a, b in zip(one, two):
+        for array in ("image", "target", "mask"):
+            assert np.array_equal(getattr(a, array), getattr(b, array)), (a.name, array)
+        meta = [json.loads((tmp_path / run / a.name / "meta.json").read_text(encoding="utf-8")) for run in ("one", "two")]
+        assert meta[0] == meta[1]
+    corrupt = tmp_path / "corrupt_ct.nii.gz"
+    corrupt.write_bytes(b"not a NIfTI file")
+    broken = {**cases, names[0]: replace(cases[names[0]], image=corrupt)}
+    with pytest.raises(InputError):  # a worker's error reaches the caller
+        prepared_samples(names, broken, "tumor", TINY_PRE["tumor"], tmp_path / "broken", workers=2, **common)
 
 
 # ---------------------------------------------------------------- augmentation
