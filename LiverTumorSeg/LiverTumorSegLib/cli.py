@@ -487,7 +487,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --liver-model: predict the liver mirrored, as segment does by default (the "
                         "default here too); --no-liver-tta: unmirrored, as segment --no-tta")
     s.add_argument("--workers", type=positive_int, metavar="N",
-                   help="cases prepared at once, in separate processes (default: the CPU count, at most 8)")
+                   help="cases prepared at once, in separate processes (default: the CPU count, at most 8, "
+                        "from 16 cases up)")
+    s.add_argument("--loader-workers", type=int, metavar="N",
+                   help="processes drawing and augmenting the next batches while the network trains (same batches; "
+                        "default: 4 on a GPU, fewer if the CPUs are shared by more processes; 0 on the CPU)")
     s.add_argument("--name", help="model name in the card (default: <run folder>-<stage>)")
     s.add_argument("--resume", action="store_true", help="continue from the run folder's last checkpoint")
     s.add_argument("--time-limit", type=positive_minutes, metavar="MINUTES",

@@ -7,12 +7,14 @@ public datasets label it, so the HU cyst filter has real work to do.
 Reproducibility: every patch comes from its own seed (config seed, epoch, iteration, index in the
 global batch), dropout is reseeded each epoch, and a checkpoint is written after every epoch, so
 an interrupted run resumed from its checkpoint ends in the same state as an uninterrupted one,
-and N data-parallel processes each build 1/N of the same global batch one process would.
+N data-parallel processes each build 1/N of the same global batch one process would, and batches
+drawn ahead by loader workers are the ones the training process would draw.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import platform
 import sys
@@ -170,7 +172,8 @@ class StageTrainer:
     ``<stage>.best.pt`` (best validation Dice), ``<stage>.history.json``."""
 
     def __init__(self, config: dict, stage: str, train: list[Sample], val: list[Sample], run_dir: Path,
-                 device: torch.device, world: distributed.World = distributed.World(), init: GUNETRpp | None = None):
+                 device: torch.device, world: distributed.World = distributed.World(), init: GUNETRpp | None = None,
+                 loader_workers: int = 0):
         if not train:
             raise InputError(f"No training case has what the {stage} stage learns from.")
         if config["batch"] % world.size:
@@ -207,12 +210,13 @@ class StageTrainer:
         self.sampler = PatchSampler(train, self.net.cfg.tile, self.recipe.fg_fraction, self.recipe.fg_sampling)
         self.augment = Augmenter(config["augmentation"])
         self.local_batch = config["batch"] // world.size
+        self.loader_workers = loader_workers if "fork" in multiprocessing.get_all_start_methods() else 0
         self.epoch, self.history, self.best = 0, [], {"epoch": None, "dice": -1.0}
 
     # ------------------------------------------------------------ batches
 
     def batch(self, epoch: int, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This process's share of the global batch of (epoch, iteration)."""
+        """This process's share of the global batch of (epoch, iteration), on the CPU."""
         first = self.world.rank * self.local_batch
         pairs = []
         for index in range(first, first + self.local_batch):
@@ -221,7 +225,18 @@ class StageTrainer:
             pairs.append(self.augment(img, tgt, int(rng.integers(2**31))))
         x = torch.from_numpy(np.stack([p[0] for p in pairs]))[:, None]
         y = torch.from_numpy(np.stack([p[1] for p in pairs]).astype(np.int64))[:, None]
-        return x.to(self.device), y.to(self.device)
+        return x, y
+
+    def batches(self, epoch: int):
+        """The epoch's batches in order. With ``loader_workers``, forked processes draw them ahead while
+        the network trains (the same batches: each depends only on its seeds)."""
+        iterations = self.config["iterations_per_epoch"]
+        if not self.loader_workers:
+            return (self.batch(epoch, it) for it in range(iterations))
+        return torch.utils.data.DataLoader(_EpochBatches(self, epoch, iterations), batch_size=None,
+                                           num_workers=self.loader_workers, multiprocessing_context="fork",
+                                           pin_memory=self.device.type == "cuda", prefetch_factor=2,
+                                           generator=torch.Generator())  # not the global RNG, which seeds dropout
 
     # ------------------------------------------------------------ one epoch
 
@@ -230,8 +245,8 @@ class StageTrainer:
         torch.manual_seed(derived_seed(self.seed, DROPOUT, epoch, self.world.rank))
         self.model.train()
         losses = []
-        for it in range(iterations):
-            x, y = self.batch(epoch, it)
+        for it, (x, y) in enumerate(self.batches(epoch)):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                 outputs = self.model(x)
             loss = self.loss([o.float() for o in outputs], y, epoch)
@@ -347,6 +362,19 @@ class StageTrainer:
         net = GUNETRpp(self.net.cfg, deep_supervision=False)
         net.load_state_dict(self.net.state_dict())
         return net.eval(), self.epoch
+
+
+class _EpochBatches(torch.utils.data.Dataset):
+    """One epoch's batches by iteration, for a DataLoader's forked workers."""
+
+    def __init__(self, trainer: StageTrainer, epoch: int, iterations: int):
+        self.trainer, self.epoch, self.iterations = trainer, epoch, iterations
+
+    def __len__(self) -> int:
+        return self.iterations
+
+    def __getitem__(self, iteration: int):
+        return self.trainer.batch(self.epoch, iteration)
 
 
 def make_card(name: str, config: dict, stage: str, *, data: dict, best: dict, history: list, epoch: int,

@@ -139,16 +139,16 @@ def run_train(args) -> int:
         liver_tta = args.liver_tta is not False  # mirrored unless --no-liver-tta, as segment's default
         masks = {"liver_model": liver_model, "liver_tta": liver_tta, "device": device}
         if world.main:  # one process prepares (with its workers); the others map its files
-            workers = args.workers or min(8, os.cpu_count() or 1)
             train = prepared_samples(split["train"], cases, stage, recipe.preprocessing, cache, build=True, show=True,
-                                     workers=workers, **masks)
+                                     workers=prepare_workers(args.workers, len(split["train"])), **masks)
             val = prepared_samples(split["val"], cases, stage, recipe.preprocessing, cache, build=True, show=True,
-                                   workers=workers, **masks)
+                                   workers=prepare_workers(args.workers, len(split["val"])), **masks)
         distributed.barrier(world)
         if not world.main:
             train = prepared_samples(split["train"], cases, stage, recipe.preprocessing, cache, build=False, **masks)
             val = []
-        trainer = StageTrainer(config, stage, train, val, run_dir, device, world, init.net if init else None)
+        trainer = StageTrainer(config, stage, train, val, run_dir, device, world, init.net if init else None,
+                               loader_workers=loader_workers(args.loader_workers, device))
         total = config["epochs"] * config["iterations_per_epoch"]
         bar = tqdm(total=total, desc=f"training {stage}", unit="it", disable=None if world.main else True, file=sys.stderr)
 
@@ -176,6 +176,27 @@ def run_train(args) -> int:
     finally:
         distributed.stop(world)
     return 0
+
+
+def prepare_workers(asked: int | None, cases: int) -> int:
+    """Sample-preparing processes: as asked, else the CPU count (at most 8) for 16 cases or more;
+    fewer cases are prepared in this process (starting a worker costs seconds)."""
+    if asked is not None:
+        return asked
+    return min(8, os.cpu_count() or 1) if cases >= 16 else 1
+
+
+def loader_workers(asked: int | None, device) -> int:
+    """Batch-loading processes: as asked, else 4 per GPU process (at most the CPUs each process's share
+    allows), 0 on the CPU, where the network's threads already use the cores."""
+    if asked is not None:
+        if asked < 0:
+            raise InputError("--loader-workers must be 0 or more.")
+        return asked
+    if device.type != "cuda":
+        return 0
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's training processes on this node
+    return max(0, min(4, (os.cpu_count() or 1) // processes - 1))
 
 
 def stage1_model(args):

@@ -339,6 +339,35 @@ def test_interrupted_run_resumes_to_the_same_state(tmp_path):
     assert whole.optimizer.state_dict()["state"][0]["exp_avg"].equal(resumed.optimizer.state_dict()["state"][0]["exp_avg"])
 
 
+def test_batches_drawn_by_loader_workers_train_to_the_same_weights(tmp_path):
+    """Forked loader workers draw the very batches the training process would, and leave the
+    dropout masks alone (dropout on here, so a consumed random number would show)."""
+    config = tiny_config(epochs=2, net={**TINY_NET, "attn_dropout": 0.1, "conv_dropout": 0.1})
+    runs = []
+    for workers in (0, 2):
+        trainer = StageTrainer(config, "liver", _blob_samples(), [], tmp_path / str(workers), torch.device("cpu"),
+                               loader_workers=workers)
+        trainer.run()
+        runs.append(trainer)
+    plain, loaded = runs
+    assert loaded.loader_workers == 2
+    assert [h["loss"] for h in plain.history] == [h["loss"] for h in loaded.history]
+    for key, value in _params(plain.net).items():
+        assert torch.equal(value, loaded.net.state_dict()[key]), key
+
+
+def test_loader_workers_default_to_none_on_the_cpu_and_a_few_per_gpu(monkeypatch):
+    from LiverTumorSegLib.trainer_cli import loader_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert loader_workers(None, torch.device("cpu")) == 0 and loader_workers(3, torch.device("cpu")) == 3
+    assert loader_workers(None, torch.device("cuda")) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 GPU processes share 16 CPUs
+    assert loader_workers(None, torch.device("cuda")) == 1
+    with pytest.raises(InputError, match="0 or more"):
+        loader_workers(-1, torch.device("cpu"))
+
+
 def test_a_time_limit_stops_between_epochs_and_resume_finishes_the_run(tmp_path):
     """A limit no epoch fits in stops after the first (the checkpoint resumes to the whole run's
     state); a limit every epoch fits in changes nothing."""
@@ -361,7 +390,7 @@ def test_train_time_limit_writes_a_model_that_says_so(phantoms, tmp_path, capsys
     cfg_file.write_text(json.dumps(tiny_config(val_every=1)), encoding="utf-8")
     run = tmp_path / "run"
     args = ["train", "--stage", "liver", "--data", str(phantoms), "--config", str(cfg_file), "-o", str(run)]
-    assert main([*args, "--epochs", "3", "--time-limit", "1e-6"]) == 0
+    assert main([*args, "--epochs", "3", "--time-limit", "1e-6", "--loader-workers", "1"]) == 0
     assert "stopped at the time limit after epoch 1 of 3" in capsys.readouterr().err
     training = json.loads(main_card(run / "liver.ltsm"))["training"]
     assert training["stopped_at_time_limit"].startswith("after epoch 1 of 3") and len(training["history"]) == 1
