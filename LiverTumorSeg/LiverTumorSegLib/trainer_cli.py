@@ -234,7 +234,10 @@ def _write_model(args, trainer, config, cases, split, device, world, outcome, in
                      stopped=outcome["stopped"])
     path = save_model(net, card, run_dir / f"{stage}.ltsm")
     best = outcome["best"]
-    note = f"validation Dice {best['dice']:.4f} at epoch {best['epoch']}" if best["epoch"] else "no validation cases: last epoch"
+    if best["epoch"]:
+        note = f"validation Dice {best['dice']:.4f} at epoch {best['epoch']}"
+    else:
+        note = "not validated before the time limit: last epoch" if trainer.val else "no validation cases: last epoch"
     print(f"wrote {path} ({note}; {time.strftime('%H:%M:%S', time.gmtime(card['training']['seconds']))} of training)")
     if outcome["stopped"]:
         print(f"stopped at the time limit after epoch {trainer.epoch} of {config['epochs']}: continue with --resume "

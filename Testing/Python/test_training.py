@@ -387,11 +387,12 @@ def test_a_time_limit_stops_between_epochs_and_resume_finishes_the_run(tmp_path)
 
 def test_train_time_limit_writes_a_model_that_says_so(phantoms, tmp_path, capsys):
     cfg_file = tmp_path / "tiny.json"
-    cfg_file.write_text(json.dumps(tiny_config(val_every=1)), encoding="utf-8")
+    cfg_file.write_text(json.dumps(tiny_config(val_every=2)), encoding="utf-8")
     run = tmp_path / "run"
     args = ["train", "--stage", "liver", "--data", str(phantoms), "--config", str(cfg_file), "-o", str(run)]
     assert main([*args, "--epochs", "3", "--time-limit", "1e-6", "--loader-workers", "1"]) == 0
-    assert "stopped at the time limit after epoch 1 of 3" in capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert "stopped at the time limit after epoch 1 of 3" in err and "not validated before the time limit" in out
     training = json.loads(main_card(run / "liver.ltsm"))["training"]
     assert training["stopped_at_time_limit"].startswith("after epoch 1 of 3") and len(training["history"]) == 1
     assert main([*args, "--epochs", "3", "--resume"]) == 0
