@@ -16,7 +16,7 @@ def test_paired_difference_counts_and_exact_wilcoxon():
     assert (row["b_better"], row["b_worse"], row["same"]) == (5, 0, 0)
     assert row["wilcoxon_p"] == pytest.approx(2 / 2**5)  # exact: all 5 ranks positive, two-sided
     assert row["ci95"][0] == pytest.approx(0.1) and row["ci95"][1] == pytest.approx(0.1)
-    assert verdict(row, 1) == "B better"
+    assert verdict(row, 1) == "B better (mean)"
 
 
 def test_distances_count_lower_as_better_and_non_finite_cases_are_left_out():
@@ -24,7 +24,21 @@ def test_distances_count_lower_as_better_and_non_finite_cases_are_left_out():
     assert (row["cases"], row["left_out"]) == (3, 1)
     assert (row["b_better"], row["b_worse"], row["same"]) == (1, 1, 1)
     assert row["mean_a"] == pytest.approx(10 / 3) and row["mean_b"] == pytest.approx(10 / 3)
-    assert row["mean_difference"] == pytest.approx(0.0) and verdict(row, -1).startswith("no clear difference")
+    assert row["mean_difference"] == pytest.approx(0.0) and verdict(row, -1) == "no clear difference"
+
+
+def test_many_small_gains_against_one_large_loss():
+    """Fourteen cases gain 0.005-0.07, one tumor-free case flips from 1 to 0: the mean falls and its
+    CI holds 0, while the signed ranks favour B. Exact two-sided p: the loss has the top rank 15, so
+    W- = 15, and 137 of the 2**15 sign patterns have W- <= 15 (subsets of 1..15 summing to 15 or less)."""
+    a = [0.5] * 14 + [1.0]
+    b = [0.5 + 0.005 * (i + 1) for i in range(14)] + [0.0]
+    row = compare_metric(a, b, 1)
+    assert row["mean_difference"] == pytest.approx((0.525 - 1) / 15)
+    assert row["ci95"][0] < 0 < row["ci95"][1]
+    assert row["wilcoxon_p"] == pytest.approx(2 * 137 / 2**15)
+    assert (row["b_better"], row["b_worse"]) == (14, 1)
+    assert verdict(row, 1) == "mean: no clear difference; most cases: B better (Wilcoxon)"
 
 
 def test_no_difference_gives_p_one():
