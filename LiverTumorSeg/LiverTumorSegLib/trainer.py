@@ -14,7 +14,6 @@ drawn ahead by loader workers are the ones the training process would draw.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import platform
 import sys
@@ -210,7 +209,7 @@ class StageTrainer:
         self.sampler = PatchSampler(train, self.net.cfg.tile, self.recipe.fg_fraction, self.recipe.fg_sampling)
         self.augment = Augmenter(config["augmentation"])
         self.local_batch = config["batch"] // world.size
-        self.loader_workers = loader_workers if "fork" in multiprocessing.get_all_start_methods() else 0
+        self.loader_workers = loader_workers if sys.platform.startswith("linux") else 0  # forked: Linux only
         self.epoch, self.history, self.best = 0, [], {"epoch": None, "dice": -1.0}
 
     # ------------------------------------------------------------ batches
