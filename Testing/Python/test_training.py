@@ -423,7 +423,8 @@ def test_two_gloo_processes_match_one_process(phantoms, tmp_path):
     ends. The loss is CE + focal: means over voxels, so the mean of the two halves' losses is the
     whole batch's loss (a batch Dice is not, and would only agree approximately). The transformer
     blocks use instance norm: CPU processes cannot synchronise batch statistics (GPUs do, with
-    SyncBatchNorm)."""
+    SyncBatchNorm). The two processes also draw their batches through a loader worker each, which
+    must not change them."""
     config = tiny_config(net={**TINY_NET, "conv_norm": "instance", "stem": [1, 2, 2]}, epochs=2, iterations_per_epoch=3, batch=4, val_every=2,
                          loss={"liver": {"ce": 1.0, "focal": 1.0}})
     cfg_file = tmp_path / "ddp.json"
@@ -435,7 +436,7 @@ def test_two_gloo_processes_match_one_process(phantoms, tmp_path):
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-                          "-m", "LiverTumorSegLib.cli", *common, "-o", str(tmp_path / "two")],
+                          "-m", "LiverTumorSegLib.cli", *common, "--loader-workers", "1", "-o", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     a = torch.load(tmp_path / "one" / "liver.checkpoint.pt", weights_only=False)
