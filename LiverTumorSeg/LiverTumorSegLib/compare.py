@@ -20,7 +20,7 @@ import numpy as np
 from scipy import stats
 
 from .errors import InputError
-from .imageio import refuse_existing, write_json, write_text
+from .imageio import refuse_existing_in, write_json, write_text
 from .metrics import mean_ci
 
 METRICS = (("DSC", "dsc", 1), ("ASSD (mm)", "assd_mm", -1), ("HD95 (mm)", "hd95_mm", -1))  # (label, key, +1: higher is better)
@@ -90,17 +90,22 @@ def verdict(row: dict, direction: int) -> str:
     return "no clear difference"
 
 
-def compare(a_dir: Path, b_dir: Path) -> dict:
-    """Every (output, structure, metric) both folders scored, paired on the cases both hold."""
-    a, b = read_metrics(a_dir), read_metrics(b_dir)
-    shared = sorted(set(a) & set(b))
-    if not shared:
-        raise InputError(f"{a_dir} and {b_dir} share no (case, structure): were they evaluated on the same cases?")
-    groups = sorted({k[:2] for k in shared})
-    result = {"a": str(a_dir), "b": str(b_dir), "only_in_a": sorted({k[2] for k in set(a) - set(b)}),
+def paired_keys(a: dict, b: dict) -> dict[tuple[str, str], list[tuple[str, str, str]]]:
+    """The (output, structure, case) keys both tables hold, by (output, structure)."""
+    groups: dict = {}
+    for key in sorted(set(a) & set(b)):
+        groups.setdefault(key[:2], []).append(key)
+    return groups
+
+
+def compare(a: dict, b: dict, a_name: str, b_name: str) -> dict:
+    """Every (output, structure, metric) both ``read_metrics`` tables scored, paired on the cases both hold."""
+    groups = paired_keys(a, b)
+    if not groups:
+        raise InputError(f"{a_name} and {b_name} share no (case, structure): were they evaluated on the same cases?")
+    result = {"a": a_name, "b": b_name, "only_in_a": sorted({k[2] for k in set(a) - set(b)}),
               "only_in_b": sorted({k[2] for k in set(b) - set(a)}), "rows": []}
-    for output, structure in groups:
-        keys = [k for k in shared if k[:2] == (output, structure)]
+    for (output, structure), keys in groups.items():
         for label, metric, direction in METRICS:
             row = compare_metric([a[k][metric] for k in keys], [b[k][metric] for k in keys], direction)
             if row["cases"] == 0:  # a metric neither file holds for this structure (e.g. Dice-only tables)
@@ -128,19 +133,16 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_plot(a_dir: Path, b_dir: Path, path: Path) -> Path:
+def save_plot(a: dict, b: dict, path: Path) -> Path:
     """Per-case DSC of B against A, one panel per (output, structure); points above the diagonal: B better."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    a, b = read_metrics(a_dir), read_metrics(b_dir)
-    shared = sorted(set(a) & set(b))
-    groups = sorted({k[:2] for k in shared})
+    groups = paired_keys(a, b)
     fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.4), squeeze=False)
-    for ax, (output, structure) in zip(axes[0], groups):
-        keys = [k for k in shared if k[:2] == (output, structure)]
+    for ax, ((output, structure), keys) in zip(axes[0], groups.items()):
         ax.plot([0, 1], [0, 1], color="0.6", lw=0.8)
         ax.scatter([a[k]["dsc"] for k in keys], [b[k]["dsc"] for k in keys], s=14, alpha=0.7)
         ax.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel="DSC, A", ylabel="DSC, B",
@@ -157,13 +159,12 @@ def save_plot(a_dir: Path, b_dir: Path, path: Path) -> Path:
 def run_compare(args) -> int:
     """``compare A B -o DIR``: write compare.md, compare.json and compare.png, print the table."""
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"The output must be a folder; {out} is a file.")
-    refuse_existing([out / name for name in OUTPUTS], args.overwrite)
-    result = compare(Path(args.a), Path(args.b))
+    refuse_existing_in(out, OUTPUTS, args.overwrite)
+    a, b = read_metrics(Path(args.a)), read_metrics(Path(args.b))
+    result = compare(a, b, str(args.a), str(args.b))
     text = markdown(result)
     write_text(text, out / "compare.md", overwrite=args.overwrite)
     write_json(result, out / "compare.json", overwrite=args.overwrite)
-    save_plot(Path(args.a), Path(args.b), out / "compare.png")
+    save_plot(a, b, out / "compare.png")
     print(text)
     return 0

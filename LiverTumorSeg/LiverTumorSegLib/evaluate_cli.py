@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .cli import LABEL_EXTS, extension_of
-from .errors import InputError, OutputError
-from .imageio import read_labels, refuse_existing, same_grid, write_json, write_text
+from .errors import InputError
+from .imageio import read_labels, refuse_existing_in, same_grid, write_json, write_text
 from .metrics import case_metrics, mean_ci, summarize
 from .tumorgap import TUMORS_IN_TRUTH, steps_markdown, summarize_steps, tumor_dice_steps, tumors_in_truth
 
@@ -45,7 +45,7 @@ def run_evaluate(args) -> int:
     from tqdm import tqdm
 
     out = Path(args.out)
-    _refuse_existing(out, args.overwrite)
+    refuse_existing_in(out, OUTPUTS, args.overwrite)
     if args.model is not None:
         from .evaluate_model import evaluate_model
 
@@ -72,12 +72,6 @@ def run_evaluate(args) -> int:
         save_boxplot([r for r in rows if r["output"] == POSTPROCESSED], out / "boxplot.png", "after post-processing: ")
     print(markdown)
     return 0
-
-
-def _refuse_existing(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"The output must be a folder; {out} is a file.")
-    refuse_existing([out / name for name in OUTPUTS], overwrite)
 
 
 # ---------------------------------------------------------------- cases

@@ -436,6 +436,14 @@ def refuse_existing(paths, overwrite: bool) -> None:
             _check_writable(Path(path))
 
 
+def refuse_existing_in(folder, names, overwrite: bool) -> None:
+    """``refuse_existing`` for a command's output folder and the file names it writes there."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"The output must be a folder; {folder} is a file.")
+    refuse_existing([folder / name for name in names], overwrite)
+
+
 def _check_writable(path: Path) -> None:
     folder = path.absolute().parent
     while not folder.exists() and folder != folder.parent:

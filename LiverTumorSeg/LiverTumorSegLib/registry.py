@@ -68,7 +68,9 @@ def peek_card(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size)) if 0 < size < 2**24 else None
+            if not 0 < size < 2**24:
+                raise ValueError(f"header length {size} is not that of a safetensors file")
+            header = json.loads(f.read(size))
         return json.loads(header["__metadata__"]["card"])
     except (OSError, struct.error, ValueError, KeyError, TypeError) as err:
         raise ModelFileError(f"{path} has no readable model card: {err}") from None
