@@ -236,6 +236,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.cystCoreCheckBox.toggled.connect(self.onPostProcessingChanged)
         ui.refineCheckBox.toggled.connect(self.onPostProcessingChanged)
         ui.refineMmSpinBox.valueChanged.connect(self.onPostProcessingChanged)
+        ui.minPeakSpinBox.valueChanged.connect(self.onPostProcessingChanged)
         ui.regionTable.itemSelectionChanged.connect(self.onRegionSelected)
         ui.markTumorButton.clicked.connect(lambda: self.onDecision("tumor"))
         ui.markCystButton.clicked.connect(lambda: self.onDecision("cyst"))
@@ -453,7 +454,8 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             live.params, dilate_iterations=ui.dilateIterationsSpinBox.value, dilate_max_area_px=ui.dilateMaxAreaSpinBox.value,
             cyst_filter=ui.cystFilterCheckBox.checked, cyst_threshold_hu=ui.cystThresholdSlider.value,
             dilate_mode=panel.dilate_mode_at(ui.dilateModeComboBox.currentIndex), fit_on_core=ui.cystCoreCheckBox.checked,
-            refine_outlines=ui.refineCheckBox.checked, refine_max_mm=ui.refineMmSpinBox.value)
+            refine_outlines=ui.refineCheckBox.checked, refine_max_mm=ui.refineMmSpinBox.value,
+            min_peak_probability=ui.minPeakSpinBox.value)
         ui.cystThresholdSlider.enabled = ui.cystCoreCheckBox.enabled = params.cyst_filter
         ui.refineMmSpinBox.enabled = params.refine_outlines
         self._showDilationMode(params.dilate_mode)
@@ -477,6 +479,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             ui.refineCheckBox.checked = values["refine_outlines"]
             ui.refineMmSpinBox.value = values["refine_max_mm"]
             ui.refineMmSpinBox.enabled = values["refine_outlines"]
+            ui.minPeakSpinBox.value = values["min_peak_probability"]
             ui.dilateModeComboBox.currentIndex = panel.dilate_mode_index(values["dilate_mode"])
             self._showDilationMode(values["dilate_mode"])
         finally:

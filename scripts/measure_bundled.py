@@ -15,7 +15,9 @@ a missed or spurious lesion case 0 (LiTS convention); global Dice pools all voxe
 ``tumor_gap.py`` (same models, default mode), so a change of the post-processing alone is measured
 without rerunning the networks; the seconds per case are then those of the last uncached run (kept
 from the card, and marked so). ``--fit-whole-region``: the cyst filter fits every voxel of a
-region, as before 2026-11-30 (print only). ``--metrics-csv DIR``: the per-case Dice also as
+region, as before 2026-11-30 (print only). ``--min-peak P [P ...]``: the post-processing's confidence gate
+at each value, from one network run per case (print only; several values: one result and one metrics folder,
+``DIR/min_peak_P``, per value). ``--metrics-csv DIR``: the per-case Dice also as
 ``DIR/metrics.csv`` in ``evaluate``'s layout, so that ``livertumorseg compare`` pairs two models' runs.
 """
 
@@ -112,17 +114,20 @@ def main(argv=None):
                     help="the cyst filter fits every voxel of a region (the paper's rule), not its core (the default)")
     ap.add_argument("--cache", type=Path, help="network outputs of the phantoms from/into this folder (tumor_gap.py's; "
                                                "one folder per model, default mode only)")
+    ap.add_argument("--min-peak", type=float, nargs="+", metavar="P",
+                    help="the confidence gate (PostParams.min_peak_probability) at each value (default: the default's)")
     ap.add_argument("--metrics-csv", type=Path, metavar="DIR",
                     help="also write DIR/metrics.csv (per-case Dice, evaluate's layout) for livertumorseg compare")
     args = ap.parse_args(argv)
     if args.cache and (args.fast or not args.tta):
         ap.error("--cache holds outputs of the default mode (normal, mirrored): drop --fast / --no-tta")
-    if args.fit_whole_region and not args.no_write and args.seed0 == EVAL_SEED0:
-        ap.error("the cards carry the default post-processing: add --no-write to --fit-whole-region")
-    params = PostParams(fit_on_core=not args.fit_whole_region)
+    if (args.fit_whole_region or args.min_peak) and not args.no_write and args.seed0 == EVAL_SEED0:
+        ap.error("the cards carry the default post-processing: add --no-write to --fit-whole-region / --min-peak")
     liver_path, tumor_path = model_files(args.model)
     models = load_model(liver_path, stage="liver"), load_model(tumor_path, stage="tumor")
-    rows, seconds = [], []
+    default = PostParams(fit_on_core=not args.fit_whole_region)
+    settings = [replace(default, min_peak_probability=g) for g in (args.min_peak or [default.min_peak_probability])]
+    rows, seconds = {p: [] for p in settings}, []
     for seed in tqdm(range(args.seed0, args.seed0 + args.cases), desc="phantoms", file=sys.stderr):
         ct, lab = generate_case(seed)
         if args.cache:
@@ -131,35 +136,53 @@ def main(argv=None):
             r = segment(ct, *models, fast=args.fast, tta=args.tta)
             labels, probabilities = r.labels, r.probabilities
             seconds.append(r.report["timings"]["total_s"])
-        post, _ = PostProcessor.from_network(ct, labels, probabilities).apply(params)
+        processor = PostProcessor.from_network(ct, labels, probabilities)
         perfect = np.where(lab.array >= 2, 2, lab.array).astype(np.uint8)  # the true lesions, tumor and cyst alike
-        bound, _ = PostProcessor(ct, perfect).apply(replace(params, dilate_iterations=0, refine_outlines=False))
+        bound, _ = PostProcessor(ct, perfect).apply(replace(default, dilate_iterations=0, refine_outlines=False))
         ml = float(np.prod(ct.spacing)) / 1000
-        rows.append(dict(_scores(labels, lab.array), seed=seed, truth_lesion_ml=float(np.isin(lab.array, (2, 3)).sum() * ml),
-                         pred_lesion_ml=float((labels == 2).sum() * ml),
-                         tumor_after_filter=dice(post == 2, lab.array == 2), cyst_after_filter=dice(post == 3, lab.array == 3),
-                         tumor_filter_on_truth=dice(bound == 2, lab.array == 2),
-                         tumor_inter_before=int(np.logical_and(labels == 2, lab.array == 2).sum()),
-                         tumor_sums_before=int((labels == 2).sum() + (lab.array == 2).sum()),
-                         tumor_inter_after=int(np.logical_and(post == 2, lab.array == 2).sum()),
-                         tumor_sums_after=int((post == 2).sum() + (lab.array == 2).sum()),
-                         tumor_detection=lesion_detection(post == 2, lab.array == 2)))
+        common = dict(_scores(labels, lab.array), seed=seed, truth_lesion_ml=float(np.isin(lab.array, (2, 3)).sum() * ml),
+                      pred_lesion_ml=float((labels == 2).sum() * ml), tumor_filter_on_truth=dice(bound == 2, lab.array == 2),
+                      tumor_inter_before=int(np.logical_and(labels == 2, lab.array == 2).sum()),
+                      tumor_sums_before=int((labels == 2).sum() + (lab.array == 2).sum()))
+        for params in settings:
+            post, _ = processor.apply(params)
+            rows[params].append(dict(common, tumor_after_filter=dice(post == 2, lab.array == 2),
+                                     cyst_after_filter=dice(post == 3, lab.array == 3),
+                                     tumor_inter_after=int(np.logical_and(post == 2, lab.array == 2).sum()),
+                                     tumor_sums_after=int((post == 2).sum() + (lab.array == 2).sum()),
+                                     tumor_detection=lesion_detection(post == 2, lab.array == 2)))
+    ircad = _ircad(args, models, settings)
+    for params in settings:
+        if len(settings) > 1:
+            print(f"--- confidence gate (min_peak_probability) {params.min_peak_probability:g}")
+        report(args, rows[params], seconds, models, ircad.get(params), liver_path, tumor_path,
+               args.metrics_csv / f"min_peak_{params.min_peak_probability:g}" if args.metrics_csv and len(settings) > 1 else args.metrics_csv)
+
+
+def _ircad(args, models, settings: list[PostParams]) -> dict:
+    """3D-IRCADb 1.1's figures for each setting, from one network run (empty without the data)."""
+    if not (IRCAD / "ct.nii.gz").exists():
+        return {}
+    ct, labels = load_case(find_cases(IRCAD, "ircad")[0])  # liver + livertumor* merged, the cyst apart
+    truth = labels.array
+    r = segment(ct, *models, fast=args.fast, tta=args.tta)
+    s = _scores(r.labels, truth)
+    processor = PostProcessor.from_network(ct, r.labels, r.probabilities)
+    return {params: {"liver_dice": round(s["liver"], 4), "lesion_dice": round(s["lesion"], 4), "tumor_only_dice": round(s["tumor_only"], 4),
+                     "tumor_dice_after_filter": round(dice(processor.apply(params)[0] == 2, truth == 2), 4),
+                     "note": "real CT; never trained on; it picked the best epoch and was a condition of every adoption rule: not an independent estimate"}
+            for params in settings}
+
+
+def report(args, rows: list[dict], seconds: list[float], models, ircad: dict | None, liver_path: Path, tumor_path: Path,
+           metrics_dir: Path | None) -> None:
+    """Print one setting's figures; write its metrics.csv and (test seeds, default setting) the cards."""
     phantom = dict(summarize(rows), seeds=f"{args.seed0}-{args.seed0 + args.cases - 1}", mode=("fast: step 1.0" if args.fast else "normal: step 0.5") + (", mirrored (4 passes)" if args.tta else ", not mirrored"),
                    **_seconds(seconds, models[1].card, args.cache), note="lesion = tumor + cyst (the network target); tumor-only is the network output; the after_filter figures follow the default post-processing (cyst filter, small-tumor dilation, outline refinement)")
-    result = {"fresh_phantoms": phantom}
-    ct = None
-    if (IRCAD / "ct.nii.gz").exists():
-        ct, labels = load_case(find_cases(IRCAD, "ircad")[0])  # liver + livertumor* merged, the cyst apart
-        truth = labels.array
-        r = segment(ct, *models, fast=args.fast, tta=args.tta)
-        s = _scores(r.labels, truth)
-        post, _ = PostProcessor.from_network(ct, r.labels, r.probabilities).apply(params)
-        result["ircad_1_1"] = {"liver_dice": round(s["liver"], 4), "lesion_dice": round(s["lesion"], 4), "tumor_only_dice": round(s["tumor_only"], 4),
-                               "tumor_dice_after_filter": round(dice(post == 2, truth == 2), 4),
-                               "note": "real CT; never trained on; it picked the best epoch and was a condition of every adoption rule: not an independent estimate"}
+    result = {"fresh_phantoms": phantom, **({"ircad_1_1": ircad} if ircad else {})}
     print(json.dumps(result, indent=2))
-    if args.metrics_csv:
-        write_text(metrics_csv(compare_rows(rows)), args.metrics_csv / "metrics.csv", overwrite=True)
+    if metrics_dir:
+        write_text(metrics_csv(compare_rows(rows)), metrics_dir / "metrics.csv", overwrite=True)
     for row in rows:
         print(f"seed {row['seed']}: liver {row['liver']:.4f} lesion {row['lesion']:.4f} tumor-only {row['tumor_only']:.4f} "
               f"-> after the cyst filter tumor {row['tumor_after_filter']:.4f} cyst {row['cyst_after_filter']:.4f} "
@@ -169,7 +192,7 @@ def main(argv=None):
               f"false tumors {row['tumor_detection']['false_positives']})")
     if not args.no_write and args.seed0 == EVAL_SEED0:  # cards carry the test seeds' numbers only
         update_card(liver_path, metrics={"fresh_phantoms": {k: v for k, v in phantom.items() if k.startswith(("liver", "cases", "seeds", "mode"))},
-                                         **({"ircad_1_1": {"liver_dice": result["ircad_1_1"]["liver_dice"]}} if ct is not None else {})})
+                                         **({"ircad_1_1": {"liver_dice": ircad["liver_dice"]}} if ircad else {})})
         update_card(tumor_path, metrics=result)
 
 

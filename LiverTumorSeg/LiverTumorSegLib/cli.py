@@ -126,7 +126,8 @@ def post_params(args):
     return PostParams(cyst_filter=not args.no_cyst_filter, cyst_threshold_hu=args.cyst_threshold,
                       dilate_iterations=args.dilate_iterations, dilate_max_area_px=args.dilate_max_area,
                       dilate_mode=args.dilate_mode, fit_on_core=not args.fit_whole_region,
-                      refine_outlines=not args.no_refine_outlines, refine_max_mm=args.refine_mm)
+                      refine_outlines=not args.no_refine_outlines, refine_max_mm=args.refine_mm,
+                      min_peak_probability=args.min_peak)
 
 
 def _reach_mm(text: str) -> float:
@@ -135,6 +136,13 @@ def _reach_mm(text: str) -> float:
     value = float(text)
     if not 0 < value <= MAX_REFINE_MM:
         raise argparse.ArgumentTypeError(f"must be in (0, {MAX_REFINE_MM:g}] mm, not {text}")
+    return value
+
+
+def _gate(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), not {text}")
     return value
 
 
@@ -163,6 +171,10 @@ def add_post_arguments(p: argparse.ArgumentParser) -> None:
                         "grows into the liver around it, where the CT is on its side of half-way to the liver's HU)")
     g.add_argument("--refine-mm", type=_reach_mm, default=3.0, metavar="MM",
                    help="how far the outline refinement may grow a region, in mm (default 3, at most 10)")
+    g.add_argument("--min-peak", type=_gate, default=0.0, metavar="P",
+                   help="confidence gate: a lesion region whose highest network probability is below P goes back to "
+                        "liver (listed in the table; default 0: off). Needs the network's probabilities "
+                        "(segment; postprocess --probabilities)")
 
 
 PROGRESS_PREFIX = "PROGRESS "
@@ -421,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="output .seg.nrrd or labelmap .nii.gz/.nrrd/.mha")
     s.add_argument("--table", help="write the region table (.csv)")
     s.add_argument("--plots", type=Path, help="folder for one HU histogram PNG per region")
+    s.add_argument("--probabilities", type=Path,
+                   help="the network output segment --probabilities saved for this CT: the lesion candidates and their "
+                        "peak probabilities then come from it (as in segment), the labels giving the liver")
     s.add_argument("--overwrite", action="store_true")
     add_post_arguments(s)
     s.set_defaults(func=cmd_postprocess)

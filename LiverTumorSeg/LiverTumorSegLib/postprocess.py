@@ -13,10 +13,12 @@ Order of operations (fixed):
    HU; a core of fewer than ``min_region_voxels`` voxels falls back to the whole region. Off, every
    voxel of the region is fitted (the paper's rule). Chosen on tuning phantoms 3024-3071 and
    3D-IRCADb 1.1 with a rule set beforehand (BENCHMARKS.md, "The cyst filter fits the core");
-4. decision: a manual override; else, with the filter on, "not tissue" iff the fitted mean M is
+4. decision: a manual override; else, with the confidence gate on (``min_peak_probability`` > 0,
+   and only when a probability map was given), "low confidence" iff the region's peak network
+   probability is below it; else, with the filter on, "not tissue" iff the fitted mean M is
    below ``min_tissue_hu`` (gas or fat: no lesion has such HU), cyst iff M < threshold, else tumor;
-5. relabel: tumor 2, cyst 3 (cysts are set aside, never deleted), not tissue 0 (kept in the table,
-   removed from the labels); other input lesion voxels -> 1;
+5. relabel: tumor 2, cyst 3 (cysts are set aside, never deleted), not tissue 0 and low confidence 1
+   (both kept in the table, removed from the lesion labels); other input lesion voxels -> 1;
 6. small-tumor dilation of kept tumors (per axial slice, or in 3-D: ``dilate_mode``), inside the liver;
 7. with ``refine_outlines`` (the default since 2026-11-30), each tumor and cyst grows into the liver
    around it, up to ``refine_max_mm``, where the CT is on its side of half-way between its fitted
@@ -74,7 +76,7 @@ MAX_DILATE_ITERATIONS = 3
 DILATE_MODES = ("slice", "3d")
 AUTHORS_GRID = 256  # the notebook's in-plane matrix
 AUTHORS_SIZE_STEPS = ((80, 1), (100, 2))  # 256-grid voxels below -> dilation radius n (notebook)
-DECISION_LABELS = {"tumor": 2, "cyst": 3, "not tissue": 0}
+DECISION_LABELS = {"tumor": 2, "cyst": 3, "not tissue": 0, "low confidence": 1}
 MIN_R2 = 0.8  # below this a single Gaussian does not describe the histogram (e.g. bimodal)
 _MAD_TO_SD = 1.4826
 _CUBE = np.ones((3, 3, 3), bool)
@@ -100,6 +102,7 @@ class PostParams:
     dilate_mode: str = "slice"  # "slice": the paper's per-slice rule; "3d": the authors' notebook (ours, see above)
     refine_outlines: bool = True  # False: the outlines as the network and the dilation left them
     refine_max_mm: float = 3.0
+    min_peak_probability: float = 0.0  # > 0: a region whose peak network probability is below goes back to liver
 
     def __post_init__(self):
         if self.dilate_mode not in DILATE_MODES:
@@ -112,6 +115,8 @@ class PostParams:
             raise ValueError("bin_width_hu must be > 0 and smoothing_bins >= 0")
         if not 0 < self.refine_max_mm <= MAX_REFINE_MM:
             raise ValueError(f"refine_max_mm must be in (0, {MAX_REFINE_MM:g}] mm, not {self.refine_max_mm}")
+        if not 0 <= self.min_peak_probability < 1:
+            raise ValueError(f"min_peak_probability must be in [0, 1), not {self.min_peak_probability}")
 
 
 @dataclass
@@ -138,6 +143,7 @@ class _Region:
     hu: np.ndarray  # float64 HU values
     core_hu: np.ndarray  # float64 HU values of the region less its one-voxel rim (3x3x3 erosion)
     centroid: tuple[float, float, float]  # (k, j, i)
+    peak: float  # the highest network probability in the region (0-1); NaN without a probability map
 
 
 def gaussian(x, A, M, S):
@@ -210,7 +216,7 @@ class PostProcessor:
                 raise ValueError(f"threshold must be 1-255 (uint8 probability), not {threshold}")
             candidates = liver & (np.asarray(tumor_probability) >= threshold)
         self._scale = grid_scale(ct.array.shape)
-        self._regions = _find_regions(ct.array, liver, candidates, _crop_pad(self._scale))
+        self._regions = _find_regions(ct.array, liver, candidates, _crop_pad(self._scale), tumor_probability)
         self._by_id = {r.id: r for r in self._regions}
         self._base = liver.astype(np.uint8)  # lesion voxels that are no candidate become liver
         self._parenchyma = liver & ~candidates if self._regions else None  # liver voxels of no region
@@ -342,8 +348,12 @@ class PostProcessor:
         fit, on_core = self._decisive_fit(index, params)
         A, M, S, quality, fallback = _estimate(region.core_hu if on_core else region.hu, fit, params.min_region_voxels)
         threshold = params.cyst_threshold_hu
+        gate = params.min_peak_probability
         if override:
             decision, reason = override, "manual override"
+        elif gate > 0 and region.peak < gate:  # NaN (no probability map) never compares below
+            decision = "low confidence"
+            reason = f"peak probability {region.peak:.2f} < {gate:.2f}: back to liver"
         elif not params.cyst_filter:
             decision, reason = "tumor", "cyst filter off"
         else:
@@ -368,6 +378,7 @@ class PostProcessor:
             "fit_A": round(A, 2), "fit_M": round(M, 2), "fit_S": round(S, 2),
             "fit_quality": quality,
             "fit_on": "core" if on_core else "region",
+            "peak_probability": None if math.isnan(region.peak) else round(region.peak, 3),  # None: no probability map
             "decision": decision,
             "reason": reason,
             "dilated": False,
@@ -421,9 +432,10 @@ def _crop_pad(scale: float) -> tuple[int, int, int]:
     return (n, in_plane, in_plane)
 
 
-def _find_regions(ct: np.ndarray, liver: np.ndarray, candidates: np.ndarray,
-                  pad: tuple[int, int, int]) -> list[_Region]:
-    """3-D regions of the candidates, each with its crop (widened by ``pad``), flat indices and HU values."""
+def _find_regions(ct: np.ndarray, liver: np.ndarray, candidates: np.ndarray, pad: tuple[int, int, int],
+                  probability: np.ndarray | None = None) -> list[_Region]:
+    """3-D regions of the candidates, each with its crop (widened by ``pad``), flat indices, HU values
+    and peak probability (``probability``: uint8 0-255)."""
     box = bounding_box(candidates, pad)  # room to dilate
     if box is None:
         return []
@@ -446,6 +458,7 @@ def _find_regions(ct: np.ndarray, liver: np.ndarray, candidates: np.ndarray,
             hu=ct[full].astype(np.float64),
             core_hu=ct[crop][ndimage.binary_erosion(own, _CUBE)].astype(np.float64),
             centroid=tuple(float(c.mean()) for c in full),
+            peak=math.nan if probability is None else float(probability[full].max()) / 255.0,
         ))
     return regions
 
@@ -510,7 +523,7 @@ def save_region_histogram_png(processor: PostProcessor, region_id: int, path, pa
 
 
 TABLE_COLUMNS = ("id", "decision", "reason", "override", "voxels", "volume_ml", "fit_A", "fit_M", "fit_S", "fit_quality",
-                 "fit_on", "dilated", "refined_ml", "outline", "outline_liver_hu", "outline_level_hu", "centroid_voxel", "centroid_lps_mm", "centroid_ras_mm")
+                 "fit_on", "peak_probability", "dilated", "refined_ml", "outline", "outline_liver_hu", "outline_level_hu", "centroid_voxel", "centroid_lps_mm", "centroid_ras_mm")
 
 
 def table_csv(rows: list[dict]) -> str:

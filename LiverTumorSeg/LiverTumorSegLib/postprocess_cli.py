@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import OutputError
+from .errors import InputError, OutputError
 from .imageio import check_suffix, refuse_existing
 
 
@@ -17,11 +17,18 @@ def run_postprocess(args) -> int:
     from .postprocess import PostProcessor, table_csv
 
     params = post_params(args)
+    if params.min_peak_probability > 0 and not args.probabilities:
+        raise InputError("--min-peak needs the network's probabilities: add --probabilities FILE.npz "
+                         "(written by segment --probabilities).")
     kind = output_kind(Path(args.output))
     _refuse_existing(args)
     ct = read_volume(args.ct)
     check_ct(ct)  # the HU fits and the outline levels mean nothing on another kind of image
-    processor = PostProcessor(ct, read_labels(Path(args.labels), ct, ours=True).array)
+    labels = read_labels(Path(args.labels), ct, ours=True).array
+    if args.probabilities:
+        processor = PostProcessor.from_network(ct, labels, _probabilities(Path(args.probabilities), ct.array.shape))
+    else:
+        processor = PostProcessor(ct, labels)
     labels, rows = processor.apply(params)
     write = write_seg_nrrd if kind == ".seg.nrrd" else write_labels
     write(labels, ct, args.output, overwrite=args.overwrite)
@@ -31,6 +38,24 @@ def run_postprocess(args) -> int:
         _save_plots(processor, rows, Path(args.plots), params)
     _print_summary(rows, labels, float(np.prod(ct.spacing)) / 1000.0)
     return 0
+
+
+def _probabilities(path: Path, shape: tuple[int, ...]):
+    """The network output ``segment --probabilities`` wrote, checked against the CT's grid."""
+    import zipfile
+
+    from .pipeline import Probabilities
+
+    if not path.is_file():
+        raise InputError(f"--probabilities: {path} not found.")
+    try:
+        probabilities = Probabilities.load(path)
+    except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as err:
+        raise InputError(f"--probabilities: {path} is not a probability file written by segment --probabilities ({err}).") from err
+    if probabilities.liver.shape != tuple(shape):
+        raise InputError(f"--probabilities: its grid {probabilities.liver.shape} is not the CT's {tuple(shape)} "
+                         "(array order k, j, i): use the file segment wrote for this CT.")
+    return probabilities
 
 
 def _refuse_existing(args) -> None:

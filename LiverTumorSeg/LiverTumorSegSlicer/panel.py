@@ -13,6 +13,7 @@ DILATE_MAX_AREA_PX = (0, 1000)
 DILATE_MODES = (("slice", "Per slice (paper)"), ("3d", "3-D (authors' code)"))
 CYST_THRESHOLD_HU = (-20.0, 120.0)
 REFINE_MM = (0.5, 10.0)  # outline.MAX_REFINE_MM is the upper bound (tested)
+MIN_PEAK = (0.0, 0.95)  # the confidence gate's spin box; 0 shows "off"
 DISCLAIMER = "Research use only: NOT FOR CLINICAL USE."
 
 
@@ -83,7 +84,7 @@ def slice_dilation_controls_enabled(dilate_mode: str) -> bool:
 
 def params_from_controls(current, *, dilate_iterations: int, dilate_max_area_px: int, cyst_filter: bool,
                          cyst_threshold_hu: float, dilate_mode: str, fit_on_core: bool, refine_outlines: bool,
-                         refine_max_mm: float):
+                         refine_max_mm: float, min_peak_probability: float):
     """``current`` (a ``PostParams``) with the panel's controls (clamped to their ranges; an unknown
     dilation mode is the default); the settings the panel does not show (bin width, smoothing, ...) are kept."""
     return dataclasses.replace(
@@ -93,6 +94,7 @@ def params_from_controls(current, *, dilate_iterations: int, dilate_max_area_px:
         fit_on_core=bool(fit_on_core),
         refine_outlines=bool(refine_outlines),
         refine_max_mm=float(_clamp(refine_max_mm, REFINE_MM)),
+        min_peak_probability=float(_clamp(min_peak_probability, MIN_PEAK)),
         cyst_threshold_hu=float(_clamp(cyst_threshold_hu, CYST_THRESHOLD_HU)),
         dilate_iterations=int(_clamp(dilate_iterations, DILATE_ITERATIONS)),
         dilate_max_area_px=int(_clamp(dilate_max_area_px, DILATE_MAX_AREA_PX)),
@@ -104,10 +106,11 @@ def controls_from_params(params) -> dict:
     return {"dilate_iterations": params.dilate_iterations, "dilate_max_area_px": params.dilate_max_area_px,
             "cyst_filter": params.cyst_filter, "cyst_threshold_hu": params.cyst_threshold_hu,
             "dilate_mode": params.dilate_mode, "fit_on_core": params.fit_on_core,
-            "refine_outlines": params.refine_outlines, "refine_max_mm": params.refine_max_mm}
+            "refine_outlines": params.refine_outlines, "refine_max_mm": params.refine_max_mm,
+            "min_peak_probability": params.min_peak_probability}
 
 
-REGION_COLUMNS = ("Region", "Volume (mL)", "Fitted mean (HU)", "Decision", "Why", "Outline")
+REGION_COLUMNS = ("Region", "Volume (mL)", "Fitted mean (HU)", "Peak probability", "Decision", "Why", "Outline")
 
 
 def region_table(rows: list[dict]) -> list[tuple[str, ...]]:
@@ -116,7 +119,9 @@ def region_table(rows: list[dict]) -> list[tuple[str, ...]]:
     for row in rows:
         decision = row["decision"] + (" (by hand)" if row.get("override") else "")
         outline = f"+{row['refined_ml']:.2f} mL: {row['outline']}" if row.get("refined_ml") else row.get("outline", "")
-        cells.append((str(row["id"]), f"{row['volume_ml']:.2f}", f"{row['fit_M']:.0f}", decision, row["reason"], outline))
+        peak = row.get("peak_probability")
+        cells.append((str(row["id"]), f"{row['volume_ml']:.2f}", f"{row['fit_M']:.0f}", "" if peak is None else f"{peak:.2f}",
+                      decision, row["reason"], outline))
     return cells
 
 

@@ -1,5 +1,6 @@
 """The livertumorseg command: outputs, geometry, refusals with one clear message and exit code."""
 
+import csv
 import json
 import shutil
 
@@ -93,6 +94,51 @@ def test_probabilities_cache_written_under_the_given_name(ct_file, tmp_path, cap
     cache = tmp_path / "cache.npz"
     assert _run(capsys, "segment", ct_file, "-o", tmp_path / "l.nii.gz", "--probabilities", cache, "--fast")[0] == 0
     assert cache.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def _array(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def _table(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_postprocess_with_the_cached_probabilities_repeats_segment_and_gates_by_peak(ct_file, tmp_path, capsys):
+    """segment's labels and probabilities through postprocess give segment's labels back; --min-peak
+    sends exactly the regions whose peak is below it back to liver; without the probabilities it is refused."""
+    seg, cache, table = tmp_path / "seg.nii.gz", tmp_path / "p.npz", tmp_path / "seg.csv"
+    assert _run(capsys, "segment", ct_file, "-o", seg, "--probabilities", cache, "--table", table, "--fast")[0] == 0
+    again = tmp_path / "again.nii.gz"
+    common = ("postprocess", "--ct", ct_file, "--labels", seg, "--probabilities", cache)
+    assert _run(capsys, *common, "-o", again)[0] == 0
+    assert np.array_equal(_array(again), _array(seg))
+    rows = _table(table)
+    peaks = sorted(float(r["peak_probability"]) for r in rows)
+    assert len(peaks) >= 2 and 0.5 <= peaks[0] < peaks[-1] <= 1
+    gate = (peaks[0] + peaks[-1]) / 2
+    gated, gated_table = tmp_path / "gated.nii.gz", tmp_path / "gated.csv"
+    code, stdout, err = _run(capsys, *common, "-o", gated, "--table", gated_table, "--min-peak", f"{gate:.4f}")
+    assert code == 0, err
+    gated_rows = _table(gated_table)
+    assert [r["decision"] == "low confidence" for r in gated_rows] == [float(r["peak_probability"]) < gate for r in gated_rows]
+    assert "low confidence" in stdout
+    labels, before = _array(gated), _array(seg)
+    assert (labels >= 2).sum() < (before >= 2).sum() and np.array_equal(labels > 0, before > 0)
+    code, _, err = _run(capsys, "postprocess", "--ct", ct_file, "--labels", seg, "-o", tmp_path / "x.nii.gz", "--min-peak", "0.7")
+    _assert_clean_error(code, err, "--min-peak", "--probabilities")
+    with pytest.raises(SystemExit) as exit_info:
+        _run(capsys, *common, "-o", tmp_path / "y.nii.gz", "--min-peak", "1")
+    assert exit_info.value.code == 2 and "--min-peak: must be in [0, 1)" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, liver=np.zeros((2, 3, 4), np.uint8), tumor=np.zeros((1, 1, 1), np.uint8), box=np.array([0, 0, 0, 1, 1, 1]))
+    code, _, err = _run(capsys, *common[:-1], wrong, "-o", tmp_path / "z.nii.gz")
+    _assert_clean_error(code, err, "--probabilities", "grid")
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    code, _, err = _run(capsys, *common[:-1], tmp_path / "junk.npz", "-o", tmp_path / "z.nii.gz")
+    _assert_clean_error(code, err, "--probabilities", "not a probability file")
+    assert not any((tmp_path / n).exists() for n in ("x.nii.gz", "y.nii.gz", "z.nii.gz"))
 
 
 def _write(tmp_path, name, arr, spacing=(1.0, 1.0, 1.0)):

@@ -40,16 +40,20 @@ def test_post_processing_only_with_a_result():
 def test_controls_map_to_post_processing_settings_within_their_ranges():
     current = PostParams(bin_width_hu=2.0, smoothing_bins=0.0, min_tissue_hu=-300.0)  # settings the panel does not show
     params = panel.params_from_controls(current, dilate_iterations=1, dilate_max_area_px=50, cyst_filter=True, cyst_threshold_hu=60,
-                                        dilate_mode="3d", fit_on_core=False, refine_outlines=True, refine_max_mm=2.5)
+                                        dilate_mode="3d", fit_on_core=False, refine_outlines=True, refine_max_mm=2.5,
+                                        min_peak_probability=0.7)
     assert params == PostParams(dilate_iterations=1, dilate_max_area_px=50, cyst_threshold_hu=60.0, dilate_mode="3d",
-                                bin_width_hu=2.0, smoothing_bins=0.0, min_tissue_hu=-300.0, fit_on_core=False, refine_max_mm=2.5)
+                                bin_width_hu=2.0, smoothing_bins=0.0, min_tissue_hu=-300.0, fit_on_core=False, refine_max_mm=2.5,
+                                min_peak_probability=0.7)
     clamped = panel.params_from_controls(current, dilate_iterations=9, dilate_max_area_px=-5, cyst_filter=False, cyst_threshold_hu=500,
-                                         dilate_mode="bogus", fit_on_core=True, refine_outlines=False, refine_max_mm=99)
+                                         dilate_mode="bogus", fit_on_core=True, refine_outlines=False, refine_max_mm=99,
+                                         min_peak_probability=1.5)
     assert (clamped.dilate_iterations, clamped.dilate_max_area_px, clamped.cyst_threshold_hu) == (3, 0, 120.0)
     assert not clamped.cyst_filter and clamped.dilate_mode == "slice" and clamped.fit_on_core
-    assert not clamped.refine_outlines and clamped.refine_max_mm == 10.0
+    assert not clamped.refine_outlines and clamped.refine_max_mm == 10.0 and clamped.min_peak_probability == 0.95
     for restored in (PostParams(cyst_threshold_hu=70.0, dilate_iterations=0, cyst_filter=False, fit_on_core=False),
-                     PostParams(dilate_mode="3d", dilate_iterations=1, refine_outlines=False, refine_max_mm=6.5)):
+                     PostParams(dilate_mode="3d", dilate_iterations=1, refine_outlines=False, refine_max_mm=6.5,
+                                min_peak_probability=0.6)):
         assert panel.params_from_controls(restored, **panel.controls_from_params(restored)) == restored
 
 
@@ -74,7 +78,8 @@ def test_ui_control_ranges_and_defaults_are_the_panels_and_the_cores():
     for name, bounds, key in (("dilateIterationsSpinBox", panel.DILATE_ITERATIONS, "dilate_iterations"),
                               ("dilateMaxAreaSpinBox", panel.DILATE_MAX_AREA_PX, "dilate_max_area_px"),
                               ("cystThresholdSlider", panel.CYST_THRESHOLD_HU, "cyst_threshold_hu"),
-                              ("refineMmSpinBox", panel.REFINE_MM, "refine_max_mm")):
+                              ("refineMmSpinBox", panel.REFINE_MM, "refine_max_mm"),
+                              ("minPeakSpinBox", panel.MIN_PEAK, "min_peak_probability")):
         p = props[name]
         assert (float(p["minimum"]), float(p["maximum"])) == bounds, name
         assert float(p["value"]) == defaults[key], name
@@ -94,6 +99,7 @@ def test_ui_control_ranges_and_defaults_are_the_panels_and_the_cores():
         args = build_parser().parse_args(argv)
         assert args.fit_whole_region is (not defaults["fit_on_core"])  # the core fit, as the panel
         assert args.no_refine_outlines is (not defaults["refine_outlines"]) and args.refine_mm == defaults["refine_max_mm"]
+        assert args.min_peak == defaults["min_peak_probability"] == 0.0  # the gate is off by default everywhere
     assert props["ttaCheckBox"]["checked"] == "true"
     assert panel.DILATE_ITERATIONS[1] == MAX_DILATE_ITERATIONS
     assert panel.REFINE_MM[1] == MAX_REFINE_MM
@@ -102,12 +108,13 @@ def test_ui_control_ranges_and_defaults_are_the_panels_and_the_cores():
 
 def test_region_table_cells_and_status_line():
     rows = [{"id": 3, "volume_ml": 1.234, "fit_M": 30.4, "decision": "cyst", "reason": "fitted mean 30.4 HU < 45 HU", "override": None,
-             "refined_ml": 0.456, "outline": "liver 98 HU, grown to 64 HU"},
+             "refined_ml": 0.456, "outline": "liver 98 HU, grown to 64 HU", "peak_probability": 0.914},
             {"id": 4, "volume_ml": 12.0, "fit_M": 90.0, "decision": "cyst", "reason": "manual override", "override": "cyst",
              "refined_ml": 0.0, "outline": "liver 95 HU, contrast under 10 HU: outline kept"}]
     cells = panel.region_table(rows)
-    assert cells[0] == ("3", "1.23", "30", "cyst", "fitted mean 30.4 HU < 45 HU", "+0.46 mL: liver 98 HU, grown to 64 HU")
-    assert cells[1][3] == "cyst (by hand)" and cells[1][5] == "liver 95 HU, contrast under 10 HU: outline kept"
+    assert cells[0] == ("3", "1.23", "30", "0.91", "cyst", "fitted mean 30.4 HU < 45 HU", "+0.46 mL: liver 98 HU, grown to 64 HU")
+    assert cells[1][4] == "cyst (by hand)" and cells[1][6] == "liver 95 HU, contrast under 10 HU: outline kept"
+    assert cells[1][3] == ""  # no peak known (a row from labels alone)
     assert all(len(c) == len(panel.REGION_COLUMNS) for c in cells)
     report = {"device": "cpu (2 threads)", "timings": {"liver_s": 1.25, "tumor_s": 2.5}, "warnings": []}
     assert panel.status_line(report) == "Done on cpu (2 threads): liver 1.2 s, tumors 2.5 s"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import cc3d
@@ -252,6 +253,38 @@ def test_probability_map_candidates_stay_in_liver():
     assert rows == [] and np.array_equal(out, liver)  # 200 < 201: no candidate left
     with pytest.raises(ValueError, match="threshold"):
         PostProcessor(ct, liver, prob, threshold=0)
+
+
+def test_confidence_gate_removes_whole_regions_by_their_peak():
+    """A region whose highest probability is below the gate goes back to liver, whole, with its row
+    kept and flippable; a region above it keeps every voxel, including those of low probability."""
+    ct, labels, *_ = _dilation_case()
+    liver = np.where(labels > 0, 1, 0).astype(np.uint8)
+    prob = np.zeros(labels.shape, np.uint8)
+    prob[:, 20:25, 20:25] = 140  # peak 140/255 = 0.549
+    prob[:, 30:35, 30:35] = 130
+    prob[2, 32, 32] = 200  # peak 0.784: one confident voxel in a region of 130s
+    processor = PostProcessor(ct, liver, prob)
+    off = PostParams(dilate_iterations=0, refine_outlines=False, cyst_filter=False)
+    gated = dataclasses.replace(off, min_peak_probability=0.6)
+    out, rows = processor.apply(gated)
+    by_peak = {r["peak_probability"]: r for r in rows}
+    assert set(by_peak) == {round(140 / 255, 3), round(200 / 255, 3)}
+    low, high = by_peak[round(140 / 255, 3)], by_peak[round(200 / 255, 3)]
+    assert low["decision"] == "low confidence" and low["reason"] == "peak probability 0.55 < 0.60: back to liver"
+    assert high["decision"] == "tumor"
+    assert (out[:, 20:25, 20:25] == 1).all() and (out[:, 30:35, 30:35] == 2).all()
+    ungated = processor.apply(off)[0]  # gate off (0): both kept
+    assert (ungated[:, 20:25, 20:25] == 2).all()
+    assert np.array_equal(out, np.where(prob == 140, 1, ungated))  # only the low region changed
+    assert (processor.apply(gated, {low["id"]: "cyst"})[0][:, 20:25, 20:25] == 3).all()  # flipped by hand
+    assert (processor.apply(dataclasses.replace(gated, min_peak_probability=0.79))[0] >= 2).sum() == 0
+    without_map = PostProcessor(ct, np.where(prob >= 128, 2, liver).astype(np.uint8))
+    _, rows = without_map.apply(gated)  # labels only: no peak to judge, nothing gated
+    assert {r["decision"] for r in rows} == {"tumor"} and all(r["peak_probability"] is None for r in rows)
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="min_peak_probability"):
+            PostParams(min_peak_probability=bad)
 
 
 def test_histogram_png(phantom, tmp_path):
