@@ -126,7 +126,8 @@ def main(argv=None):
     liver_path, tumor_path = model_files(args.model)
     models = load_model(liver_path, stage="liver"), load_model(tumor_path, stage="tumor")
     default = PostParams(fit_on_core=not args.fit_whole_region)
-    settings = [replace(default, min_peak_probability=g) for g in (args.min_peak or [default.min_peak_probability])]
+    gates = dict.fromkeys(args.min_peak or [default.min_peak_probability])  # in order, each once
+    settings = [replace(default, min_peak_probability=g) for g in gates]
     rows, seconds = {p: [] for p in settings}, []
     for seed in tqdm(range(args.seed0, args.seed0 + args.cases), desc="phantoms", file=sys.stderr):
         ct, lab = generate_case(seed)

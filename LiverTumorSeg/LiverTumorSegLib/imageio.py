@@ -136,12 +136,19 @@ NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI-1 datatype codes of real-valued vox
 def _check_nifti_file(path: Path) -> None:
     """What ITK's NIfTI reader would hide. Raise RuntimeError when the file lacks voxel bytes (ITK
     zero-fills a truncated file), and InputError for a zero or non-finite voxel size in a header
-    without an sform (ITK reads it as 1 mm) or for NaN/infinite float voxels (ITK reads them as 0)."""
+    without an sform (ITK reads it as 1 mm), for a negative voxel size in any header (ITK flips that
+    axis even against a valid sform, nibabel drops the sign, nifti1_io reads 1 mm: the standard
+    requires it positive) or for NaN/infinite float voxels (ITK reads them as 0)."""
     compressed = path.name.lower().endswith(".gz")
     try:
         with (gzip.open if compressed else open)(path, "rb") as f:
             header = f.read(348)
             info = _nifti_header(header)
+            sizes = info["pixdim"][1:min(info["dims"][0], 3) + 1] if info is not None else ()
+            if any(s < 0 for s in sizes):
+                raise InputError(f"'{path.name}' has a negative voxel size ({' x '.join(f'{s:g}' for s in sizes)} mm) "
+                                 "in its header. Readers disagree on what it means (ITK flips the axis, others drop "
+                                 "the sign), so the image's orientation is ambiguous. Fix the header (pixdim > 0).")
             if info is not None and info["sform_code"] == 0:
                 sizes = info["pixdim"][1:min(info["dims"][0], 3) + 1]
                 if not all(np.isfinite(s) and s != 0 for s in sizes):

@@ -120,6 +120,22 @@ def test_read_refuses_a_zero_voxel_size_in_a_nifti_header(tmp_path, axis):
         read_volume(path)
 
 
+@pytest.mark.parametrize("qform_only", [False, True])
+@pytest.mark.parametrize("axis", [0, 2])
+def test_read_refuses_a_negative_voxel_size_in_a_nifti_header(tmp_path, axis, qform_only):
+    """ITK reads a negative pixdim as a flip of that axis, even when a valid sform says otherwise;
+    nibabel drops the sign. The orientation is ambiguous: refused, not guessed."""
+    path = save(fake_ct(), tmp_path / "ct.nii")
+    data = bytearray(path.read_bytes())
+    if qform_only:
+        data[252:256] = (1).to_bytes(2, "little") + (0).to_bytes(2, "little")
+    size = np.frombuffer(bytes(data[80 + 4 * axis:84 + 4 * axis]), np.float32)[0]
+    data[80 + 4 * axis:84 + 4 * axis] = np.float32(-size).tobytes()
+    path.write_bytes(bytes(data))
+    with raises_input("negative voxel size"):
+        read_volume(path)
+
+
 def test_read_garbage_file(tmp_path):
     (tmp_path / "bad.nrrd").write_bytes(gzip.compress(b"not an image"))
     with raises_input("could not be read"):
