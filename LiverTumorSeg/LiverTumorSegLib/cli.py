@@ -153,9 +153,9 @@ def add_tta_argument(parser: argparse.ArgumentParser) -> None:
                              "--no-tta: 4x less network time)")
 
 
-def add_post_arguments(p: argparse.ArgumentParser) -> None:
-    """The post-processing flags shared by segment and postprocess (defaults: ``PostParams``)."""
-    g = p.add_argument_group("post-processing")
+def add_post_arguments(p: argparse.ArgumentParser, when: str = "") -> None:
+    """The post-processing flags shared by segment, postprocess and evaluate (defaults: ``PostParams``)."""
+    g = p.add_argument_group("post-processing", f"{when}the post-processing's settings" if when else None)
     g.add_argument("--dilate-iterations", type=int, default=2, choices=range(4), metavar="N", help="small-tumor dilation, 0-3 (default 2)")
     g.add_argument("--dilate-max-area", type=int, default=100, metavar="PX", help="dilate 2-D tumor regions smaller than this, in pixels (default 100)")
     g.add_argument("--dilate-mode", choices=("slice", "3d"), default="slice",
@@ -454,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fast", action="store_true", help="with --model: fewer tiles (step 1.0)")
     add_tta_argument(s)
     s.add_argument("-o", "--out", required=True, type=Path, help="folder for metrics.csv, summary.md, summary.json and boxplot.png")
+    add_post_arguments(s, "with --model: ")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_evaluate)
 

@@ -46,6 +46,8 @@ def run_evaluate(args) -> int:
 
     out = Path(args.out)
     refuse_existing_in(out, OUTPUTS, args.overwrite)
+    if args.model is None and _post_flags_given(args):
+        raise InputError("The post-processing flags apply with --model only (--pred is scored as it is).")
     if args.model is not None:
         from .evaluate_model import evaluate_model
 
@@ -72,6 +74,13 @@ def run_evaluate(args) -> int:
         save_boxplot([r for r in rows if r["output"] == POSTPROCESSED], out / "boxplot.png", "after post-processing: ")
     print(markdown)
     return 0
+
+
+def _post_flags_given(args) -> bool:
+    from .cli import post_params
+    from .postprocess import PostParams
+
+    return post_params(args) != PostParams()
 
 
 # ---------------------------------------------------------------- cases

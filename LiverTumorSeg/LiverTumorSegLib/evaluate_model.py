@@ -1,8 +1,10 @@
 """``evaluate --model``: segment the cases of a split with a model pair and score the network output
-and the post-processed result (default parameters) against the reference labels."""
+and the post-processed result (default parameters, or the post-processing flags given) against the
+reference labels."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -15,7 +17,14 @@ from .postprocess import PostParams, PostProcessor
 from .registry import model_files
 from .tumorgap import steps_markdown, summarize_steps
 
-TITLES = {NETWORK: "Network output (before post-processing)", POSTPROCESSED: "After post-processing (default parameters)"}
+TITLES = {NETWORK: "Network output (before post-processing)", POSTPROCESSED: "After post-processing"}
+
+
+def settings_text(params: PostParams) -> str:
+    """'default parameters', or the settings that differ from the defaults."""
+    changed = [f"{f.name}={getattr(params, f.name)}" for f in dataclasses.fields(params)
+               if getattr(params, f.name) != f.default]
+    return ", ".join(changed) if changed else "default parameters"
 
 
 def split_cases(args, model_dir: Path | None) -> tuple[list[str], str]:
@@ -31,8 +40,11 @@ def evaluate_model(args) -> tuple[list[dict], list[dict], dict, str]:
     summaries by output, and the Markdown report."""
     from tqdm import tqdm
 
+    from .cli import post_params
+
     if not args.data:
         raise InputError("evaluate --model needs --data: the labelled cases to segment and score.")
+    params = post_params(args)
     liver_file, tumor_file = model_files(args.model)
     liver, tumor = load_model(liver_file, stage="liver"), load_model(tumor_file, stage="tumor")
     cases = gather_cases(args.data, args.format)
@@ -52,7 +64,7 @@ def evaluate_model(args) -> tuple[list[dict], list[dict], dict, str]:
             print(f"warning: case '{name}' has no reference labels; skipped", file=sys.stderr)
             continue
         result = segment(ct, liver, tumor, device=args.device, fast=args.fast, tta=args.tta)
-        post, _ = PostProcessor.from_network(ct, result.labels, result.probabilities).apply(PostParams())
+        post, _ = PostProcessor.from_network(ct, result.labels, result.probabilities).apply(params)
         spacing_zyx = ct.spacing[::-1]
         rows += case_rows(name, result.labels, truth.array, spacing_zyx, output=NETWORK)
         rows += case_rows(name, post, truth.array, spacing_zyx, output=POSTPROCESSED)
@@ -61,9 +73,11 @@ def evaluate_model(args) -> tuple[list[dict], list[dict], dict, str]:
         raise InputError(f"No labelled case to evaluate in {source}.")
     summary = {out: summarize_structures([r for r in rows if r["output"] == out]) for out in TITLES}
     summary["tumor_gap"] = summarize_steps(gaps)
+    summary["postprocessing"] = dataclasses.asdict(params)
+    titles = dict(TITLES, **{POSTPROCESSED: f"{TITLES[POSTPROCESSED]} ({settings_text(params)})"})
     header = (f"# Evaluation of {liver.card['name']} + {tumor.card['name']}\n\n"
               f"Cases: {source} ({len({r['case'] for r in rows})}). Liver = labels >= 1; tumor = label 2 (the network's lesions "
               "before the filter, tumors after it); lesion = labels 2 or 3.\n\n")
-    markdown = (header + "\n".join(summary_markdown(summary[out], TITLES[out], level=2) for out in TITLES)
+    markdown = (header + "\n".join(summary_markdown(summary[out], titles[out], level=2) for out in TITLES)
                 + "\n" + steps_markdown(summary["tumor_gap"]))
     return rows, gaps, summary, markdown

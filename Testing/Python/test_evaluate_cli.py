@@ -130,6 +130,14 @@ def test_no_matching_case_is_an_error(tmp_path, capsys):
     _one_error_line(code, err, "no case", "x", "y")
 
 
+def test_post_processing_flags_without_a_model_are_refused(folders, tmp_path, capsys):
+    """--pred is scored as it is: a post-processing flag there would be silently ignored."""
+    code, _, err = _run(capsys, "evaluate", "--pred", folders[0], "--truth", folders[1], "-o", tmp_path / "out",
+                        "--min-peak", "0.6")
+    _one_error_line(code, err, "post-processing flags", "--model")
+    assert not (tmp_path / "out").exists()
+
+
 def test_existing_outputs_kept_without_overwrite(folders, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

@@ -3,6 +3,7 @@ two-process data parallelism, and train + evaluate end to end on tiny phantoms."
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -25,6 +26,7 @@ from LiverTumorSegLib.netconfig import SMALL
 from LiverTumorSegLib.orientation import to_canonical
 from LiverTumorSegLib.phantom import generate_case
 from LiverTumorSegLib.pipeline import tumor_stage_input
+from LiverTumorSegLib.postprocess import PostParams
 from LiverTumorSegLib.registry import model_files
 from LiverTumorSegLib.samplecache import predicted_liver, prepared_samples
 from LiverTumorSegLib.trainconfig import bundled_configs, check_config, load_config, stage_recipe
@@ -529,15 +531,24 @@ def test_train_both_stages_then_evaluate_the_pair(phantoms, tmp_path, capsys):
     assert len(rows) == 1 + 2 * 3  # one test case, two outputs, three structures
     assert all(r.split(",")[0] == split["test"][0] for r in rows[1:])
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
-    assert set(summary) == {"network", "post-processed", "tumor_gap"}
+    assert set(summary) == {"network", "post-processed", "tumor_gap", "postprocessing"}
+    assert summary["postprocessing"] == dataclasses.asdict(PostParams())
     assert summary["tumor_gap"]["cases"] == 1 and sum(summary["tumor_gap"]["cost"].values()) == pytest.approx(
         1 - summary["post-processed"]["tumor"]["metrics"]["dsc"]["mean"])  # the steps start from the post-processed tumor Dice
     gap = (out / "tumor_gap.csv").read_text(encoding="utf-8").splitlines()
     assert gap[0] == "case,output,tumors in truth,as is,labels right,no false tumors,no missed tumors" and len(gap) == 2
     text = (out / "summary.md").read_text(encoding="utf-8")
-    assert "Network output (before post-processing)" in text and "After post-processing" in text
+    assert "Network output (before post-processing)" in text and "After post-processing (default parameters)" in text
     assert "Where the tumor Dice is lost" in text and "over 1 case(s)" in text
     assert (out / "boxplot.png").stat().st_size > 1000
+    # the post-processing flags reach evaluate's post-processed output, which says what it ran
+    tuned = tmp_path / "eval-tuned"
+    assert main(["evaluate", "--model", str(run), "--data", str(phantoms), "-o", str(tuned),
+                 "--no-cyst-filter", "--min-peak", "0.6"]) == 0
+    summary = json.loads((tuned / "summary.json").read_text(encoding="utf-8"))
+    assert summary["postprocessing"] == dataclasses.asdict(PostParams(cyst_filter=False, min_peak_probability=0.6))
+    assert "After post-processing (cyst_filter=False, min_peak_probability=0.6)" in (tuned / "summary.md").read_text(encoding="utf-8")
+    assert summary["network"] == json.loads((out / "summary.json").read_text(encoding="utf-8"))["network"]
 
 
 def main_card(path: Path) -> str:
