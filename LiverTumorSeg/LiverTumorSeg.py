@@ -591,6 +591,11 @@ class LiverTumorSegTest(ScriptedLoadableModuleTest):
         self.assertGreater(dice, 0.8)
         live.update(PostParams(cyst_filter=False))
         self.assertFalse(mrml.segment_mask(live.seg_node, "liver_cyst", live.labels.shape).any())
+        live.update(PostParams(min_peak_probability=0.95))  # the confidence gate: each row says what it did
+        for row in live.rows:
+            self.assertEqual(row["decision"] == "low confidence", row["peak_probability"] < 0.95)
+        tumor = mrml.segment_mask(live.seg_node, "liver_tumor", live.labels.shape)
+        self.assertTrue((tumor == (live.labels == 2)).all())
         self.assertIsNone(logic.work_dir)  # temporary files removed
 
 

@@ -237,6 +237,36 @@ def test_live_post_processing_writes_what_the_core_computes(scene):
     assert next(r for r in live.rows if r["id"] == region)["override"] is None
 
 
+def test_confidence_gate_moves_a_whole_region_to_liver_and_a_flip_brings_it_back(scene):
+    import cc3d
+
+    from LiverTumorSegLib.pipeline import Probabilities
+    from LiverTumorSegLib.postprocess import PostParams
+    from LiverTumorSegSlicer.session import LiveResult, _stored_params
+
+    live, truth = _lesion_case(scene)
+    raw = np.where(truth >= 2, 2, truth).astype(np.uint8)  # as _lesion_case's network output
+    regions = cc3d.connected_components(raw >= 2, connectivity=26)
+    faint = regions == 1
+    tumor = np.where(raw >= 2, 255, 0).astype(np.uint8)
+    tumor[faint] = 150  # peak 0.59, above the cut-off (0.5) but below the gate
+    probs = Probabilities(np.where(raw > 0, 255, 0).astype(np.uint8), tumor, (slice(None),) * 3)
+    live = LiveResult(live.volume_node, live.seg_node, raw, probs)
+    gated = PostParams(min_peak_probability=0.7, refine_outlines=False, dilate_iterations=0)
+    live.update(gated)
+    shape = live.labels.shape
+    row = next(r for r in live.rows if r["peak_probability"] == round(150 / 255, 3))
+    assert row["decision"] == "low confidence" and {r["decision"] for r in live.rows if r is not row} <= {"tumor", "cyst"}
+    assert mrml.segment_mask(live.seg_node, "liver", shape)[faint].all()
+    assert not (mrml.segment_mask(live.seg_node, "liver_tumor", shape) | mrml.segment_mask(live.seg_node, "liver_cyst", shape))[faint].any()
+    assert _stored_params(live.seg_node) == gated
+    live.set_decision(row["id"], "tumor")  # the user overrules the gate
+    assert mrml.segment_mask(live.seg_node, "liver_tumor", shape)[faint].all()
+    live.set_decision(row["id"], None)
+    live.update(PostParams(refine_outlines=False, dilate_iterations=0))  # gate off: the region is a lesion again
+    assert (live.labels[faint] >= 2).all()
+
+
 def test_settings_and_decisions_are_stored_on_the_node(scene):
     from LiverTumorSegLib.postprocess import PostParams
     from LiverTumorSegSlicer.session import OVERRIDES_ATTRIBUTE, PARAMS_ATTRIBUTE, _stored_params
