@@ -592,6 +592,7 @@ class LiverTumorSegTest(ScriptedLoadableModuleTest):
         live.update(PostParams(cyst_filter=False))
         self.assertFalse(mrml.segment_mask(live.seg_node, "liver_cyst", live.labels.shape).any())
         live.update(PostParams(min_peak_probability=0.95))  # the confidence gate: each row says what it did
+        self.assertTrue(any(r["decision"] == "low confidence" for r in live.rows))  # this phantom has a faint region
         for row in live.rows:
             self.assertEqual(row["decision"] == "low confidence", row["peak_probability"] < 0.95)
         tumor = mrml.segment_mask(live.seg_node, "liver_tumor", live.labels.shape)

@@ -33,7 +33,9 @@ import numpy as np
 from tqdm import tqdm
 
 from LiverTumorSegLib.datasets import find_cases, load_case
+from LiverTumorSegLib.cli import peak_gate
 from LiverTumorSegLib.evaluate_cli import NETWORK, POSTPROCESSED, metrics_csv
+from LiverTumorSegLib.evaluate_model import settings_text
 from LiverTumorSegLib.imageio import write_text
 from LiverTumorSegLib.metrics import dice, lesion_detection, mean_ci
 from LiverTumorSegLib.modelfile import load_model, update_card
@@ -114,7 +116,7 @@ def main(argv=None):
                     help="the cyst filter fits every voxel of a region (the paper's rule), not its core (the default)")
     ap.add_argument("--cache", type=Path, help="network outputs of the phantoms from/into this folder (tumor_gap.py's; "
                                                "one folder per model, default mode only)")
-    ap.add_argument("--min-peak", type=float, nargs="+", metavar="P",
+    ap.add_argument("--min-peak", type=peak_gate, nargs="+", metavar="P",
                     help="the confidence gate (PostParams.min_peak_probability) at each value (default: the default's)")
     ap.add_argument("--metrics-csv", type=Path, metavar="DIR",
                     help="also write DIR/metrics.csv (per-case Dice, evaluate's layout) for livertumorseg compare")
@@ -156,7 +158,7 @@ def main(argv=None):
     for params in settings:
         if len(settings) > 1:
             print(f"--- confidence gate (min_peak_probability) {params.min_peak_probability:g}")
-        report(args, rows[params], seconds, models, ircad.get(params), liver_path, tumor_path,
+        report(args, params, rows[params], seconds, models, ircad.get(params), liver_path, tumor_path,
                args.metrics_csv / f"min_peak_{params.min_peak_probability:g}" if args.metrics_csv and len(settings) > 1 else args.metrics_csv)
 
 
@@ -175,11 +177,13 @@ def _ircad(args, models, settings: list[PostParams]) -> dict:
             for params in settings}
 
 
-def report(args, rows: list[dict], seconds: list[float], models, ircad: dict | None, liver_path: Path, tumor_path: Path,
-           metrics_dir: Path | None) -> None:
+def report(args, params: PostParams, rows: list[dict], seconds: list[float], models, ircad: dict | None, liver_path: Path,
+           tumor_path: Path, metrics_dir: Path | None) -> None:
     """Print one setting's figures; write its metrics.csv and (test seeds, default setting) the cards."""
     phantom = dict(summarize(rows), seeds=f"{args.seed0}-{args.seed0 + args.cases - 1}", mode=("fast: step 1.0" if args.fast else "normal: step 0.5") + (", mirrored (4 passes)" if args.tta else ", not mirrored"),
-                   **_seconds(seconds, models[1].card, args.cache), note="lesion = tumor + cyst (the network target); tumor-only is the network output; the after_filter figures follow the default post-processing (cyst filter, small-tumor dilation, outline refinement)")
+                   **_seconds(seconds, models[1].card, args.cache), note="lesion = tumor + cyst (the network target); tumor-only is the network output; the after_filter figures follow the "
+                        + ("default post-processing" if params == PostParams() else f"post-processing with {settings_text(params)}")
+                        + " (cyst filter, small-tumor dilation, outline refinement)")
     result = {"fresh_phantoms": phantom, **({"ircad_1_1": ircad} if ircad else {})}
     print(json.dumps(result, indent=2))
     if metrics_dir:

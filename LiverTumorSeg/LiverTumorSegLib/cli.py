@@ -88,6 +88,8 @@ def _side_path(output: Path, given, suffix: str, args) -> Path:
 def _plan(args) -> list[tuple[Path, Path]]:
     """(input, output) pairs; refuses existing outputs before any work unless --overwrite."""
     src, dst = Path(args.input), Path(args.output)
+    if args.no_postprocess and post_params(args) != _default_post_params():
+        raise InputError("--no-postprocess writes the network output as it is: drop the post-processing flags.")
     if not src.exists():
         raise InputError(f"Input not found: {src}")
     if src.is_dir() and not is_dicom_folder(src):
@@ -130,17 +132,31 @@ def post_params(args):
                       min_peak_probability=args.min_peak)
 
 
+def _default_post_params():
+    from .postprocess import PostParams
+
+    return PostParams()
+
+
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text}") from None
+
+
 def _reach_mm(text: str) -> float:
     from .outline import MAX_REFINE_MM
 
-    value = float(text)
+    value = _number(text)
     if not 0 < value <= MAX_REFINE_MM:
         raise argparse.ArgumentTypeError(f"must be in (0, {MAX_REFINE_MM:g}] mm, not {text}")
     return value
 
 
-def _gate(text: str) -> float:
-    value = float(text)
+def peak_gate(text: str) -> float:
+    """``--min-peak``: a probability in [0, 1)."""
+    value = _number(text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), not {text}")
     return value
@@ -171,10 +187,11 @@ def add_post_arguments(p: argparse.ArgumentParser, when: str = "") -> None:
                         "grows into the liver around it, where the CT is on its side of half-way to the liver's HU)")
     g.add_argument("--refine-mm", type=_reach_mm, default=3.0, metavar="MM",
                    help="how far the outline refinement may grow a region, in mm (default 3, at most 10)")
-    g.add_argument("--min-peak", type=_gate, default=0.0, metavar="P",
+    g.add_argument("--min-peak", type=peak_gate, default=0.0, metavar="P",
                    help="confidence gate: a lesion region whose highest network probability is below P goes back to "
-                        "liver (listed in the table; default 0: off). Needs the network's probabilities "
-                        "(segment; postprocess --probabilities)")
+                        "liver (listed in the table; default 0: off; at or below the tumor card's cut-off, 0.5 for the "
+                        "bundled models, it changes nothing). Needs the network's probabilities (segment; postprocess "
+                        "--probabilities); imported networks give none (every peak is 1)")
 
 
 PROGRESS_PREFIX = "PROGRESS "

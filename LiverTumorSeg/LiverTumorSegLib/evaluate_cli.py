@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import LABEL_EXTS, extension_of
+from .cli import LABEL_EXTS, extension_of, post_params
 from .errors import InputError
 from .imageio import read_labels, refuse_existing_in, same_grid, write_json, write_text
 from .metrics import case_metrics, mean_ci, summarize
@@ -77,7 +77,6 @@ def run_evaluate(args) -> int:
 
 
 def _post_flags_given(args) -> bool:
-    from .cli import post_params
     from .postprocess import PostParams
 
     return post_params(args) != PostParams()

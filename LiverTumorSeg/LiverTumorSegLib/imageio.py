@@ -150,7 +150,6 @@ def _check_nifti_file(path: Path) -> None:
                                  "in its header. Readers disagree on what it means (ITK flips the axis, others drop "
                                  "the sign), so the image's orientation is ambiguous. Fix the header (pixdim > 0).")
             if info is not None and info["sform_code"] == 0:
-                sizes = info["pixdim"][1:min(info["dims"][0], 3) + 1]
                 if not all(np.isfinite(s) and s != 0 for s in sizes):
                     raise InputError(f"'{path.name}' has a voxel size of {' x '.join(f'{s:g}' for s in sizes)} mm "
                                      "in its header: the image's geometry is unknown. Fix the header (pixdim).")

@@ -353,7 +353,7 @@ class PostProcessor:
             decision, reason = override, "manual override"
         elif gate > 0 and region.peak < gate:  # NaN (no probability map) never compares below
             decision = "low confidence"
-            reason = f"peak probability {region.peak:.2f} < {gate:.2f}: back to liver"
+            reason = f"peak probability {region.peak:.3f} < {gate:g}: back to liver"
         elif not params.cyst_filter:
             decision, reason = "tumor", "cyst filter off"
         else:

@@ -26,7 +26,10 @@ def run_postprocess(args) -> int:
     check_ct(ct)  # the HU fits and the outline levels mean nothing on another kind of image
     labels = read_labels(Path(args.labels), ct, ours=True).array
     if args.probabilities:
-        processor = PostProcessor.from_network(ct, labels, _probabilities(Path(args.probabilities), ct.array.shape))
+        probabilities = _probabilities(Path(args.probabilities), ct.array.shape)
+        # the network's liver as segment had it: post-processing removed "not tissue" regions from it, nothing else
+        network = (labels > 0) | (probabilities.tumor_full() >= probabilities.tumor_threshold)
+        processor = PostProcessor.from_network(ct, network.astype(np.uint8), probabilities)
     else:
         processor = PostProcessor(ct, labels)
     labels, rows = processor.apply(params)
@@ -50,6 +53,10 @@ def _probabilities(path: Path, shape: tuple[int, ...]):
         raise InputError(f"--probabilities: {path} not found.")
     try:
         probabilities = Probabilities.load(path)
+        if probabilities.tumor.shape != tuple(s.stop - s.start for s in probabilities.box):
+            raise ValueError(f"tumor map {probabilities.tumor.shape} does not fill its box")
+        if not 1 <= probabilities.tumor_threshold <= 255:
+            raise ValueError(f"cut-off {probabilities.tumor_threshold} is not 1-255")
     except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as err:
         raise InputError(f"--probabilities: {path} is not a probability file written by segment --probabilities ({err}).") from err
     if probabilities.liver.shape != tuple(shape):

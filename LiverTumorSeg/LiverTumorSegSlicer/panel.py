@@ -120,7 +120,7 @@ def region_table(rows: list[dict]) -> list[tuple[str, ...]]:
         decision = row["decision"] + (" (by hand)" if row.get("override") else "")
         outline = f"+{row['refined_ml']:.2f} mL: {row['outline']}" if row.get("refined_ml") else row.get("outline", "")
         peak = row.get("peak_probability")
-        cells.append((str(row["id"]), f"{row['volume_ml']:.2f}", f"{row['fit_M']:.0f}", "" if peak is None else f"{peak:.2f}",
+        cells.append((str(row["id"]), f"{row['volume_ml']:.2f}", f"{row['fit_M']:.0f}", "" if peak is None else f"{peak:.3f}",
                       decision, row["reason"], outline))
     return cells
 

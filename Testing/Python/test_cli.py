@@ -128,9 +128,12 @@ def test_postprocess_with_the_cached_probabilities_repeats_segment_and_gates_by_
     assert (labels >= 2).sum() < (before >= 2).sum() and np.array_equal(labels > 0, before > 0)
     code, _, err = _run(capsys, "postprocess", "--ct", ct_file, "--labels", seg, "-o", tmp_path / "x.nii.gz", "--min-peak", "0.7")
     _assert_clean_error(code, err, "--min-peak", "--probabilities")
-    with pytest.raises(SystemExit) as exit_info:
-        _run(capsys, *common, "-o", tmp_path / "y.nii.gz", "--min-peak", "1")
-    assert exit_info.value.code == 2 and "--min-peak: must be in [0, 1)" in capsys.readouterr().err
+    for bad, words in (("1", "must be in [0, 1)"), ("abc", "not a number: abc")):
+        with pytest.raises(SystemExit) as exit_info:
+            _run(capsys, *common, "-o", tmp_path / "y.nii.gz", "--min-peak", bad)
+        assert exit_info.value.code == 2 and f"--min-peak: {words}" in capsys.readouterr().err
+    code, _, err = _run(capsys, "segment", ct_file, "-o", tmp_path / "w.nii.gz", "--no-postprocess", "--min-peak", "0.7")
+    _assert_clean_error(code, err, "--no-postprocess", "post-processing flags")
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, liver=np.zeros((2, 3, 4), np.uint8), tumor=np.zeros((1, 1, 1), np.uint8), box=np.array([0, 0, 0, 1, 1, 1]))
     code, _, err = _run(capsys, *common[:-1], wrong, "-o", tmp_path / "z.nii.gz")
@@ -138,7 +141,7 @@ def test_postprocess_with_the_cached_probabilities_repeats_segment_and_gates_by_
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     code, _, err = _run(capsys, *common[:-1], tmp_path / "junk.npz", "-o", tmp_path / "z.nii.gz")
     _assert_clean_error(code, err, "--probabilities", "not a probability file")
-    assert not any((tmp_path / n).exists() for n in ("x.nii.gz", "y.nii.gz", "z.nii.gz"))
+    assert not any((tmp_path / n).exists() for n in ("x.nii.gz", "y.nii.gz", "z.nii.gz", "w.nii.gz"))
 
 
 def _write(tmp_path, name, arr, spacing=(1.0, 1.0, 1.0)):

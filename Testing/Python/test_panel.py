@@ -112,7 +112,7 @@ def test_region_table_cells_and_status_line():
             {"id": 4, "volume_ml": 12.0, "fit_M": 90.0, "decision": "cyst", "reason": "manual override", "override": "cyst",
              "refined_ml": 0.0, "outline": "liver 95 HU, contrast under 10 HU: outline kept"}]
     cells = panel.region_table(rows)
-    assert cells[0] == ("3", "1.23", "30", "0.91", "cyst", "fitted mean 30.4 HU < 45 HU", "+0.46 mL: liver 98 HU, grown to 64 HU")
+    assert cells[0] == ("3", "1.23", "30", "0.914", "cyst", "fitted mean 30.4 HU < 45 HU", "+0.46 mL: liver 98 HU, grown to 64 HU")
     assert cells[1][4] == "cyst (by hand)" and cells[1][6] == "liver 95 HU, contrast under 10 HU: outline kept"
     assert cells[1][3] == ""  # no peak known (a row from labels alone)
     assert all(len(c) == len(panel.REGION_COLUMNS) for c in cells)

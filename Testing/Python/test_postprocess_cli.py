@@ -12,7 +12,9 @@ from conftest import REPO
 from LiverTumorSegLib.imageio import write_labels, write_seg_nrrd, write_volume
 from LiverTumorSegLib.metrics import dice
 from LiverTumorSegLib.phantom import generate_case
+from LiverTumorSegLib.pipeline import Probabilities
 from LiverTumorSegLib.postprocess import PostParams, PostProcessor
+from LiverTumorSegLib.volume import Volume
 from test_cli import _assert_clean_error, _run
 
 
@@ -219,3 +221,35 @@ def test_labels_that_are_not_ours_are_refused(case, tmp_path, capsys, what):
     code, _, err = _run(capsys, "postprocess", "--ct", folder / "ct.nii.gz", "--labels", labels, "-o", tmp_path / "out.nii.gz")
     _assert_clean_error(code, err, "label values", "not a label map of ours")
     assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_cached_probabilities_bring_back_what_segment_removed_as_not_tissue(tmp_path, capsys):
+    """segment's output has a gas 'lesion' removed (label 0); postprocess --probabilities must see the
+    network's liver again: same table as segment, and with the filter off the region is a tumor, as
+    segment --no-cyst-filter would give."""
+    raw = np.zeros((6, 40, 40), np.uint8)
+    raw[:, 2:38, 2:38] = 1
+    prob = np.zeros(raw.shape, np.uint8)
+    prob[:, 5:12, 5:12] = 230  # gas next to the liver, taken for a lesion
+    prob[:, 20:30, 20:30] = 250  # a tumor
+    raw[prob >= 128] = 2
+    rng = np.random.default_rng(1)
+    hu = np.full(raw.shape, 100.0) + rng.normal(0, 8, raw.shape)
+    hu[:, 5:12, 5:12] = -900 + rng.normal(0, 20, (6, 7, 7))
+    hu[:, 20:30, 20:30] -= 15
+    ct = Volume(np.round(hu).astype(np.int16), (1.0, 1.0, 2.0))
+    probabilities = Probabilities((raw > 0).astype(np.uint8) * 255, prob, (slice(0, 6), slice(0, 40), slice(0, 40)))
+    segmented, seg_rows = PostProcessor.from_network(ct, raw, probabilities).apply(PostParams())
+    assert [r["decision"] for r in seg_rows] == ["not tissue", "tumor"] and not segmented[:, 5:12, 5:12].any()
+    write_volume(ct, tmp_path / "ct.nii.gz")
+    write_labels(segmented, ct, tmp_path / "seg.nii.gz")
+    probabilities.save(tmp_path / "p.npz")
+    common = ("--ct", tmp_path / "ct.nii.gz", "--labels", tmp_path / "seg.nii.gz", "--probabilities", tmp_path / "p.npz")
+    code, _, err = _run(capsys, "postprocess", *common, "-o", tmp_path / "again.nii.gz", "--table", tmp_path / "t.csv")
+    assert code == 0, err
+    assert np.array_equal(_labels(tmp_path / "again.nii.gz"), segmented)
+    assert _decisions(tmp_path / "t.csv") == ["not tissue", "tumor"]
+    code, _, err = _run(capsys, "postprocess", *common, "-o", tmp_path / "off.nii.gz", "--no-cyst-filter")
+    assert code == 0, err
+    expected, _ = PostProcessor.from_network(ct, raw, probabilities).apply(PostParams(cyst_filter=False))
+    assert np.array_equal(_labels(tmp_path / "off.nii.gz"), expected) and (expected[:, 5:12, 5:12] == 2).all()

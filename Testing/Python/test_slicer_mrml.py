@@ -251,6 +251,7 @@ def test_confidence_gate_moves_a_whole_region_to_liver_and_a_flip_brings_it_back
     tumor = np.where(raw >= 2, 255, 0).astype(np.uint8)
     tumor[faint] = 150  # peak 0.59, above the cut-off (0.5) but below the gate
     probs = Probabilities(np.where(raw > 0, 255, 0).astype(np.uint8), tumor, (slice(None),) * 3)
+    live.close()
     live = LiveResult(live.volume_node, live.seg_node, raw, probs)
     gated = PostParams(min_peak_probability=0.7, refine_outlines=False, dilate_iterations=0)
     live.update(gated)
