@@ -13,8 +13,14 @@
    trained; ``train``'s default now mirrors it, as ``segment`` does.
 3. Continues that fine-tune in ``WORK/cascade2`` (same data, split and masks): ``--init`` from step
    2's tumor model, Adam 1e-4, 30 more epochs (the validation Dice was still rising at step 2's end).
+4. Continues step 3's tumor model in ``WORK/cascade3`` on the recipe as it stands since: samples
+   built around stage 1's *mirrored* liver (``train``'s default, as ``segment`` runs) and the
+   label-zoom fix; same data and split, Adam 1e-4, 40 epochs, validated every 5.
+5. Averages the tumor models of steps 3 and 4 weight by weight into ``WORK/average/tumor.ltsm``
+   (``modelfile.average_models``): chosen on tuning phantoms with a rule set beforehand
+   (BENCHMARKS.md, "averaged weight by weight").
 
-``--install`` copies step 1's liver model and step 3's tumor model into the package's weights
+``--install`` copies step 1's liver model and step 5's tumor model into the package's weights
 folder; ``scripts/measure_bundled.py`` then measures them on fresh phantoms (seeds 2000+) and
 writes the numbers into their cards.
 """
@@ -30,7 +36,7 @@ import sys
 from pathlib import Path
 
 from LiverTumorSegLib.datasets import write_split
-from LiverTumorSegLib.modelfile import read_card, update_card
+from LiverTumorSegLib.modelfile import average_models, read_card, update_card
 from LiverTumorSegLib.phantom import write_cases
 from LiverTumorSegLib.registry import WEIGHTS_DIR
 from LiverTumorSegLib.trainconfig import load_config
@@ -46,10 +52,12 @@ INTENDED_USE = {
     "liver": f"{NOT_CLINICAL} Trained on 60 synthetic phantoms and one real CT (LiTS case 117 as cropped to 128^3 by "
              f"its packager, spacing unknown). {SELECTION}",
     "tumor": f"{NOT_CLINICAL} Trained on 60 synthetic phantoms and one real CT (LiTS case 117, cropped), then fine-tuned "
-             f"twice on 100 synthetic phantoms and that CT around the liver stage 1 predicts. {SELECTION}",
+             f"twice on 100 synthetic phantoms and that CT around the liver stage 1 predicts; the mean, weight by weight, "
+             f"of that model and of its continuation around stage 1's mirrored prediction. {SELECTION}",
 }
-REPRODUCE = ("scripts/train_bundled.py --install in the LiverTumorSeg repository: three runs (liver and tumor from "
-             "scratch, then two tumor fine-tunes); a card's 'command' and 'seconds' are those of its model's last run")
+REPRODUCE = ("scripts/train_bundled.py --install in the LiverTumorSeg repository: four runs (liver and tumor from "
+             "scratch, then three tumor fine-tunes) and the weight average of the last two tumor models; the tumor "
+             "card's 'command' and 'seconds' are those of the last fine-tune, 'averaged_from' names both")
 
 
 def cascade_config() -> dict:
@@ -66,6 +74,13 @@ def continuation_config() -> dict:
     return {**config, "description": "Continuation of the cascade fine-tune of the tumor stage (predicted livers): "
                                      "Adam 1e-4, 30 more epochs.",
             "epochs": 30, "optimizer": {**config["optimizer"], "lr": 1e-4}}
+
+
+def mirrored_continuation_config() -> dict:
+    """Step 4's recipe: step 3's, 40 epochs, around stage 1's mirrored liver (train's default)."""
+    return {**continuation_config(), "epochs": 40,
+            "description": "Continuation of the tumor stage with the current recipe (nearest-exact label zoom, stage-1 "
+                           "livers predicted mirrored), 100 phantoms + LiTS 117, Adam 1e-4, 40 epochs."}
 
 
 def train(cli: Path, stage: str, data: list[Path], split: Path, config: str, out: Path, threads: int, *extra: str):
@@ -96,7 +111,7 @@ def main(argv=None) -> int:
     split_file = write_split({"train": [f"case_{s:04d}" for s in TRAIN_SEEDS] + [REAL_TRAIN], "val": val, "test": []},
                              args.work / "bundled-split.json", overwrite=True)
     cli = Path(sys.executable).with_name("livertumorseg")
-    run, cascade, cascade2 = args.work / "run", args.work / "cascade", args.work / "cascade2"
+    run, cascade, cascade2, cascade3 = (args.work / name for name in ("run", "cascade", "cascade2", "cascade3"))
     if any(p.wait() for p in [train(cli, stage, data, split_file, "small", run, 1) for stage in ("liver", "tumor")]):
         return 1
     finetune_split = write_split({"train": [f"case_{s:04d}" for s in (*TRAIN_SEEDS, *FINETUNE_SEEDS)] + [REAL_TRAIN],
@@ -111,12 +126,21 @@ def main(argv=None) -> int:
     if train(cli, "tumor", data, finetune_split, str(config_file), cascade2, 2,
              "--init", str(cascade / "tumor.ltsm"), "--liver-model", str(run / "liver.ltsm"), "--no-liver-tta").wait():
         return 1
+    config_file = args.work / "cascade3-config.json"
+    config_file.write_text(json.dumps(mirrored_continuation_config(), indent=1), encoding="utf-8")
+    if train(cli, "tumor", data, finetune_split, str(config_file), cascade3, 2,
+             "--init", str(cascade2 / "tumor.ltsm"), "--liver-model", str(run / "liver.ltsm")).wait():
+        return 1
+    average = args.work / "average"
+    average_models([cascade2 / "tumor.ltsm", cascade3 / "tumor.ltsm"], average / "tumor.ltsm",
+                   note="mean of the tumor models of steps 3 and 4 of scripts/train_bundled.py")
     if args.install:
-        for stage, folder in (("liver", run), ("tumor", cascade2)):
+        for stage, folder in (("liver", run), ("tumor", average)):
             target = WEIGHTS_DIR / "phantom-small" / f"{stage}.ltsm"
             shutil.copyfile(folder / f"{stage}.ltsm", target)
             describe(target, stage)
-    print(json.dumps({"runs": [str(run), str(cascade), str(cascade2)], "installed": args.install}))
+    print(json.dumps({"runs": [str(run), str(cascade), str(cascade2), str(cascade3)], "average": str(average),
+                      "installed": args.install}))
     return 0
 
 

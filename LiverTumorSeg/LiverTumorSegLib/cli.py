@@ -88,7 +88,7 @@ def _side_path(output: Path, given, suffix: str, args) -> Path:
 def _plan(args) -> list[tuple[Path, Path]]:
     """(input, output) pairs; refuses existing outputs before any work unless --overwrite."""
     src, dst = Path(args.input), Path(args.output)
-    if args.no_postprocess and post_params(args) != _default_post_params():
+    if args.no_postprocess and post_flags_given(args):
         raise InputError("--no-postprocess writes the network output as it is: drop the post-processing flags.")
     if not src.exists():
         raise InputError(f"Input not found: {src}")
@@ -129,13 +129,14 @@ def post_params(args):
                       dilate_iterations=args.dilate_iterations, dilate_max_area_px=args.dilate_max_area,
                       dilate_mode=args.dilate_mode, fit_on_core=not args.fit_whole_region,
                       refine_outlines=not args.no_refine_outlines, refine_max_mm=args.refine_mm,
-                      min_peak_probability=args.min_peak)
+                      **({} if args.min_peak is None else {"min_peak_probability": args.min_peak}))
 
 
-def _default_post_params():
+def post_flags_given(args) -> bool:
+    """Whether a post-processing flag asks for anything but the defaults (or names the gate at all)."""
     from .postprocess import PostParams
 
-    return PostParams()
+    return args.min_peak is not None or post_params(args) != PostParams()
 
 
 def _number(text: str) -> float:
@@ -187,10 +188,10 @@ def add_post_arguments(p: argparse.ArgumentParser, when: str = "") -> None:
                         "grows into the liver around it, where the CT is on its side of half-way to the liver's HU)")
     g.add_argument("--refine-mm", type=_reach_mm, default=3.0, metavar="MM",
                    help="how far the outline refinement may grow a region, in mm (default 3, at most 10)")
-    g.add_argument("--min-peak", type=peak_gate, default=0.0, metavar="P",
+    g.add_argument("--min-peak", type=peak_gate, metavar="P",
                    help="confidence gate: a lesion region whose highest network probability is below P goes back to "
-                        "liver (listed in the table; default 0: off; at or below the tumor card's cut-off, 0.5 for the "
-                        "bundled models, it changes nothing). Needs the network's probabilities (segment; postprocess "
+                        "liver (listed in the table; default 0.6; 0: off; at or below the tumor card's cut-off, 0.5 for "
+                        "the bundled models, it changes nothing). Needs the network's probabilities (segment; postprocess "
                         "--probabilities); imported networks give none (every peak is 1)")
 
 

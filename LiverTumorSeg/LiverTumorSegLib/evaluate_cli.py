@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cli import LABEL_EXTS, extension_of, post_params
+from .cli import LABEL_EXTS, extension_of, post_flags_given
 from .errors import InputError
 from .imageio import read_labels, refuse_existing_in, same_grid, write_json, write_text
 from .metrics import case_metrics, mean_ci, summarize
@@ -46,7 +46,7 @@ def run_evaluate(args) -> int:
 
     out = Path(args.out)
     refuse_existing_in(out, OUTPUTS, args.overwrite)
-    if args.model is None and _post_flags_given(args):
+    if args.model is None and post_flags_given(args):
         raise InputError("The post-processing flags apply with --model only (--pred is scored as it is).")
     if args.model is not None:
         from .evaluate_model import evaluate_model
@@ -74,12 +74,6 @@ def run_evaluate(args) -> int:
         save_boxplot([r for r in rows if r["output"] == POSTPROCESSED], out / "boxplot.png", "after post-processing: ")
     print(markdown)
     return 0
-
-
-def _post_flags_given(args) -> bool:
-    from .postprocess import PostParams
-
-    return post_params(args) != PostParams()
 
 
 # ---------------------------------------------------------------- cases

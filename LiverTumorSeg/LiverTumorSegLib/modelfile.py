@@ -7,6 +7,7 @@ holds the sha256 of the weights, checked on load.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -173,6 +174,29 @@ def load_model(path: Path, *, stage: str | None = None, device: str | torch.devi
         raise ModelFileError(f"{path}: weights do not match the network described by its card: {str(err)[:300]}") from None
     net.eval().to(device)
     return StageModel(net, card, path, file_sha256(path), meta["weights_sha256"])
+
+
+def average_models(paths: list[Path], out: Path, *, note: str) -> Path:
+    """The weight-by-weight mean of models of one stage, network and preprocessing (a "model soup":
+    one network's cost, unlike an ensemble), saved fp16 under the last model's card, which then names
+    every source (``training.averaged_from``) and says why (``note``); measured metrics are dropped."""
+    if len(paths) < 2:
+        raise ValueError("averaging needs at least two models")
+    models = [load_model(p) for p in paths]
+    same = ("stage", "architecture", "net", "labels", "preprocessing", "inference")
+    for model in models[1:]:
+        differing = [k for k in same if model.card.get(k) != models[0].card.get(k)]
+        if differing:
+            raise ModelFileError(f"{model.path} cannot be averaged with {models[0].path}: its {', '.join(differing)} differ.")
+    states = [m.net.state_dict() for m in models]
+    # summed pairwise from the first model's tensor (not from 0, which would turn -0.0 into +0.0)
+    mean = {k: functools.reduce(torch.add, (s[k].float() for s in states)) / len(states) if v.is_floating_point() else v
+            for k, v in states[0].items()}
+    net = build_network(models[-1].card)
+    net.load_state_dict(mean)
+    card = {k: v for k, v in models[-1].card.items() if k != "metrics"}
+    card["training"] = {**card["training"], "averaged_from": [m.identity() for m in models], "averaging": note}
+    return save_model(net, card, out)
 
 
 def update_card(path: Path, **fields) -> dict:

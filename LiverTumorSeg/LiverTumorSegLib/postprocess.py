@@ -13,8 +13,10 @@ Order of operations (fixed):
    HU; a core of fewer than ``min_region_voxels`` voxels falls back to the whole region. Off, every
    voxel of the region is fitted (the paper's rule). Chosen on tuning phantoms 3024-3071 and
    3D-IRCADb 1.1 with a rule set beforehand (BENCHMARKS.md, "The cyst filter fits the core");
-4. decision: a manual override; else, with the confidence gate on (``min_peak_probability`` > 0,
-   and only when a probability map was given), "low confidence" iff the region's peak network
+4. decision: a manual override; else, with the confidence gate on (``min_peak_probability`` > 0;
+   0.6 by default since 2026-11-30, adopted with the averaged tumor model by a rule set beforehand:
+   BENCHMARKS.md, "A confidence gate on each region" and "averaged weight by weight"; it acts only
+   when a probability map was given), "low confidence" iff the region's peak network
    probability is below it; else, with the filter on, "not tissue" iff the fitted mean M is
    below ``min_tissue_hu`` (gas or fat: no lesion has such HU), cyst iff M < threshold, else tumor;
 5. relabel: tumor 2, cyst 3 (cysts are set aside, never deleted), not tissue 0 and low confidence 1
@@ -102,7 +104,7 @@ class PostParams:
     dilate_mode: str = "slice"  # "slice": the paper's per-slice rule; "3d": the authors' notebook (ours, see above)
     refine_outlines: bool = True  # False: the outlines as the network and the dilation left them
     refine_max_mm: float = 3.0
-    min_peak_probability: float = 0.0  # > 0: a region whose peak network probability is below goes back to liver
+    min_peak_probability: float = 0.6  # a region whose peak network probability is below goes back to liver; 0: off
 
     def __post_init__(self):
         if self.dilate_mode not in DILATE_MODES:

@@ -149,6 +149,7 @@ def _stored_params(seg_node) -> PostParams:
         values = {k: v for k, v in json.loads(text).items() if k in known}
         values.setdefault("fit_on_core", False)  # stored before the core fit existed: the whole-region fit it was made with
         values.setdefault("refine_outlines", False)  # stored before the outline refinement existed: the outlines it had
+        values.setdefault("min_peak_probability", 0.0)  # stored before the confidence gate existed: no gate
         return PostParams(**values)
     except (ValueError, TypeError):
         return PostParams()

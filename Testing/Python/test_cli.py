@@ -124,7 +124,9 @@ def test_postprocess_with_the_cached_probabilities_repeats_segment_and_gates_by_
     gated_rows = _table(gated_table)
     assert [r["decision"] == "low confidence" for r in gated_rows] == [float(r["peak_probability"]) < gate for r in gated_rows]
     assert "low confidence" in stdout
-    labels, before = _array(gated), _array(seg)
+    ungated = tmp_path / "ungated.nii.gz"
+    assert _run(capsys, *common, "-o", ungated, "--min-peak", "0")[0] == 0
+    labels, before = _array(gated), _array(ungated)
     assert (labels >= 2).sum() < (before >= 2).sum() and np.array_equal(labels > 0, before > 0)
     code, _, err = _run(capsys, "postprocess", "--ct", ct_file, "--labels", seg, "-o", tmp_path / "x.nii.gz", "--min-peak", "0.7")
     _assert_clean_error(code, err, "--min-peak", "--probabilities")

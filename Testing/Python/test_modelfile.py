@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from LiverTumorSegLib.errors import ModelFileError
-from LiverTumorSegLib.modelfile import load_model, read_card, save_model, update_card
+from LiverTumorSegLib.modelfile import average_models, load_model, read_card, save_model, update_card
 from LiverTumorSegLib.netconfig import SMALL, NetConfig
 from LiverTumorSegLib.network import GUNETRpp
 from LiverTumorSegLib.registry import model_files, model_summary, peek_card
@@ -49,6 +49,26 @@ def test_identity_survives_written_metrics(saved, tmp_path):
     assert after.identity() == dict(before.identity(), sha256=after.sha256)
     update_card(path, inference={"tumor_threshold": 0.4})  # a setting: the output may change
     assert load_model(path).prediction_key() != before.prediction_key()
+
+
+def test_average_is_the_mean_of_the_weights_and_names_its_sources(saved, tmp_path):
+    net, first = saved
+    torch.manual_seed(1)
+    other = save_model(GUNETRpp(SMALL).eval(), dict(CARD, name="u"), tmp_path / "other.ltsm")
+    update_card(other, metrics={"dice": 0.5})
+    out = average_models([first, other], tmp_path / "mean.ltsm", note="a test")
+    a, b, mean = (load_model(p) for p in (first, other, out))
+    for key, value in mean.net.state_dict().items():
+        if value.is_floating_point():  # the mean of the stored fp16 weights, stored fp16 again
+            expected = ((a.net.state_dict()[key] + b.net.state_dict()[key]) / 2).half().float()
+            assert torch.equal(value, expected), key
+    card = read_card(out)
+    assert card["name"] == "u" and "metrics" not in card
+    assert card["training"]["averaged_from"] == [a.identity(), b.identity()] and card["training"]["averaging"] == "a test"
+    tumor = save_model(GUNETRpp(SMALL).eval(), dict(CARD, stage="tumor", labels=["background", "lesion"]), tmp_path / "t.ltsm")
+    with pytest.raises(ModelFileError, match="stage, labels differ"):
+        average_models([first, tumor], tmp_path / "bad.ltsm", note="")
+    assert not (tmp_path / "bad.ltsm").exists()
 
 
 def test_wrong_stage(saved):

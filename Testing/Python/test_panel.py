@@ -90,7 +90,7 @@ def test_ui_control_ranges_and_defaults_are_the_panels_and_the_cores():
     items = ["".join(i.find("property").itertext()).strip() for i in combo.findall("item")]
     assert items == [text for _, text in panel.DILATE_MODES]  # index i of the combo box is DILATE_MODES[i]
     assert "currentIndex" not in props["dilateModeComboBox"] and defaults["dilate_mode"] == panel.DILATE_MODES[0][0]
-    from LiverTumorSegLib.cli import build_parser
+    from LiverTumorSegLib.cli import build_parser, post_params
 
     for argv in (["segment", "ct.nrrd", "-o", "s.seg.nrrd"], ["demo"], ["evaluate", "--model", "m", "-o", "e"]):
         assert build_parser().parse_args(argv).tta is True  # the command line mirrors by default, as the panel does
@@ -99,7 +99,7 @@ def test_ui_control_ranges_and_defaults_are_the_panels_and_the_cores():
         args = build_parser().parse_args(argv)
         assert args.fit_whole_region is (not defaults["fit_on_core"])  # the core fit, as the panel
         assert args.no_refine_outlines is (not defaults["refine_outlines"]) and args.refine_mm == defaults["refine_max_mm"]
-        assert args.min_peak == defaults["min_peak_probability"] == 0.0  # the gate is off by default everywhere
+        assert args.min_peak is None and post_params(args).min_peak_probability == defaults["min_peak_probability"] == 0.6
     assert props["ttaCheckBox"]["checked"] == "true"
     assert panel.DILATE_ITERATIONS[1] == MAX_DILATE_ITERATIONS
     assert panel.REFINE_MM[1] == MAX_REFINE_MM

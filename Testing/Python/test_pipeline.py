@@ -104,7 +104,7 @@ def test_card_threshold_reaches_labels_cache_and_postprocessing(models, case, tm
     probs.save(path)
     loaded = Probabilities.load(path)
     assert loaded.tumor_threshold == 204
-    off = PostParams(cyst_filter=False, dilate_iterations=0, refine_outlines=False)
+    off = PostParams(cyst_filter=False, dilate_iterations=0, refine_outlines=False, min_peak_probability=0.0)
     out, _ = PostProcessor.from_network(case[0], result.labels, loaded).apply(off)
     assert np.array_equal(out, result.labels)
 

@@ -265,7 +265,7 @@ def test_confidence_gate_removes_whole_regions_by_their_peak():
     prob[:, 30:35, 30:35] = 130
     prob[2, 32, 32] = 200  # peak 0.784: one confident voxel in a region of 130s
     processor = PostProcessor(ct, liver, prob)
-    off = PostParams(dilate_iterations=0, refine_outlines=False, cyst_filter=False)
+    off = PostParams(dilate_iterations=0, refine_outlines=False, cyst_filter=False, min_peak_probability=0.0)
     gated = dataclasses.replace(off, min_peak_probability=0.6)
     out, rows = processor.apply(gated)
     by_peak = {r["peak_probability"]: r for r in rows}

@@ -264,7 +264,7 @@ def test_confidence_gate_moves_a_whole_region_to_liver_and_a_flip_brings_it_back
     live.set_decision(row["id"], "tumor")  # the user overrules the gate
     assert mrml.segment_mask(live.seg_node, "liver_tumor", shape)[faint].all()
     live.set_decision(row["id"], None)
-    live.update(PostParams(refine_outlines=False, dilate_iterations=0))  # gate off: the region is a lesion again
+    live.update(PostParams(refine_outlines=False, dilate_iterations=0, min_peak_probability=0.0))  # gate off: a lesion again
     assert (live.labels[faint] >= 2).all()
 
 
@@ -285,6 +285,9 @@ def test_settings_and_decisions_are_stored_on_the_node(scene):
     older = {k: v for k, v in stored.items() if k not in ("refine_outlines", "refine_max_mm")}
     live.seg_node.SetAttribute(PARAMS_ATTRIBUTE, json.dumps(older))  # a node from before the outline refinement
     assert _stored_params(live.seg_node) == PostParams(cyst_threshold_hu=60.0, dilate_iterations=1, refine_outlines=False)
+    older = {k: v for k, v in stored.items() if k != "min_peak_probability"}
+    live.seg_node.SetAttribute(PARAMS_ATTRIBUTE, json.dumps(older))  # a node from before the confidence gate: none
+    assert _stored_params(live.seg_node) == PostParams(cyst_threshold_hu=60.0, dilate_iterations=1, min_peak_probability=0.0)
     live.update(PostParams(cyst_threshold_hu=60.0, dilate_iterations=1))
     assert json.loads(live.seg_node.GetAttribute(OVERRIDES_ATTRIBUTE)) == {str(region): "tumor"}
     hist = live.histogram(region)

@@ -544,10 +544,10 @@ def test_train_both_stages_then_evaluate_the_pair(phantoms, tmp_path, capsys):
     # the post-processing flags reach evaluate's post-processed output, which says what it ran
     tuned = tmp_path / "eval-tuned"
     assert main(["evaluate", "--model", str(run), "--data", str(phantoms), "-o", str(tuned),
-                 "--no-cyst-filter", "--min-peak", "0.6"]) == 0
+                 "--no-cyst-filter", "--min-peak", "0.7"]) == 0
     summary = json.loads((tuned / "summary.json").read_text(encoding="utf-8"))
-    assert summary["postprocessing"] == dataclasses.asdict(PostParams(cyst_filter=False, min_peak_probability=0.6))
-    assert "After post-processing (cyst_filter=False, min_peak_probability=0.6)" in (tuned / "summary.md").read_text(encoding="utf-8")
+    assert summary["postprocessing"] == dataclasses.asdict(PostParams(cyst_filter=False, min_peak_probability=0.7))
+    assert "After post-processing (cyst_filter=False, min_peak_probability=0.7)" in (tuned / "summary.md").read_text(encoding="utf-8")
     assert summary["network"] == json.loads((out / "summary.json").read_text(encoding="utf-8"))["network"]
 
 
