@@ -13,8 +13,8 @@ a missed or spurious lesion case 0 (LiTS convention); global Dice pools all voxe
 
 ``--cache DIR``: the phantoms' network outputs are read from (or written to) ``DIR``, the cache of
 ``tumor_gap.py`` (same models, default mode), so a change of the post-processing alone is measured
-without rerunning the networks; the seconds per case are then those of the last uncached run (kept
-from the card, and marked so). ``--fit-whole-region``: the cyst filter fits every voxel of a
+without rerunning the networks; the seconds per case are measured when the network ran on every case
+(an empty cache), else those of the last such run (kept from the card, and marked so). ``--fit-whole-region``: the cyst filter fits every voxel of a
 region, as before 2026-11-30 (print only). ``--min-peak P [P ...]``: the post-processing's confidence gate
 at each value, from one network run per case (print only; several values: one result and one metrics folder,
 ``DIR/min_peak_P``, per value). ``--metrics-csv DIR``: the per-case Dice also as
@@ -93,9 +93,10 @@ def compare_rows(rows: list[dict]) -> list[dict]:
             for r in rows for output, structure, key in fields]
 
 
-def _seconds(seconds: list[float], tumor_card: dict, cache) -> dict:
-    """The mean seconds per case; with every output from the cache, the card's last measured figure, marked so."""
-    if not cache:
+def _seconds(seconds: list[float], tumor_card: dict, cases: int) -> dict:
+    """The mean seconds per case when the network ran on every case; else (outputs from a cache) the
+    card's last measured figure, marked so."""
+    if len(seconds) == cases:
         return {"mean_seconds": round(float(np.mean(seconds)), 1)}
     before = tumor_card.get("metrics", {}).get("fresh_phantoms", {})
     return {"mean_seconds": before.get("mean_seconds"),
@@ -133,12 +134,7 @@ def main(argv=None):
     rows, seconds = {p: [] for p in settings}, []
     for seed in tqdm(range(args.seed0, args.seed0 + args.cases), desc="phantoms", file=sys.stderr):
         ct, lab = generate_case(seed)
-        if args.cache:
-            labels, probabilities = network_output(seed, ct, models, args.cache)
-        else:
-            r = segment(ct, *models, fast=args.fast, tta=args.tta)
-            labels, probabilities = r.labels, r.probabilities
-            seconds.append(r.report["timings"]["total_s"])
+        labels, probabilities = network_output(seed, ct, models, args.cache, fast=args.fast, tta=args.tta, seconds=seconds)
         processor = PostProcessor.from_network(ct, labels, probabilities)
         perfect = np.where(lab.array >= 2, 2, lab.array).astype(np.uint8)  # the true lesions, tumor and cyst alike
         bound, _ = PostProcessor(ct, perfect).apply(replace(default, dilate_iterations=0, refine_outlines=False))
@@ -181,7 +177,7 @@ def report(args, params: PostParams, rows: list[dict], seconds: list[float], mod
            tumor_path: Path, metrics_dir: Path | None) -> None:
     """Print one setting's figures; write its metrics.csv and (test seeds, default setting) the cards."""
     phantom = dict(summarize(rows), seeds=f"{args.seed0}-{args.seed0 + args.cases - 1}", mode=("fast: step 1.0" if args.fast else "normal: step 0.5") + (", mirrored (4 passes)" if args.tta else ", not mirrored"),
-                   **_seconds(seconds, models[1].card, args.cache), note="lesion = tumor + cyst (the network target); tumor-only is the network output; the after_filter figures follow the "
+                   **_seconds(seconds, models[1].card, args.cases), note="lesion = tumor + cyst (the network target); tumor-only is the network output; the after_filter figures follow the "
                         + ("default post-processing" if params == PostParams() else f"post-processing with {settings_text(params)}")
                         + " (cyst filter, small-tumor dilation, outline refinement)")
     result = {"fresh_phantoms": phantom, **({"ircad_1_1": ircad} if ircad else {})}

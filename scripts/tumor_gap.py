@@ -105,13 +105,17 @@ def cyst_rows(ct, truth: np.ndarray) -> list[dict]:
     return rows
 
 
-def network_output(seed: int, ct, models, cache: Path | None) -> tuple[np.ndarray, Probabilities]:
-    """The bundled models' labels and probabilities for one phantom, from ``cache`` when it has them."""
+def network_output(seed: int, ct, models, cache: Path | None, *, fast: bool = False, tta: bool = True,
+                   seconds: list[float] | None = None) -> tuple[np.ndarray, Probabilities]:
+    """The models' labels and probabilities for one phantom, from ``cache`` when it has them (the cache
+    holds the default mode only). ``seconds`` gets the network's time of each run (none for a cached case)."""
     if cache is not None and (cache / f"{seed}.npz").exists():
         with np.load(cache / f"{seed}.npz") as z:
             labels = z["labels"]
         return labels, Probabilities.load(cache / f"{seed}.prob.npz")
-    r = segment(ct, *models, tta=True)
+    r = segment(ct, *models, fast=fast, tta=tta)
+    if seconds is not None:
+        seconds.append(r.report["timings"]["total_s"])
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         r.probabilities.save(cache / f"{seed}.prob.npz", overwrite=True)

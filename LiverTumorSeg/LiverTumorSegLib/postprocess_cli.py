@@ -28,8 +28,9 @@ def run_postprocess(args) -> int:
     if args.probabilities:
         probabilities = _probabilities(Path(args.probabilities), ct.array.shape)
         # the network's liver as segment had it: post-processing removed "not tissue" regions from it, nothing else
-        network = (labels > 0) | (probabilities.tumor_full() >= probabilities.tumor_threshold)
-        processor = PostProcessor.from_network(ct, network.astype(np.uint8), probabilities)
+        tumor = probabilities.tumor_full()
+        network = (labels > 0) | (tumor >= probabilities.tumor_threshold)
+        processor = PostProcessor(ct, network.astype(np.uint8), tumor, probabilities.tumor_threshold)
     else:
         processor = PostProcessor(ct, labels)
     labels, rows = processor.apply(params)
