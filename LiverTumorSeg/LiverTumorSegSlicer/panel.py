@@ -14,6 +14,9 @@ DILATE_MODES = (("slice", "Per slice (paper)"), ("3d", "3-D (authors' code)"))
 CYST_THRESHOLD_HU = (-20.0, 120.0)
 REFINE_MM = (0.5, 10.0)  # outline.MAX_REFINE_MM is the upper bound (tested)
 MIN_PEAK = (0.0, 0.95)  # the confidence gate's spin box; 0 shows "off"
+# decimals each number control shows (tested against the .ui; the slider shows ctkSliderWidget's default)
+DECIMALS = {"cyst_threshold_hu": 2, "refine_max_mm": 1, "min_peak_probability": 2,
+            "dilate_iterations": 0, "dilate_max_area_px": 0}
 DISCLAIMER = "Research use only: NOT FOR CLINICAL USE."
 
 
@@ -67,6 +70,15 @@ def _clamp(value, bounds):
     return min(max(value, lo), hi)
 
 
+def _from_control(key: str, stored, shown, bounds):
+    """The setting a number control stands for: the stored value while the control still shows it
+    (a control rounds to its decimals and clamps to its range, which must not change a setting by
+    itself), else the control's value within its range."""
+    if abs(_clamp(stored, bounds) - shown) <= 0.5001 * 10.0 ** -DECIMALS[key]:  # either way of rounding a half
+        return stored
+    return _clamp(shown, bounds)
+
+
 def dilate_mode_index(mode: str) -> int:
     """The combo box index that shows a ``PostParams.dilate_mode`` (an unknown mode shows the default, 0)."""
     return next((i for i, (m, _) in enumerate(DILATE_MODES) if m == mode), 0)
@@ -86,18 +98,22 @@ def params_from_controls(current, *, dilate_iterations: int, dilate_max_area_px:
                          cyst_threshold_hu: float, dilate_mode: str, fit_on_core: bool, refine_outlines: bool,
                          refine_max_mm: float, min_peak_probability: float):
     """``current`` (a ``PostParams``) with the panel's controls (clamped to their ranges; an unknown
-    dilation mode is the default); the settings the panel does not show (bin width, smoothing, ...) are kept."""
+    dilation mode is the default); the settings the panel does not show (bin width, smoothing, ...) are kept,
+    and so is a number setting its control shows only rounded or clamped (``_from_control``)."""
+    def number(key, shown, bounds, kind):
+        return kind(_from_control(key, getattr(current, key), shown, bounds))
+
     return dataclasses.replace(
         current,
         dilate_mode=dilate_mode_at(dilate_mode_index(dilate_mode)),
         cyst_filter=bool(cyst_filter),
         fit_on_core=bool(fit_on_core),
         refine_outlines=bool(refine_outlines),
-        refine_max_mm=float(_clamp(refine_max_mm, REFINE_MM)),
-        min_peak_probability=float(_clamp(min_peak_probability, MIN_PEAK)),
-        cyst_threshold_hu=float(_clamp(cyst_threshold_hu, CYST_THRESHOLD_HU)),
-        dilate_iterations=int(_clamp(dilate_iterations, DILATE_ITERATIONS)),
-        dilate_max_area_px=int(_clamp(dilate_max_area_px, DILATE_MAX_AREA_PX)),
+        refine_max_mm=number("refine_max_mm", refine_max_mm, REFINE_MM, float),
+        min_peak_probability=number("min_peak_probability", min_peak_probability, MIN_PEAK, float),
+        cyst_threshold_hu=number("cyst_threshold_hu", cyst_threshold_hu, CYST_THRESHOLD_HU, float),
+        dilate_iterations=number("dilate_iterations", dilate_iterations, DILATE_ITERATIONS, int),
+        dilate_max_area_px=number("dilate_max_area_px", dilate_max_area_px, DILATE_MAX_AREA_PX, int),
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 
 from conftest import REPO
@@ -57,6 +58,29 @@ def test_controls_map_to_post_processing_settings_within_their_ranges():
         assert panel.params_from_controls(restored, **panel.controls_from_params(restored)) == restored
 
 
+def _as_shown(params) -> dict:
+    """The control values a Qt panel shows for ``params``: each number clamped to its range and rounded to its decimals."""
+    bounds = {"dilate_iterations": panel.DILATE_ITERATIONS, "dilate_max_area_px": panel.DILATE_MAX_AREA_PX,
+              "cyst_threshold_hu": panel.CYST_THRESHOLD_HU, "refine_max_mm": panel.REFINE_MM,
+              "min_peak_probability": panel.MIN_PEAK}
+    values = panel.controls_from_params(params)
+    for key, (lo, hi) in bounds.items():
+        values[key] = round(min(max(values[key], lo), hi), panel.DECIMALS[key])
+    return values
+
+
+def test_a_control_that_only_rounds_or_clamps_a_stored_setting_leaves_it_alone():
+    stored = PostParams(min_peak_probability=0.625, cyst_threshold_hu=150.0, refine_max_mm=2.25, dilate_max_area_px=2000)
+    shown = _as_shown(stored)
+    assert (shown["min_peak_probability"], shown["cyst_threshold_hu"], shown["refine_max_mm"]) == (0.62, 120.0, 2.2)
+    assert panel.params_from_controls(stored, **shown) == stored  # e.g. the dilation mode toggled: nothing else moves
+    assert panel.params_from_controls(stored, **dict(shown, min_peak_probability=0.63)) == stored  # Qt may round half up
+    moved = panel.params_from_controls(stored, **dict(shown, min_peak_probability=0.7))
+    assert moved == dataclasses.replace(stored, min_peak_probability=0.7)  # only the control the user moved
+    dragged = panel.params_from_controls(stored, **dict(shown, cyst_threshold_hu=119.0, dilate_max_area_px=999))
+    assert (dragged.cyst_threshold_hu, dragged.dilate_max_area_px) == (119.0, 999)
+
+
 def test_dilation_mode_combo_and_which_spin_boxes_it_leaves_on():
     assert [panel.dilate_mode_at(i) for i in range(len(panel.DILATE_MODES))] == ["slice", "3d"]
     assert panel.dilate_mode_at(-1) == panel.dilate_mode_at(7) == "slice"  # no selection: the default
@@ -83,6 +107,7 @@ def test_ui_control_ranges_and_defaults_are_the_panels_and_the_cores():
         p = props[name]
         assert (float(p["minimum"]), float(p["maximum"])) == bounds, name
         assert float(p["value"]) == defaults[key], name
+        assert int(p.get("decimals", 2 if name == "cystThresholdSlider" else 0)) == panel.DECIMALS[key], name  # ctk's default: 2
     assert (props["cystFilterCheckBox"]["checked"] == "true") == defaults["cyst_filter"]
     assert (props["cystCoreCheckBox"]["checked"] == "true") == defaults["fit_on_core"]
     assert (props["refineCheckBox"]["checked"] == "true") == defaults["refine_outlines"]
