@@ -463,6 +463,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "and score the network output and the post-processed result.")
     s.add_argument("--pred", type=Path, help="a labelmap/.seg.nrrd or a folder of them")
     s.add_argument("--truth", type=Path, help="a labelmap or a folder of them, matched by case name")
+    s.add_argument("--missing-as-empty", action="store_true",
+                   help="with --pred/--truth folders: score a truth case without a prediction as an empty prediction "
+                        "(Dice 0 for each structure it holds) instead of refusing")
     s.add_argument("--model", help="bundled model name or a folder with liver.ltsm + tumor.ltsm (e.g. a training run folder)")
     s.add_argument("--data", type=Path, action="append", help="with --model: data set folder (repeat for several)")
     s.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="with --model: data set layout")

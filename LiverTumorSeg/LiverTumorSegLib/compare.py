@@ -5,6 +5,10 @@ For each metric: the mean of B - A over the cases both scored, a percentile-boot
 that mean (``metrics.mean_ci``), the two-sided Wilcoxon signed-rank p (scipy; zero differences
 dropped, as Wilcoxon did), and how many cases B does better, worse or the same. A case that is
 not finite in either (e.g. HD95 with an empty mask) is left out of that metric, and counted.
+An evaluation of label maps (``--pred``, no output column) pairs with each output of a ``--model``
+one (network, post-processed): e.g. another tool's segmentations against ours. Below
+``MIN_CASES`` paired cases no verdict is given: a bootstrap of 2-9 differences of one sign
+excludes 0 whatever their size.
 Paired, because two models on the same cases share each case's difficulty: their per-case Dice
 differences vary far less than the Dice itself, so two unpaired CIs overlap where the paired one
 may not.
@@ -26,6 +30,7 @@ from .metrics import mean_ci
 METRICS = (("DSC", "dsc", 1), ("ASSD (mm)", "assd_mm", -1), ("HD95 (mm)", "hd95_mm", -1))  # (label, key, +1: higher is better)
 OUTPUTS = ("compare.md", "compare.json", "compare.png")
 NO_OUTPUT = ""  # evaluate --pred/--truth rows have no "output" column
+MIN_CASES = 10
 
 
 def read_metrics(folder: Path) -> dict[tuple[str, str, str], dict[str, float]]:
@@ -81,6 +86,8 @@ def verdict(row: dict, direction: int) -> str:
     """Plain words for a row: the mean's verdict where its CI excludes 0; else, where the Wilcoxon
     test finds the cases shifted (p < 0.05), the side most cases favour. The two can disagree
     when a few large losses (a tumor-free case flipping from 1 to 0) outweigh many small gains."""
+    if row["cases"] < MIN_CASES:
+        return f"too few cases to tell (under {MIN_CASES})"
     low, high = row["ci95"]
     if math.isfinite(low) and math.isfinite(high) and not low <= 0 <= high:
         return "B better (mean)" if direction * low > 0 else "A better (mean)"
@@ -98,11 +105,32 @@ def paired_keys(a: dict, b: dict) -> dict[tuple[str, str], list[tuple[str, str, 
     return groups
 
 
+def outputs(table: dict) -> set[str]:
+    return {key[0] for key in table}
+
+
+def align_outputs(a: dict, b: dict) -> tuple[dict, dict]:
+    """The tables with a label-map evaluation's rows (no output) repeated under each output of the
+    other side, when only one side has outputs; else unchanged."""
+    def spread(plain: dict, named: set[str]) -> dict:
+        return {(out, *key[1:]): value for key, value in plain.items() for out in sorted(named)}
+
+    if outputs(a) == {NO_OUTPUT} and NO_OUTPUT not in outputs(b):
+        return spread(a, outputs(b)), b
+    if outputs(b) == {NO_OUTPUT} and NO_OUTPUT not in outputs(a):
+        return a, spread(b, outputs(a))
+    return a, b
+
+
 def compare(a: dict, b: dict, a_name: str, b_name: str) -> dict:
-    """Every (output, structure, metric) both ``read_metrics`` tables scored, paired on the cases both hold."""
+    """Every (output, structure, metric) both ``read_metrics`` tables scored, paired on the cases both
+    hold (``align_outputs`` first)."""
+    a, b = align_outputs(a, b)
     groups = paired_keys(a, b)
     if not groups:
-        raise InputError(f"{a_name} and {b_name} share no (case, structure): were they evaluated on the same cases?")
+        raise InputError(f"{a_name} and {b_name} share no (case, structure): were they evaluated on the same cases? "
+                         f"(cases in A: {len({k[2] for k in a})}, in B: {len({k[2] for k in b})}, in both: "
+                         f"{len({k[2] for k in a} & {k[2] for k in b})})")
     result = {"a": a_name, "b": b_name, "only_in_a": sorted({k[2] for k in set(a) - set(b)}),
               "only_in_b": sorted({k[2] for k in set(b) - set(a)}), "rows": []}
     for (output, structure), keys in groups.items():
@@ -160,7 +188,7 @@ def run_compare(args) -> int:
     """``compare A B -o DIR``: write compare.md, compare.json and compare.png, print the table."""
     out = Path(args.out)
     refuse_existing_in(out, OUTPUTS, args.overwrite)
-    a, b = read_metrics(Path(args.a)), read_metrics(Path(args.b))
+    a, b = align_outputs(read_metrics(Path(args.a)), read_metrics(Path(args.b)))
     result = compare(a, b, str(args.a), str(args.b))
     text = markdown(result)
     write_text(text, out / "compare.md", overwrite=args.overwrite)

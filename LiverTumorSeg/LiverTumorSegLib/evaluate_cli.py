@@ -18,7 +18,7 @@ import numpy as np
 
 from .cli import LABEL_EXTS, extension_of, post_flags_given
 from .errors import InputError
-from .imageio import read_labels, refuse_existing_in, same_grid, write_json, write_text
+from .imageio import grid_difference, read_labels, refuse_existing_in, write_json, write_text
 from .metrics import case_metrics, mean_ci, summarize
 from .tumorgap import TUMORS_IN_TRUTH, steps_markdown, summarize_steps, tumor_dice_steps, tumors_in_truth
 
@@ -55,7 +55,9 @@ def run_evaluate(args) -> int:
     else:
         if args.pred is None or args.truth is None:
             raise InputError("Give --pred and --truth (label maps), or --model and --data (segment and evaluate).")
-        cases = match_cases(Path(args.pred), Path(args.truth))
+        if args.missing_as_empty and not Path(args.pred).is_dir():
+            raise InputError("--missing-as-empty applies to --pred/--truth folders.")
+        cases = match_cases(Path(args.pred), Path(args.truth), args.missing_as_empty)
         rows, gaps = [], []
         for name, pred, truth in tqdm(cases, desc="evaluate", unit="case", disable=None, file=sys.stderr):
             case_rows_, gap = evaluate_case(name, pred, truth)
@@ -100,8 +102,12 @@ def _label_files(folder: Path) -> dict[str, Path]:
     return files
 
 
-def match_cases(pred: Path, truth: Path) -> list[tuple[str, Path, Path]]:
-    """(case, prediction, truth) for two files, or for two folders matched by case name."""
+def match_cases(pred: Path, truth: Path, missing_as_empty: bool = False) -> list[tuple[str, Path | None, Path]]:
+    """(case, prediction, truth) for two files, or for two folders matched by case name.
+
+    A truth case without a prediction is refused (a mean over the others would leave a failure
+    out), or with ``missing_as_empty`` kept with prediction None: scored as an empty prediction. A
+    prediction without a truth is left out with a warning."""
     for path in (pred, truth):
         if not path.exists():
             raise InputError(f"Not found: {path}")
@@ -111,24 +117,37 @@ def match_cases(pred: Path, truth: Path) -> list[tuple[str, Path, Path]]:
         raise InputError("--pred and --truth must both be files or both be folders.")
     preds, truths = _label_files(pred), _label_files(truth)
     common = sorted(preds.keys() & truths.keys())
-    unmatched = {"prediction": sorted(preds.keys() - truths.keys()), "truth": sorted(truths.keys() - preds.keys())}
     if not common:
         raise InputError(f"No case of {pred} matches one of {truth} by name (predictions: "
                          f"{', '.join(preds) or 'none'}; truths: {', '.join(truths) or 'none'}).")
-    for side, names in unmatched.items():
-        if names:
-            print(f"warning: {len(names)} {side} case(s) without a match, not evaluated: {', '.join(names)}",
-                  file=sys.stderr)
-    return [(name, preds[name], truths[name]) for name in common]
+    unscored = sorted(truths.keys() - preds.keys())
+    if unscored and not missing_as_empty:
+        raise InputError(f"{len(unscored)} truth case(s) have no prediction in {pred}: {_listed(unscored)}. "
+                         "Add them, or give --missing-as-empty to score them as empty predictions.")
+    extra = sorted(preds.keys() - truths.keys())
+    if extra:
+        print(f"warning: {len(extra)} prediction(s) without a truth, not evaluated: {_listed(extra)}", file=sys.stderr)
+    if unscored:
+        print(f"note: {len(unscored)} truth case(s) without a prediction scored as empty: {_listed(unscored)}",
+              file=sys.stderr)
+    return sorted([(name, preds.get(name), truths[name]) for name in truths.keys()])
 
 
-def evaluate_case(name: str, pred_path: Path, truth_path: Path) -> tuple[list[dict], dict]:
-    """One row per structure (case, structure and every ``case_metrics`` value) and the case's ``gap_row``."""
-    pred, truth = read_labels(pred_path, ours=True), read_labels(truth_path, ours=True)
-    if not same_grid(pred, truth, SPACING_TOL):
-        raise InputError(f"Case '{name}': prediction and truth are on different grids (shape "
-                         f"{pred.shape_ijk} vs {truth.shape_ijk}, spacing {pred.spacing} vs {truth.spacing}, "
-                         "or another origin or direction).")
+def _listed(names: list[str], shown: int = 10) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def evaluate_case(name: str, pred_path: Path | None, truth_path: Path) -> tuple[list[dict], dict]:
+    """One row per structure (case, structure and every ``case_metrics`` value) and the case's ``gap_row``;
+    no ``pred_path``: an empty prediction."""
+    truth = read_labels(truth_path, ours=True)
+    if pred_path is None:
+        empty = np.zeros_like(truth.array)
+        return case_rows(name, empty, truth.array, truth.spacing[::-1]), gap_row(name, empty, truth.array)
+    pred = read_labels(pred_path, ours=True)
+    if difference := grid_difference(pred, truth, SPACING_TOL):
+        raise InputError(f"Case '{name}': prediction and truth are on different grids ({difference}, "
+                         "prediction first); resample the prediction onto the truth's grid.")
     return case_rows(name, pred.array, truth.array, truth.spacing[::-1]), gap_row(name, pred.array, truth.array)
 
 
@@ -186,7 +205,7 @@ def summary_markdown(summary: dict, title: str = "Evaluation", level: int = 1) -
         a = s["authors_protocol"]
         lines += ["", f"{a['label']}: DSC {a['dsc']:.4f} ({a['excluded']} zero-Dice or both-empty cases excluded).", ""]
         parts.append("\n".join(lines))
-    note = ("Per-case means count a missed structure as DSC 0; distances skip cases where one mask is empty. "
+    note = ("Per-case means count a missed structure as DSC 0; distances skip cases where a mask is empty. "
             "95 % CI: percentile bootstrap of the per-case mean (9999 resamples, seed 0).\n")
     return f"{'#' * level} {title}\n\n" + note + "\n" + "\n".join(parts)
 

@@ -27,12 +27,26 @@ def settings_text(params: PostParams) -> str:
     return ", ".join(changed) if changed else "default parameters"
 
 
-def split_cases(args, model_dir: Path | None) -> tuple[list[str], str]:
-    """Case names to evaluate: a part of --split (or of the model folder's split.json), else all."""
+def split_cases(args, model_dir: Path | None, cases: dict) -> tuple[list[str], str]:
+    """Case names to evaluate: a part of --split (or of the model folder's split.json), else every
+    labelled case of ``cases``. A part that is empty, or names cases the data lack or has no labels
+    for, is refused: scoring fewer cases than the split names would leave failures, or a wrong
+    data folder, unseen."""
     split_file = args.split or (model_dir / "split.json" if model_dir and (model_dir / "split.json").is_file() else None)
     if split_file is None:
-        return [], "all cases (no split file)"
-    return read_split(split_file)[args.part], f"the {args.part} part of {split_file}"
+        return [n for n, c in cases.items() if c.label is not None], "all labelled cases (no split file)"
+    names, source = read_split(split_file)[args.part], f"the {args.part} part of {split_file}"
+    if not names:
+        raise InputError(f"{source[0].upper()}{source[1:]} is empty: no case to evaluate (--part chooses another part).")
+    missing = [n for n in names if n not in cases]
+    if missing:
+        raise InputError(f"{len(missing)} case(s) of {source} are not in --data: {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''}. Give the data the split was made on.")
+    unlabelled = [n for n in names if cases[n].label is None]
+    if unlabelled:
+        raise InputError(f"{len(unlabelled)} case(s) of {source} have no reference labels: {', '.join(unlabelled[:5])}"
+                         f"{' ...' if len(unlabelled) > 5 else ''}.")
+    return names, source
 
 
 def evaluate_model(args) -> tuple[list[dict], list[dict], dict, str]:
@@ -49,20 +63,10 @@ def evaluate_model(args) -> tuple[list[dict], list[dict], dict, str]:
     liver, tumor = load_model(liver_file, stage="liver"), load_model(tumor_file, stage="tumor")
     cases = gather_cases(args.data, args.format)
     model_dir = Path(args.model) if Path(args.model).is_dir() else None
-    names, source = split_cases(args, model_dir)
-    if names:
-        missing = [n for n in names if n not in cases]
-        if missing:
-            print(f"warning: {len(missing)} case(s) of {source} are not in the data: {', '.join(missing[:5])}", file=sys.stderr)
-        names = [n for n in names if n in cases]
-    else:
-        names = list(cases)
+    names, source = split_cases(args, model_dir, cases)
     rows, gaps = [], []
     for name in tqdm(names, desc="segment + evaluate", unit="case", disable=None, file=sys.stderr):
         ct, truth = load_case(cases[name])
-        if truth is None:
-            print(f"warning: case '{name}' has no reference labels; skipped", file=sys.stderr)
-            continue
         result = segment(ct, liver, tumor, device=args.device, fast=args.fast, tta=args.tta)
         post, _ = PostProcessor.from_network(ct, result.labels, result.probabilities).apply(params)
         spacing_zyx = ct.spacing[::-1]

@@ -6,8 +6,9 @@ Readers and writers keep the geometry exactly (origin, spacing, direction in LPS
 from __future__ import annotations
 
 import gzip
-import logging
 import json
+import logging
+import math
 import os
 import secrets
 import struct
@@ -63,8 +64,8 @@ def read_labels(path, reference: Volume | None = None, *, ours: bool = False) ->
             shown = ", ".join(str(v) for v in others[:5]) + (", ..." if others.size > 5 else "")
             raise InputError(f"'{path}' holds label values {shown} besides 0 background, 1 liver, 2 tumor and "
                              "3 cyst: it is not a label map of ours (a CT, or labels of another scheme?).")
-    if reference is not None and not same_grid(volume, reference):
-        raise InputError(f"The labels in '{path}' are not on the voxel grid of the image; "
+    if reference is not None and (difference := grid_difference(volume, reference)):
+        raise InputError(f"The labels in '{path}' are not on the voxel grid of the image ({difference}); "
                          "resample them onto the image first.")
     return volume
 
@@ -102,12 +103,26 @@ def _read_integer_volume(path) -> Volume:
     return volume.with_array(labels.astype(dtype, copy=False))
 
 
+def grid_difference(a: Volume, b: Volume, tol: float = 1e-4) -> str | None:
+    """What differs between two volumes' grids (size, spacing, origin, direction; mm and cosine
+    tolerance), in words with both values, or None when they share one grid."""
+    def show(values):
+        return "(" + ", ".join(f"{float(v):.6g}" for v in np.ravel(values)) + ")"
+
+    if a.array.shape != b.array.shape:
+        return f"size {tuple(a.shape_ijk)} vs {tuple(b.shape_ijk)}"
+    if not np.allclose(a.spacing, b.spacing, atol=tol):
+        return f"spacing {show(a.spacing)} vs {show(b.spacing)} mm"
+    if not np.allclose(a.direction, b.direction, atol=tol):
+        return f"direction {show(a.direction)} vs {show(b.direction)}"
+    if not np.allclose(a.origin, b.origin, atol=tol * 10):
+        return f"origin {show(a.origin)} vs {show(b.origin)} mm (LPS)"
+    return None
+
+
 def same_grid(a: Volume, b: Volume, tol: float = 1e-4) -> bool:
-    """Whether two volumes share shape, spacing, origin and direction (mm and cosine tolerance)."""
-    return (a.array.shape == b.array.shape
-            and np.allclose(a.spacing, b.spacing, atol=tol)
-            and np.allclose(a.origin, b.origin, atol=tol * 10)
-            and np.allclose(a.direction, b.direction, atol=tol))
+    """Whether two volumes share shape, spacing, origin and direction (``grid_difference``)."""
+    return grid_difference(a, b, tol) is None
 
 
 def _read_image_file(path: Path) -> sitk.Image:
@@ -167,8 +182,8 @@ def _check_nifti_file(path: Path) -> None:
                         usable = len(chunk) - len(chunk) % dtype.itemsize  # whole 16 MiB reads until the end: aligned
                         bad += int(np.count_nonzero(~np.isfinite(np.frombuffer(chunk[:usable], dtype))))
                 if bad:
-                    raise InputError(f"'{path.name}' contains {bad} NaN or infinite voxel values; "
-                                     "it is damaged or not a CT.")
+                    raise InputError(f"'{path.name}' contains {bad} NaN or infinite voxel values: it is damaged "
+                                     "(neither a CT nor a label map holds them).")
     except (OSError, EOFError, zlib.error) as exc:
         raise RuntimeError(f"compressed stream is damaged: {exc}") from exc
     expected = _nifti_data_end(header)
@@ -481,11 +496,22 @@ def _write_atomically(path: Path, suffix: str, write) -> None:
 
 
 def write_json(obj, path, *, overwrite: bool = False) -> Path:
-    """Write a JSON document atomically (a report, a table)."""
+    """Write a JSON document atomically (a report, a table); nan and inf become null, as standard
+    JSON has no token for them."""
     path, suffix = _output_path(path, (".json",), overwrite)
-    text = json.dumps(obj, indent=2)
+    text = json.dumps(_finite_or_null(obj), indent=2, allow_nan=False)
     _write_atomically(path, suffix, lambda tmp: tmp.write_text(text, encoding="utf-8"))
     return path
+
+
+def _finite_or_null(obj):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(v) for v in obj]
+    return obj
 
 
 def write_text(text: str, path, suffixes=(".csv", ".md", ".txt"), *, overwrite: bool = False) -> Path:

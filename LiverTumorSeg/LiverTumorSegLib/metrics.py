@@ -5,7 +5,8 @@ array axis in mm, i.e. (sz, sy, sx).
 
 Conventions for empty masks (documented once, used everywhere):
 
-* both empty: DSC 1, VOE 0, RAVD 0, precision 1, recall 1, ASSD 0, HD95 0;
+* both empty: DSC 1, VOE 0, RAVD 0, precision 1, recall 1; ASSD and HD95 nan (no surface to
+  measure: a tumor-free case scored 0 mm would pull a mean of outline errors down, as MONAI's nan);
 * only one empty: DSC 0, VOE 1, precision 0, recall 0 (the undefined 0/0 side scores 0: nothing in
   it is right), RAVD -1 when A is empty and +inf when B is empty, ASSD and HD95 nan.
   ``summarize`` skips non-finite values and reports how many it skipped.
@@ -77,11 +78,8 @@ def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[flo
 
 
 def distance_metrics(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[float]) -> dict:
-    """ASSD and HD95 in mm (pooled convention, see module docstring); 0 if both empty, nan if one is."""
-    has_pred, has_truth = bool(np.any(pred)), bool(np.any(truth))
-    if not (has_pred or has_truth):
-        return {"assd_mm": 0.0, "hd95_mm": 0.0}
-    if not (has_pred and has_truth):
+    """ASSD and HD95 in mm (pooled convention, see module docstring); nan if either mask is empty."""
+    if not (np.any(pred) and np.any(truth)):
         return {"assd_mm": math.nan, "hd95_mm": math.nan}
     dist = surface_distances(pred, truth, spacing)
     return {"assd_mm": float(dist.mean()), "hd95_mm": float(np.percentile(dist, 95))}

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from LiverTumorSegLib.compare import compare_metric, verdict, wilcoxon_p
+from LiverTumorSegLib.compare import MIN_CASES, compare_metric, verdict, wilcoxon_p
 from test_evaluate_cli import SHIFTED, TUMOR, _labels, _one_error_line, _run, _write
 
 
@@ -16,7 +16,11 @@ def test_paired_difference_counts_and_exact_wilcoxon():
     assert (row["b_better"], row["b_worse"], row["same"]) == (5, 0, 0)
     assert row["wilcoxon_p"] == pytest.approx(2 / 2**5)  # exact: all 5 ranks positive, two-sided
     assert row["ci95"][0] == pytest.approx(0.1) and row["ci95"][1] == pytest.approx(0.1)
-    assert verdict(row, 1) == "B better (mean)"
+    assert verdict(row, 1) == "too few cases to tell (under 10)"  # the bootstrap CI excludes 0, but from 5 cases
+    a = [0.5 + 0.04 * i for i in range(MIN_CASES)]
+    row = compare_metric(a, [x + 0.01 + 0.001 * i for i, x in enumerate(a)], 1)
+    assert row["cases"] == MIN_CASES and row["ci95"][0] > 0 and verdict(row, 1) == "B better (mean)"
+    assert verdict(compare_metric(a, [x - 0.01 for x in a], 1), 1) == "A better (mean)"
 
 
 def test_distances_count_lower_as_better_and_non_finite_cases_are_left_out():
@@ -24,7 +28,11 @@ def test_distances_count_lower_as_better_and_non_finite_cases_are_left_out():
     assert (row["cases"], row["left_out"]) == (3, 1)
     assert (row["b_better"], row["b_worse"], row["same"]) == (1, 1, 1)
     assert row["mean_a"] == pytest.approx(10 / 3) and row["mean_b"] == pytest.approx(10 / 3)
-    assert row["mean_difference"] == pytest.approx(0.0) and verdict(row, -1) == "no clear difference"
+    assert row["mean_difference"] == pytest.approx(0.0) and verdict(row, -1).startswith("too few cases")
+    a = [2.0 + 0.3 * i for i in range(12)]
+    row = compare_metric(a, [x - 0.5 - 0.01 * i for i, x in enumerate(a)], -1)  # B's distances shorter: B better
+    assert row["b_better"] == 12 and verdict(row, -1) == "B better (mean)"
+    assert verdict(compare_metric(a, list(a), -1), -1) == "no clear difference"
 
 
 def test_many_small_gains_against_one_large_loss():
@@ -74,3 +82,22 @@ def test_two_evaluate_folders_compared_end_to_end(tmp_path, capsys):
     code, _, err = _run(capsys, "compare", tmp_path / "eval_a", truth, "-o", tmp_path / "cmp2")
     _one_error_line(code, err, "metrics.csv")
     assert not (tmp_path / "cmp2").exists()
+
+
+def test_label_maps_pair_with_each_output_of_a_model_evaluation():
+    """Another tool's label maps (evaluate --pred: no output column) against a --model evaluation's
+    network and post-processed rows: B's rows are repeated under each of A's outputs."""
+    from LiverTumorSegLib.compare import align_outputs, compare
+
+    dsc = {"dsc": 0.8, "assd_mm": 1.0, "hd95_mm": 2.0}
+    model = {(out, "tumor", c): dict(dsc) for out in ("network", "post-processed") for c in ("x", "y")}
+    tool = {("", "tumor", c): dict(dsc, dsc=0.9) for c in ("x", "y")}
+    a, b = align_outputs(model, tool)
+    assert a == model and set(b) == set(model)
+    result = compare(model, tool, "ours", "tool")
+    assert {(r["output"], r["metric"]) for r in result["rows"]} == {
+        (o, m) for o in ("network", "post-processed") for m in ("DSC", "ASSD (mm)", "HD95 (mm)")}
+    assert all(r["mean_difference"] == pytest.approx(0.1) for r in result["rows"] if r["metric"] == "DSC")
+    assert align_outputs(tool, tool) == (tool, tool) and align_outputs(model, model) == (model, model)
+    with pytest.raises(Exception, match="in both: 0"):
+        compare(model, {("", "tumor", "z"): dict(dsc)}, "ours", "tool")

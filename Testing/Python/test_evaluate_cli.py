@@ -123,6 +123,33 @@ def test_grid_mismatch_names_the_case(folders, tmp_path, capsys):
     assert not (tmp_path / "out" / "metrics.csv").exists()
 
 
+def test_a_truth_case_without_prediction_is_refused_or_scored_empty(folders, tmp_path, capsys):
+    """Leaving case c out would raise every mean; it is refused, or with --missing-as-empty scored
+    as an empty prediction (its tumor Dice 0). The summary's undefined figures are JSON null."""
+    _write(_labels(TUMOR), folders[1] / "c_label.nii.gz")
+    _write(_labels(None), folders[1] / "d_label.nii.gz")  # tumor-free: an empty prediction scores 1 on tumor
+    code, _, err = _run(capsys, "evaluate", "--pred", folders[0], "--truth", folders[1], "-o", tmp_path / "out")
+    _one_error_line(code, err, "2 truth case(s) have no prediction", "c, d", "--missing-as-empty")
+    assert not (tmp_path / "out").exists()
+    code, _, err = _run(capsys, "evaluate", "--pred", folders[0], "--truth", folders[1], "-o", tmp_path / "out",
+                        "--missing-as-empty")
+    assert code == 0, err
+    assert "scored as empty: c, d" in err and "extra" in err
+    rows = _metrics(tmp_path / "out")
+    assert sorted({c for c, _ in rows}) == ["a", "b", "c", "d"]
+    assert [float(rows[c, "tumor"]["dsc"]) for c in "abcd"] == pytest.approx([0.8, 0.0, 0.0, 1.0])
+    assert float(rows["c", "liver"]["dsc"]) == 0.0 and rows["d", "tumor"]["assd_mm"] == "nan"
+    text = (tmp_path / "out" / "summary.json").read_text(encoding="utf-8")
+    assert "NaN" not in text and "Infinity" not in text
+    tumor = json.loads(text)["tumor"]["metrics"]
+    assert tumor["dsc"]["mean"] == pytest.approx((0.8 + 0 + 0 + 1) / 4)
+    assert (tumor["assd_mm"]["cases"], tumor["assd_mm"]["skipped"]) == (1, 3)  # a alone has two surfaces
+    assert tumor["assd_mm"]["ci95"] == [None, None]  # no CI from one case: null, not the non-standard NaN
+    code, _, err = _run(capsys, "evaluate", "--pred", folders[0] / "a.nii.gz", "--truth", folders[1] / "a_label.nii.gz",
+                        "-o", tmp_path / "out2", "--missing-as-empty")
+    _one_error_line(code, err, "--missing-as-empty", "folders")
+
+
 def test_no_matching_case_is_an_error(tmp_path, capsys):
     _write(_labels(TUMOR), tmp_path / "pred" / "x.nii.gz")
     _write(_labels(TUMOR), tmp_path / "truth" / "y_label.nii.gz")
@@ -159,7 +186,14 @@ def test_prediction_with_another_origin_is_refused(tmp_path, capsys):
     sitk.WriteImage(pred, str(tmp_path / "p.nii.gz"))
     code = main(["evaluate", "--pred", str(tmp_path / "p.nii.gz"), "--truth", str(tmp_path / "t.nii.gz"), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert code == 2 and "different grids" in err and "Traceback" not in err
+    assert code == 2 and "different grids (origin (5, 0, 0) vs (0, 0, 0) mm (LPS)" in err and "Traceback" not in err
+    flipped = sitk.GetImageFromArray(labels[:, :, ::-1].copy())  # the same voxels in space, stored along -x
+    flipped.SetDirection((-1, 0, 0, 0, 1, 0, 0, 0, 1))
+    flipped.SetOrigin((15.0, 0.0, 0.0))
+    sitk.WriteImage(flipped, str(tmp_path / "p.nii.gz"))
+    code = main(["evaluate", "--pred", str(tmp_path / "p.nii.gz"), "--truth", str(tmp_path / "t.nii.gz"), "-o", str(tmp_path / "out")])
+    err = capsys.readouterr().err  # refused, and the message says what differs (shape and spacing are the same)
+    assert code == 2 and "direction (-1, 0, 0, 0, 1, 0, 0, 0, 1) vs (1, 0, 0, 0, 1, 0, 0, 0, 1)" in err, err
 
 
 def test_a_ct_given_as_the_prediction_is_refused(tmp_path, capsys):
@@ -171,3 +205,28 @@ def test_a_ct_given_as_the_prediction_is_refused(tmp_path, capsys):
                         "-o", tmp_path / "out")
     _one_error_line(code, err, "pred.nii.gz", "label values")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_evaluate_model_refuses_a_split_part_it_cannot_score_whole(tmp_path):
+    """An empty part, a case the data lack, a case without labels: refused, never silently fewer
+    cases (or, for an empty part, every case, training cases included). No split: the labelled cases."""
+    from types import SimpleNamespace
+
+    from LiverTumorSegLib.datasets import Case
+    from LiverTumorSegLib.errors import InputError
+    from LiverTumorSegLib.evaluate_model import split_cases
+
+    cases = {n: Case(n, tmp_path / f"{n}.nii.gz", None if n == "u" else tmp_path / f"{n}_label.nii.gz", "pairs")
+             for n in ("a", "b", "c", "u")}
+    split = tmp_path / "split.json"
+
+    def part(test, model_dir=None, split_file=split):
+        split.write_text(json.dumps({"train": ["a"], "val": ["b"], "test": test}), encoding="utf-8")
+        return split_cases(SimpleNamespace(split=split_file, part="test"), model_dir, cases)
+
+    assert part(["c"]) == (["c"], f"the test part of {split}")
+    for test, words in (([], "is empty"), (["c", "x"], "not in --data: x"), (["c", "u"], "no reference labels: u")):
+        with pytest.raises(InputError, match=words):
+            part(test)
+    assert part(["c"], split_file=None) == (["a", "b", "c"], "all labelled cases (no split file)")  # no split anywhere
+    assert part(["c"], model_dir=tmp_path, split_file=None)[0] == ["c"]  # the model folder's split.json

@@ -97,9 +97,9 @@ def test_crop_does_not_change_results():
 def test_both_empty():
     empty = np.zeros((3, 4, 5), bool)
     m = case_metrics(empty, empty, ANISO)
-    assert {k: m[k] for k in ("dsc", "voe", "ravd", "abs_ravd", "precision", "recall", "assd_mm", "hd95_mm")} == {
-        "dsc": 1.0, "voe": 0.0, "ravd": 0.0, "abs_ravd": 0.0, "precision": 1.0, "recall": 1.0,
-        "assd_mm": 0.0, "hd95_mm": 0.0}
+    assert {k: m[k] for k in ("dsc", "voe", "ravd", "abs_ravd", "precision", "recall")} == {
+        "dsc": 1.0, "voe": 0.0, "ravd": 0.0, "abs_ravd": 0.0, "precision": 1.0, "recall": 1.0}
+    assert math.isnan(m["assd_mm"]) and math.isnan(m["hd95_mm"])  # no surface: left out of the means
     assert m["lesion_recall"] == 1.0 and m["lesion_truth_lesions"] == 0
 
 
@@ -164,7 +164,7 @@ def test_summarize_hand_case():
     assert s["cases"] == 4 and s["mean"] == pytest.approx(np.mean(dscs)) and s["sd"] == pytest.approx(np.std(dscs))
     assert s["global_dice"] == pytest.approx(2 * (4 + 2) / (8 + 6 + 2))
     assert s["authors_protocol_mean"] == pytest.approx((1.0 + 2 / 3) / 2) and s["authors_protocol_excluded"] == 2
-    assert s["assd_mm"]["skipped"] == 1 and s["assd_mm"]["cases"] == 3
+    assert s["assd_mm"]["skipped"] == 2 and s["assd_mm"]["cases"] == 2  # the missed and the both-empty case
     assert s["voe"] == {"mean": pytest.approx((0 + 0.5 + 1 + 0) / 4), "cases": 4, "skipped": 0}
     assert summarize(rows, key="recall")["mean"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
 
