@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .imageio import read_labels, read_volume, write_json
+from .imageio import check_ct, read_labels, read_volume, write_json
 from .volume import Volume
 
 NIFTI = ("*.nii.gz", "*.nii")
@@ -39,8 +39,10 @@ class LayoutNotFound(InputError):
 
 
 def natural_key(text: str) -> list:
-    """Sort key that orders embedded numbers numerically (case-2 before case-10)."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+    """Sort key that orders embedded numbers numerically (case-2 before case-10); names it ties
+    (x-1, X-1, x-01) are ordered by the name itself, so every listing, and the splits, are the same
+    in every run."""
+    return [*(int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)), "", text]
 
 
 def _nifti_files(folder: Path, pattern: str = "*") -> list[Path]:
@@ -182,11 +184,12 @@ def find_pairs(root: Path) -> list[Case]:
     """Image/label pairs: ``X_ct.nii[.gz]`` + ``X_label.nii[.gz]``, ``images/X`` + ``labels/X``, or
     one case per folder as ``image.nii[.gz]`` + ``label.nii[.gz]`` (named after the folder)."""
     root = Path(root)
-    pairs = [(ct, ct.with_name(ct.name.replace("_ct.nii", "_label.nii"))) for ct in _nifti_files(root, "*_ct")]
+    labels = {_stem(p): p for p in _nifti_files(root, "*_label")}
+    pairs = [(ct, labels.get(_stem(ct).removesuffix("_ct") + "_label")) for ct in _nifti_files(root, "*_ct")]
     if (root / "images").is_dir() and (root / "labels").is_dir():
-        pairs += [(image, root / "labels" / image.name) for image in _nifti_files(root / "images")]
-    cases = [Case(_stem(image).removesuffix("_ct"), image, label, "pairs")
-             for image, label in pairs if label.is_file()]
+        labels = {_stem(p): p for p in _nifti_files(root / "labels")}
+        pairs += [(image, labels.get(_stem(image))) for image in _nifti_files(root / "images")]
+    cases = [Case(_stem(image).removesuffix("_ct"), image, label, "pairs") for image, label in pairs if label]
     single = [(image, label) for image in _nifti_files(root, "image") for label in _nifti_files(root, "label")]
     cases += [Case(root.resolve().name, image, label, "pairs") for image, label in single[:1]]
     if not cases:
@@ -228,8 +231,13 @@ def gather_cases(folders, fmt: str = "auto") -> dict[str, Case]:
 
 
 def load_case(case: Case) -> tuple[Volume, Volume | None]:
-    """The CT and its labels on the CT grid (0 bg, 1 liver, 2 tumour, 3 cyst); None without labels."""
+    """The CT and its labels on the CT grid (0 bg, 1 liver, 2 tumour, 3 cyst); None without labels.
+    The CT must pass ``segment``'s checks (``check_ct``): what inference refuses is not learnt from."""
     ct = read_volume(case.image)
+    try:
+        check_ct(ct)
+    except InputError as err:
+        raise InputError(f"Case '{case.name}' ({case.image}): {err}") from None
     if case.label is None:
         return ct, None
     if case.kind == "ircad":
@@ -270,7 +278,8 @@ def _split_counts(n: int, fractions) -> tuple[int, int]:
         raise ValueError("give three non-negative fractions or counts (train, val, test)")
     if all(isinstance(f, (int, np.integer)) for f in fractions):
         if sum(fractions) != n:
-            raise ValueError(f"split counts {tuple(fractions)} do not add up to the {n} cases")
+            raise ValueError(f"split counts {tuple(fractions)} do not add up to the {n} cases "
+                             "(whole numbers are counts; shares are written with a decimal point, e.g. 0.7)")
         return int(fractions[1]), int(fractions[2])
     if not np.isclose(sum(fractions), 1.0):
         raise ValueError(f"split fractions {tuple(fractions)} do not add up to 1")

@@ -32,11 +32,15 @@ ARRAYS = ("image", "target", "mask")
 
 
 def cache_key(case: Case, stage: str, pre: dict, liver_model=None, liver_tta: bool = True) -> dict:
-    """What a prepared sample depends on: the source files (path, size, time), the preprocessing and
-    (tumor stage) the liver model whose prediction it is built around."""
+    """What a prepared sample depends on: the source files (path, size, time; for a folder, e.g.
+    IRCAD masks or a DICOM series, every file in it), the preprocessing and (tumor stage) the liver
+    model whose prediction it is built around."""
     def stamp(path: Path | None):
         if path is None:
             return None
+        if path.is_dir():  # a file rewritten in place changes neither the folder's size nor its time
+            files = sorted(f for f in path.rglob("*") if f.is_file())
+            return [str(path.resolve()), [[str(f.relative_to(path)), *stamp(f)[1:]] for f in files]]
         st = path.stat()
         return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 

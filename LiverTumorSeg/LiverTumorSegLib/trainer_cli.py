@@ -39,23 +39,41 @@ def choose_split(cases: dict, config: dict, run_dir: Path, split_file: Path | No
         return read_split(existing), f"{existing} (from an earlier stage of this run)"
     if config["split"] == "lits-paper":
         return lits_paper_split(seed=config["seed"]), "the G-UNETR++ paper's LiTS split (authors' 20 test cases)"
-    return make_split(list(cases), tuple(config["split"]), seed=config["seed"]), f"new split, seed {config['seed']}"
+    try:
+        split = make_split(list(cases), tuple(config["split"]), seed=config["seed"])
+    except ValueError as err:
+        raise InputError(f"The config's split {config['split']} does not fit these {len(cases)} labelled cases: {err}") from None
+    return split, f"new split, seed {config['seed']}"
 
 
-def check_split(split: dict, cases: dict) -> list[str]:
-    """Warnings for split cases that are not in the data; an error when nothing is left to train on."""
+def check_split(split: dict, cases: dict, source: str = "the split") -> list[str]:
+    """Warnings for split cases that are not in the (labelled) data; an error when nothing is left to train on."""
     warnings = []
     for part in SPLITS:
         missing = [name for name in split[part] if name not in cases]
         if missing:
-            warnings.append(f"{len(missing)} {part} case(s) of the split are not in the data: {', '.join(missing[:5])}"
-                            + (" ..." if len(missing) > 5 else ""))
+            warnings.append(f"{len(missing)} {part} case(s) of the split are not in the data, or have no labels: "
+                            f"{', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
     unused = sorted(set(cases) - {n for part in SPLITS for n in split[part]})
     if unused:
         warnings.append(f"{len(unused)} case(s) of the data are in no part of the split, unused: {', '.join(unused[:5])}")
     if not any(name in cases for name in split["train"]):
-        raise InputError("No case of the split's training part is in the data.")
+        raise InputError(f"No case of the training part of {source} is in the data with labels.")
     return warnings
+
+
+def labelled_cases(cases: dict, show: bool) -> dict:
+    """The cases with reference labels (a data folder may also hold unlabelled ones, e.g. LiTS's test volumes)."""
+    unlabelled = [n for n, c in cases.items() if c.label is None]
+    if unlabelled and show:
+        print(f"warning: {len(unlabelled)} case(s) have no labels and are left out: {', '.join(unlabelled[:5])}"
+              + (" ..." if len(unlabelled) > 5 else ""), file=sys.stderr)
+    return {n: c for n, c in cases.items() if c.label is not None}
+
+
+def same_split(a: dict, b: dict) -> bool:
+    """Whether two splits put the same cases in each part (the order within a part does not matter)."""
+    return all(sorted(a[part]) == sorted(b[part]) for part in SPLITS)
 
 
 def pseudo_label_manifest(case) -> dict | None:
@@ -77,7 +95,9 @@ def _usable_for_stage(cases: dict, stage: str, show: bool) -> dict:
 
 
 def _stage_files(run_dir: Path, stage: str) -> list[Path]:
-    return [run_dir / f"{stage}.{suffix}" for suffix in ("ltsm", "checkpoint.pt", "best.pt", "history.json", "curves.png", "config.json")]
+    """A stage's results: what a new run would replace (its config and curves alone, left by a start
+    that failed before the first epoch, hold no work and do not block a fresh start)."""
+    return [run_dir / f"{stage}.{suffix}" for suffix in ("ltsm", "checkpoint.pt", "best.pt", "history.json")]
 
 
 def _check_run_dir(run_dir: Path, stage: str, resume: bool, overwrite: bool) -> None:
@@ -103,6 +123,11 @@ def load_run_config(args, run_dir: Path) -> dict:
         config = load_config(args.config or "small")
     if args.epochs is not None:
         config = check_config({**config, "epochs": args.epochs}, f"the config with --epochs {args.epochs}")
+    if args.resume and saved.is_file():  # refused before anything is written: the run's own config stays
+        before = json.loads(saved.read_text(encoding="utf-8"))
+        if {**before, "epochs": 0} != {**config, "epochs": 0}:
+            raise InputError(f"{run_dir} was trained with another config ({saved.name}); resume with the same one "
+                             "(only --epochs may change), or start a new run.")
     return config
 
 
@@ -120,19 +145,16 @@ def run_train(args) -> int:
     init = load_model(args.init, stage=stage) if args.init else None  # a bad file fails before the run folder is made
     device = distributed.start(world, resolve_device(args.device))
     try:
-        cases = gather_cases([Path(d) for d in args.data], args.format)
+        cases = labelled_cases(gather_cases([Path(d) for d in args.data], args.format), world.main)
         cases = _usable_for_stage(cases, stage, world.main)
         split, split_source = choose_split(cases, config, run_dir, args.split)
-        for warning in check_split(split, cases) if world.main else []:
+        for warning in check_split(split, cases, split_source) if world.main else []:
             print(f"warning: {warning}", file=sys.stderr)
+        existing = run_dir / SPLIT_FILE
         if world.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            existing = run_dir / SPLIT_FILE
-            if existing.is_file() and read_split(existing) != split:
+            if existing.is_file() and not same_split(read_split(existing), split):
                 raise InputError(f"{existing} holds another split than {split_source}; both stages of a run "
                                  "use one split (use another run folder).")
-            write_split(split, existing, overwrite=True)  # both stages may start at once: same content
-            write_json(config, run_dir / f"{stage}.config.json", overwrite=True)
             print(f"{stage}: split from {split_source}; device {device}; {world.size} process(es)", file=sys.stderr)
         distributed.barrier(world)
         cache = run_dir / "cache" / stage
@@ -143,6 +165,11 @@ def run_train(args) -> int:
                                      workers=prepare_workers(args.workers, len(split["train"])), **masks)
             val = prepared_samples(split["val"], cases, stage, recipe.preprocessing, cache, build=True, show=True,
                                    workers=prepare_workers(args.workers, len(split["val"])), **masks)
+        if world.main:  # written once the samples are ready: a start that fails before leaves no run behind
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not existing.is_file():
+                write_split(split, existing, overwrite=True)  # both stages may start at once: same content
+            write_json(config, run_dir / f"{stage}.config.json", overwrite=True)
         distributed.barrier(world)
         if not world.main:
             train = prepared_samples(split["train"], cases, stage, recipe.preprocessing, cache, build=False, **masks)

@@ -9,8 +9,8 @@ import pytest
 import SimpleITK as sitk
 
 from LiverTumorSegLib.datasets import (LITS_PAPER_SPLIT, LITS_PAPER_TEST, Case, find_cases, find_ircad,
-                                       find_lits, find_msd, find_pairs, load_case, make_split, read_split,
-                                       write_split)
+                                       find_lits, find_msd, find_pairs, load_case, make_split, natural_key,
+                                       read_split, write_split)
 from LiverTumorSegLib.errors import InputError, OutputError
 from LiverTumorSegLib.phantom import generate_case, write_cases
 
@@ -124,6 +124,32 @@ def test_pairs_both_layouts(tmp_path):
     (case,) = find_pairs(tmp_path / "q")
     assert case.name == "x" and case.label == tmp_path / "q" / "labels" / "x.nii.gz"
     assert np.array_equal(load_case(case)[1].array, label_array())
+
+
+def test_pairs_match_by_name_whatever_the_extension(tmp_path):
+    """An image saved as .nii.gz and its label as .nii (or the other way) are still one case."""
+    write_pair(tmp_path / "p" / "a_ct.nii.gz", tmp_path / "p" / "a_label.nii")
+    write_pair(tmp_path / "p" / "b_ct.nii", tmp_path / "p" / "b_label.nii.gz")
+    write_pair(tmp_path / "q" / "images" / "x.nii.gz", tmp_path / "q" / "labels" / "x.nii")
+    assert [(c.name, c.label.name) for c in find_pairs(tmp_path / "p")] == [("a", "a_label.nii"), ("b", "b_label.nii.gz")]
+    assert [(c.name, c.label.name) for c in find_pairs(tmp_path / "q")] == [("x", "x.nii")]
+
+
+def test_names_natural_order_ties_broken_by_the_name():
+    """x-1, X-1 and x-01 are equal to the natural order: the name itself decides, so a listing (and
+    a split) never depends on the order files came from the disk or a set."""
+    names = ["x-01", "X-1", "x-1", "x-10", "x-2"]
+    assert sorted(names, key=natural_key) == ["X-1", "x-01", "x-1", "x-2", "x-10"]
+    assert sorted(reversed(names), key=natural_key) == sorted(names, key=natural_key)
+    assert make_split(names, (3, 1, 1)) == make_split(list(reversed(names)), (3, 1, 1))
+
+
+def test_a_ct_that_segment_would_refuse_is_not_learnt_from(tmp_path):
+    write(np.zeros(SHAPE, np.int16), tmp_path / "p" / "flat_ct.nii.gz")
+    write(label_array(), tmp_path / "p" / "flat_label.nii.gz")
+    (case,) = find_pairs(tmp_path / "p")
+    with pytest.raises(InputError, match="Case 'flat'.*same value"):
+        load_case(case)
 
 
 def test_pairs_one_case_per_folder(tmp_path):

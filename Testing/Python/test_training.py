@@ -20,7 +20,7 @@ from LiverTumorSegLib.augment import Augmenter
 from LiverTumorSegLib.cli import main
 from LiverTumorSegLib.datasets import gather_cases, load_case
 from LiverTumorSegLib.errors import InputError
-from LiverTumorSegLib.imageio import write_labels, write_volume
+from LiverTumorSegLib.imageio import read_labels, write_labels, write_volume
 from LiverTumorSegLib.modelfile import load_model
 from LiverTumorSegLib.netconfig import SMALL
 from LiverTumorSegLib.orientation import to_canonical
@@ -185,6 +185,25 @@ def test_prepared_samples_are_cached_and_memory_mapped(phantoms, tmp_path):
     assert rebuilt[0].image.shape != first[0].image.shape
 
 
+def test_a_mask_rewritten_in_place_is_prepared_again(tmp_path):
+    """An IRCAD case's label is its masks folder: editing a mask file changes neither the folder's
+    size nor its time, so the key stamps every file in it."""
+    from LiverTumorSegLib.datasets import Case
+    from LiverTumorSegLib.samplecache import cache_key
+
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    (masks / "liver.nii.gz").write_bytes(b"first")
+    (tmp_path / "ct.nii.gz").write_bytes(b"ct")
+    case = Case("p", tmp_path / "ct.nii.gz", masks, "ircad")
+    before = cache_key(case, "tumor", TINY_PRE["tumor"])
+    os.utime(masks, ns=(1, 1))
+    (masks / "liver.nii.gz").write_bytes(b"other")  # same size, in place
+    os.utime(masks / "liver.nii.gz", ns=(2, 2))
+    os.utime(masks, ns=(1, 1))  # the folder looks untouched
+    assert cache_key(case, "tumor", TINY_PRE["tumor"]) != before
+
+
 def test_samples_prepared_by_worker_processes_equal_one_process(phantoms, tmp_path):
     """Two spawned workers, each loading stage 1 itself, write the files one process writes."""
     cases = gather_cases([phantoms])
@@ -285,6 +304,19 @@ def test_bundled_configs_hold_the_papers_settings():
     ({"augmentation": {"elastic": 1}}, "augmentation"),
     ({"loss": {"liver": {"dice": 1, "dcie": 1}}}, "unknown loss"),
     ({"lr": 1}, "unknown keys"),
+    ({"loss": {"livr": {"dice": 1}}}, "one entry per stage"),  # a typo'd stage would train the default loss
+    ({"loss": {"liver": {"dice": "1"}}}, "loss.liver.dice"),
+    ({"preprocessing": {**TINY_PRE, "liver": {**TINY_PRE["liver"], "hu_windw": [0, 1]}}}, "preprocessing.liver keys"),
+    ({"preprocessing": {**TINY_PRE, "tumor": {**TINY_PRE["tumor"], "resample": {"mode": "spacng"}}}}, "resample is one of"),
+    ({"preprocessing": {**TINY_PRE, "tumor": {**TINY_PRE["tumor"], "liver_margin": 5}}}, "preprocessing.tumor keys"),
+    ({"augmentation": {**AUG, "scale": {"prob": 0.2, "min": 0.8, "mx": 1.2}}}, "augmentation.scale"),
+    ({"batch": "2"}, "'batch' must be a whole number"),
+    ({"amp": "false"}, "'amp' must be true or false"),
+    ({"optimizer": {"name": "adam", "lr": "5e-4"}}, "optimizer.lr"),
+    ({"split": "foo"}, "'split' is"),
+    ({"split": [0.5, 0.5]}, "'split' is"),
+    ({"split": [0.5, 0.3, 0.3]}, "do not add up to 1"),
+    ({"fg_fraction": {"liver": 0.5}}, "one per stage"),
 ])
 def test_config_mistakes_are_refused(change, message):
     with pytest.raises(InputError, match=message):
@@ -412,6 +444,47 @@ def test_resume_refuses_another_config(tmp_path):
     other = StageTrainer(tiny_config(epochs=2, batch=4), "liver", _blob_samples(), [], tmp_path, torch.device("cpu"))
     with pytest.raises(InputError, match="another training config"):
         other.run(resume=True)
+
+
+def test_train_leaves_no_trace_of_a_refused_or_failed_start(phantoms, tmp_path, capsys):
+    """A resume refused for another config keeps the run's own config (a plain --resume still
+    works); a start that fails while preparing its samples writes no split or config, so a retry
+    needs no --overwrite; cases without labels stay out of the split and the card."""
+    cfg_file, other = tmp_path / "tiny.json", tmp_path / "other.json"
+    cfg_file.write_text(json.dumps(tiny_config(epochs=1, split=[0.6, 0.2, 0.2])), encoding="utf-8")
+    other.write_text(json.dumps(tiny_config(epochs=1, split=[0.6, 0.2, 0.2], optimizer={"name": "adam", "lr": 1e-2})),
+                     encoding="utf-8")
+    run = tmp_path / "run"
+    base = ["train", "--stage", "liver", "--data", str(phantoms), "-o", str(run)]
+    assert main([*base, "--config", str(cfg_file)]) == 0
+    saved = (run / "liver.config.json").read_bytes()
+    assert main([*base, "--config", str(other), "--resume", "--epochs", "2"]) == 2
+    assert "another config" in capsys.readouterr().err and (run / "liver.config.json").read_bytes() == saved
+    assert main([*base, "--resume", "--epochs", "2"]) == 0
+
+    lits = tmp_path / "lits"  # the phantoms in the LiTS layout, and a sixth CT whose labels hold a 7
+    lits.mkdir()
+    cts = sorted(phantoms.glob("*_ct.nii.gz"))
+    for n, ct_file in enumerate(cts):
+        (lits / f"volume-{n}.nii.gz").symlink_to(ct_file)
+        labels = read_labels(str(ct_file).replace("_ct.nii", "_label.nii"))
+        write_labels(np.minimum(labels.array, 2), labels, lits / f"segmentation-{n}.nii.gz")
+    (lits / f"volume-{len(cts)}.nii.gz").symlink_to(cts[0])
+    first = read_labels(lits / "segmentation-0.nii.gz")
+    write_labels(np.where(first.array > 0, 7, 0), first, lits / f"segmentation-{len(cts)}.nii.gz")
+    fresh = tmp_path / "fresh"
+    argv = ["train", "--stage", "liver", "--data", str(lits), "--config", str(cfg_file), "-o", str(fresh)]
+    assert main(argv) == 2
+    assert "outside 0..2" in capsys.readouterr().err
+    assert not (fresh / "split.json").exists() and not (fresh / "liver.config.json").exists()
+    (lits / f"segmentation-{len(cts)}.nii.gz").unlink()  # now unlabelled: out of the split, with a warning
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert f"1 case(s) have no labels and are left out: lits-{len(cts)}" in err
+    split = json.loads((fresh / "split.json").read_text(encoding="utf-8"))
+    assert sorted(sum(split.values(), [])) == sorted(f"lits-{n}" for n in range(len(cts)))
+    data_card = json.loads(main_card(fresh / "liver.ltsm"))["training"]["data"]
+    assert f"lits-{len(cts)}" not in data_card["train_cases"] + data_card["val_cases"] + data_card["test_cases"]
 
 
 def _free_port() -> int:
