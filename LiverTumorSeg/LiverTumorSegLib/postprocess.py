@@ -32,10 +32,12 @@ smoothed histogram in voxels per HU, so A is the fitted voxel count. Ill-posed f
 the median (M), 1.4826 * MAD (S) and the voxel count (A); the row then says "fallback: <reason>".
 
 Dilation, ``dilate_mode="slice"`` (default; the paper's rule): each 2-D component (connectivity 4
-or 8) of a kept tumor in one slice (array axis 0) whose area is below ``dilate_max_area_px`` grows
+or 8) of a kept tumor in one axial slice whose area is below ``dilate_max_area_px`` grows
 by one pixel per iteration with the 3x3 cross (4) or the 3x3 square (8). Each iteration is
 confined to liver voxels that belong to no other lesion region, so dilation never leaves the liver
-and never overwrites a cyst (or another region).
+and never overwrites a cyst (or another region). Axial is the array axis nearest the patient's
+head-foot axis (``orientation.Reorient``), so a CT stored sagittally or coronally, or flipped, grows
+on the same voxels as its axial copy.
 
 Dilation, ``dilate_mode="3d"``: the rule of the authors' notebook (``LiTS_metric_Tumor.ipynb``),
 which labels the predicted tumor mask on their 256 x 256 x Z grid (in-plane resized to 256, slices
@@ -46,7 +48,7 @@ kept) with ``ndimage.label`` (6-connected) and dilates each component of < 80 vo
 - a kept tumor region (our regions are 26-connected 3-D components, so two 6-separate blobs that
   touch at an edge or corner count as one, larger region here) measures
   ``voxels * 256 * 256 / (rows * cols)`` 256-grid voxels, ``rows, cols`` being the CT array's
-  in-plane shape (axes 1, 2);
+  in-plane shape (the two axes other than the axial one);
 - size < 80 -> n = 1, 80 <= size < 100 -> n = 2, else no growth;
 - growth is one binary dilation with ``{(dz, dy, dx): |dz| + (|dy| + |dx|) / s <= n}``, the
   n-fold 6-cross (an L1 ball of radius n) scaled to our grid, ``s = (rows / 256 + cols / 256) / 2``
@@ -71,6 +73,7 @@ import numpy as np
 from scipy import ndimage, optimize
 
 from .masks import bounding_box
+from .orientation import Reorient
 from .outline import MAX_REFINE_MM, Refinement, reach_voxels, refine_outline
 from .volume import Volume
 
@@ -217,8 +220,13 @@ class PostProcessor:
             if not 1 <= threshold <= 255:
                 raise ValueError(f"threshold must be 1-255 (uint8 probability), not {threshold}")
             candidates = liver & (np.asarray(tumor_probability) >= threshold)
-        self._scale = grid_scale(ct.array.shape)
-        self._regions = _find_regions(ct.array, liver, candidates, _crop_pad(self._scale), tumor_probability)
+        # the dilation works in axial planes: the array axis nearest the head-foot axis first, whatever
+        # order the voxels are stored in (flips do not matter to a symmetric dilation)
+        self._order = Reorient.for_volume(ct).axes
+        self._axial_shape = tuple(ct.array.shape[a] for a in self._order)
+        self._scale = grid_scale(self._axial_shape)
+        pad = tuple(_crop_pad(self._scale)[self._order.index(a)] for a in range(3))
+        self._regions = _find_regions(ct.array, liver, candidates, pad, tumor_probability)
         self._by_id = {r.id: r for r in self._regions}
         self._base = liver.astype(np.uint8)  # lesion voxels that are no candidate become liver
         self._parenchyma = liver & ~candidates if self._regions else None  # liver voxels of no region
@@ -318,9 +326,9 @@ class PostProcessor:
         key = (region.id, *_dilation_key(params))
         if key not in self._grown:
             if params.dilate_mode == "3d":  # depends only on the region and the CT's matrix
-                self._grown[key] = _grow_3d(region, self._base.shape, self._scale)
+                self._grown[key] = _grow_3d(region, self._base.shape, self._order, self._axial_shape, self._scale)
             else:
-                self._grown[key] = _grow_small(region, self._base.shape, *key[2:])
+                self._grown[key] = _grow_small(region, self._base.shape, self._order, *key[2:])
         return self._grown[key]
 
     def _widened(self, crop: tuple[slice, ...], max_mm: float) -> tuple[slice, ...]:
@@ -469,30 +477,39 @@ def _padded(found: tuple[slice, ...], shape: tuple[int, ...], pad: tuple[int, in
     return tuple(slice(max(s.start - p, 0), min(s.stop + p, n)) for s, p, n in zip(found, pad, shape))
 
 
-def _grow_small(region: _Region, shape, iterations: int, max_area: int, connectivity: int) -> np.ndarray:
-    """Flat indices added by dilating the region's small 2-D components (per slice) inside ``allowed``."""
+def _added(region: _Region, grown: np.ndarray, own: np.ndarray, order, shape) -> np.ndarray:
+    """Flat indices into the volume of the voxels ``grown`` adds to ``own`` (both in axial order)."""
+    found = np.nonzero(grown & ~own)
+    coords = [found[order.index(a)] + region.crop[a].start for a in range(3)]
+    return np.ravel_multi_index(tuple(coords), shape)
+
+
+def _grow_small(region: _Region, shape, order, iterations: int, max_area: int, connectivity: int) -> np.ndarray:
+    """Flat indices added by dilating the region's small 2-D components (per axial slice: array axes in
+    ``order``, the axial axis first) inside ``allowed``."""
     if iterations == 0:
         return np.empty(0, dtype=np.int64)
+    own, allowed = np.transpose(region.own, order), np.transpose(region.allowed, order)
     struct = _IN_PLANE[connectivity]
-    components, _ = ndimage.label(region.own, structure=struct)
+    components, _ = ndimage.label(own, structure=struct)
     small = np.bincount(components.ravel()) < max_area
     small[0] = False
     seeds = small[components]
     if not seeds.any():
         return np.empty(0, dtype=np.int64)
-    grown = ndimage.binary_dilation(seeds, structure=struct, iterations=iterations, mask=region.allowed)
-    coords = np.nonzero(grown & ~region.own)
-    return np.ravel_multi_index(tuple(c + s.start for c, s in zip(coords, region.crop)), shape)
+    grown = ndimage.binary_dilation(seeds, structure=struct, iterations=iterations, mask=allowed)
+    return _added(region, grown, own, order, shape)
 
 
-def _grow_3d(region: _Region, shape, scale: float) -> np.ndarray:
-    """Flat indices added by the notebook's rule (3-D mode): one dilation with the scaled n-fold cross, inside ``allowed``."""
-    n = authors_radius(region.hu.size, shape)
+def _grow_3d(region: _Region, shape, order, axial_shape, scale: float) -> np.ndarray:
+    """Flat indices added by the notebook's rule (3-D mode): one dilation with the scaled n-fold cross
+    (in axial order, see ``_grow_small``), inside ``allowed``."""
+    n = authors_radius(region.hu.size, axial_shape)
     if n == 0:
         return np.empty(0, dtype=np.int64)
-    grown = ndimage.binary_dilation(region.own, structure=authors_element(n, scale)) & region.allowed
-    coords = np.nonzero(grown & ~region.own)
-    return np.ravel_multi_index(tuple(c + s.start for c, s in zip(coords, region.crop)), shape)
+    own = np.transpose(region.own, order)
+    grown = ndimage.binary_dilation(own, structure=authors_element(n, scale)) & np.transpose(region.allowed, order)
+    return _added(region, grown, own, order, shape)
 
 
 def save_region_histogram_png(processor: PostProcessor, region_id: int, path, params: PostParams,

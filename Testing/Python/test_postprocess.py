@@ -418,3 +418,39 @@ def test_dilate_mode_is_checked():
     with pytest.raises(ValueError, match="dilate_mode"):
         PostParams(dilate_mode="2d")
     assert PostParams().dilate_mode == "slice"
+
+
+def _stored(volume: Volume, arrays: list[np.ndarray], orientation: str) -> tuple[Volume, list[np.ndarray]]:
+    """The same CT (and label arrays on its grid) with its voxels stored in another axis order and
+    sense (SimpleITK's DICOMOrient), geometry included."""
+    import SimpleITK as sitk
+
+    def image(arr):
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing(volume.spacing)
+        img.SetOrigin(volume.origin)
+        img.SetDirection(tuple(volume.direction.ravel()))
+        return sitk.DICOMOrient(img, orientation)
+
+    ct = image(volume.array)
+    stored = Volume(sitk.GetArrayFromImage(ct), ct.GetSpacing(), ct.GetOrigin(), np.reshape(ct.GetDirection(), (3, 3)))
+    return stored, [sitk.GetArrayFromImage(image(a)) for a in arrays]
+
+
+@pytest.mark.parametrize("orientation", ["SRA", "PIL", "LAI", "ASL"])
+@pytest.mark.parametrize("mode", ["slice", "3d"])
+def test_dilation_is_the_same_whatever_the_voxel_order(phantom, orientation, mode):
+    """A CT stored sagittally or coronally (axes permuted), or flipped, gets the same labels on the
+    same voxels as its axial copy: the dilation works in the patient's axial planes."""
+    if mode == "slice":
+        ct, _, merged = phantom
+        params = PostParams(dilate_iterations=2)
+    else:
+        ct, merged = _authors_case()[:2]
+        params = PostParams(dilate_mode="3d", min_region_voxels=1)
+    axial, rows = PostProcessor(ct, merged).apply(params)
+    assert any(r["dilated"] for r in rows)  # the case tests the dilation
+    stored, (labels, back) = _stored(ct, [merged, axial], orientation)
+    assert stored.array.shape != ct.array.shape or orientation == "LAI"
+    out, _ = PostProcessor(stored, labels).apply(params)
+    assert np.array_equal(out, back)
