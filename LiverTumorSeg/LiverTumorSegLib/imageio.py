@@ -31,6 +31,7 @@ SEG_SUFFIX = ".seg.nrrd"
 SAMPLE_SIZE = 1_000_000  # voxels drawn (fixed seed) for value statistics
 MIN_SLICES = 3  # fewer voxels along an axis: a 2-D image
 FEW_SLICES = 8  # fewer: accepted with a warning (along one axis only)
+MIN_SPACING_MM = 0.1  # below: no clinical CT; most likely a header in metres
 MAX_SPACING_MM = 20.0
 MAX_SLICES = 1500
 MAX_ANISOTROPY = 8.0
@@ -326,10 +327,15 @@ def oblique_degrees(direction: np.ndarray) -> float:
 
 def _check_geometry(volume: Volume) -> None:
     spacing = np.asarray(volume.spacing)
-    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0) or np.any(spacing > MAX_SPACING_MM):
+    if not np.all(np.isfinite(spacing)) or np.any(spacing < MIN_SPACING_MM) or np.any(spacing > MAX_SPACING_MM):
         text = " x ".join(f"{s:g}" for s in volume.spacing)
-        raise InputError(f"The voxel spacing {text} mm is implausible for a CT (it must be between 0 "
-                         f"and {MAX_SPACING_MM:g} mm); the file header is probably wrong.")
+        raise InputError(f"The voxel spacing {text} mm is implausible for a CT (it must be between {MIN_SPACING_MM:g} "
+                         f"and {MAX_SPACING_MM:g} mm); the file header is probably wrong (metres for mm?).")
+    direction = np.asarray(volume.direction, float)
+    if not np.all(np.isfinite(direction)) or not np.allclose(direction.T @ direction, np.eye(3), atol=1e-3):
+        raise InputError("The image's direction matrix is not a rotation (its axes are sheared, scaled or not "
+                         "perpendicular), so voxels have no well-defined place in the patient; resample it onto "
+                         "an orthogonal grid first.")
     sizes = sorted(volume.array.shape)
     if sizes[0] < MIN_SLICES:
         raise InputError(f"The image has only {sizes[0]} slice(s) along one axis, so it is 2-D; "

@@ -23,18 +23,38 @@ LABEL_LIVER, LABEL_TUMOR, LABEL_CYST = 1, 2, 3
 NO_LIVER = "No liver found in this CT (is it an abdominal CT covering the liver?): the segments are empty."
 
 
+GRID_KEYS = ("spacing", "origin", "direction")
+
+
 @dataclass
 class Probabilities:
     """Compact network output on the input grid: uint8 probabilities (0-255 for 0-1).
 
     ``tumor`` covers only ``box`` (slices of the input's (k, j, i) array); zero elsewhere.
     ``tumor_threshold``: the tumor card's cut-off on that scale (tumor iff value >= it).
+    ``grid``: the input's (spacing, origin, direction), so a saved file is checked against the CT
+    it is used with (None in files written before it was stored).
     """
 
     liver: np.ndarray
     tumor: np.ndarray
     box: tuple[slice, slice, slice]
     tumor_threshold: int = 128
+    grid: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def grid_difference(self, volume: Volume) -> str | None:
+        """What differs between this output's grid and ``volume``'s, in words; None when they match
+        (or when the file holds no geometry but its array shape fits)."""
+        if self.liver.shape != volume.array.shape:
+            return f"size {self.liver.shape[::-1]} vs {volume.array.shape[::-1]}"
+        if self.grid is None:
+            return None
+        spacing, origin, direction = self.grid
+        for name, mine, theirs, tol in (("spacing", spacing, volume.spacing, 1e-4), ("direction", direction, volume.direction, 1e-4),
+                                        ("origin", origin, volume.origin, 1e-3)):
+            if not np.allclose(mine, np.asarray(theirs, float), atol=tol):
+                return f"{name} {np.round(np.ravel(mine), 4).tolist()} vs {np.round(np.ravel(theirs), 4).tolist()}"
+        return None
 
     def tumor_full(self) -> np.ndarray:
         out = np.zeros(self.liver.shape, np.uint8)
@@ -44,15 +64,17 @@ class Probabilities:
     def save(self, path, *, overwrite: bool = False) -> None:
         """Write an ``.npz`` (atomically; refuses to replace a file unless ``overwrite``)."""
         starts = [s.start for s in self.box] + [s.stop for s in self.box]
+        grid = {} if self.grid is None else dict(zip(GRID_KEYS, (np.asarray(g, float) for g in self.grid)))
         write_npz({"liver": self.liver, "tumor": self.tumor, "box": np.array(starts),
-                   "tumor_threshold": np.array(self.tumor_threshold)}, path, overwrite=overwrite)
+                   "tumor_threshold": np.array(self.tumor_threshold), **grid}, path, overwrite=overwrite)
 
     @classmethod
     def load(cls, path) -> "Probabilities":
         with np.load(path) as z:
             b = z["box"]
             threshold = int(z["tumor_threshold"]) if "tumor_threshold" in z else 128  # caches before it was stored
-            return cls(z["liver"], z["tumor"], tuple(slice(int(b[i]), int(b[i + 3])) for i in range(3)), threshold)
+            grid = tuple(z[k] for k in GRID_KEYS) if all(k in z for k in GRID_KEYS) else None
+            return cls(z["liver"], z["tumor"], tuple(slice(int(b[i]), int(b[i + 3])) for i in range(3)), threshold, grid)
 
 
 @dataclass
@@ -228,7 +250,8 @@ def segment(
     labels = reorient.from_canonical(labels)
     tumor_full = reorient.from_canonical(tumor_u8)
     orig_box = bounding_box(tumor_full > 0) or (slice(0, 0),) * 3
-    probs = Probabilities(reorient.from_canonical(liver_u8), tumor_full[orig_box].copy(), orig_box, tumor_threshold)
+    probs = Probabilities(reorient.from_canonical(liver_u8), tumor_full[orig_box].copy(), orig_box, tumor_threshold,
+                          (np.asarray(volume.spacing), np.asarray(volume.origin), np.asarray(volume.direction)))
     timings["total_s"] = time.perf_counter() - t0
     prog.message(1.0, "Done")
     report = {

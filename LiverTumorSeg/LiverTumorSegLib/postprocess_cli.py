@@ -26,7 +26,7 @@ def run_postprocess(args) -> int:
     check_ct(ct)  # the HU fits and the outline levels mean nothing on another kind of image
     labels = read_labels(Path(args.labels), ct, ours=True).array
     if args.probabilities:
-        probabilities = _probabilities(Path(args.probabilities), ct.array.shape)
+        probabilities = _probabilities(Path(args.probabilities), ct)
         # the network's liver as segment had it: post-processing removed "not tissue" regions from it, nothing else
         tumor = probabilities.tumor_full()
         network = (labels > 0) | (tumor >= probabilities.tumor_threshold)
@@ -44,8 +44,9 @@ def run_postprocess(args) -> int:
     return 0
 
 
-def _probabilities(path: Path, shape: tuple[int, ...]):
-    """The network output ``segment --probabilities`` wrote, checked against the CT's grid."""
+def _probabilities(path: Path, ct):
+    """The network output ``segment --probabilities`` wrote, checked against the CT's grid (its size,
+    and its spacing, origin and direction where the file holds them)."""
     import zipfile
 
     from .pipeline import Probabilities
@@ -60,14 +61,19 @@ def _probabilities(path: Path, shape: tuple[int, ...]):
             raise ValueError(f"cut-off {probabilities.tumor_threshold} is not 1-255")
     except (OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as err:
         raise InputError(f"--probabilities: {path} is not a probability file written by segment --probabilities ({err}).") from err
-    if probabilities.liver.shape != tuple(shape):
-        raise InputError(f"--probabilities: its grid {probabilities.liver.shape} is not the CT's {tuple(shape)} "
-                         "(array order k, j, i): use the file segment wrote for this CT.")
+    if difference := probabilities.grid_difference(ct):
+        raise InputError(f"--probabilities: {path.name} was written for another grid than the CT's ({difference}, "
+                         "the file's first): use the file segment wrote for this CT.")
     return probabilities
 
 
 def _refuse_existing(args) -> None:
-    """Refuse, before any work, outputs that exist (plots: any region_*.png in the folder) without --overwrite."""
+    """Refuse, before any work, outputs that exist (plots: any region_*.png in the folder) without
+    --overwrite, and, even with it, an output that is one of the inputs."""
+    inputs = {Path(p).resolve() for p in (args.ct, args.labels, args.probabilities) if p}
+    if any(Path(p).resolve() in inputs for p in (args.output, args.table) if p):
+        raise OutputError("An output would replace one of the inputs (--ct, --labels, --probabilities): "
+                          "choose another output name.")
     if args.plots and Path(args.plots).exists() and not Path(args.plots).is_dir():
         raise OutputError(f"--plots must name a folder; {args.plots} is a file.")
     check_suffix(args.table, ".csv", "--table")

@@ -121,6 +121,7 @@ def test_postprocess_with_the_cached_probabilities_repeats_segment_and_gates_by_
     assert rows and all(r["peak_probability"] != "" for r in rows)  # every row of segment's table has its peak
     # a faint region (peak 150/255 = 0.588) added to the cached map, inside the liver, away from the lesions
     probabilities = Probabilities.load(cache)
+    assert probabilities.grid is not None and probabilities.grid_difference(read_volume(ct_file)) is None  # geometry kept
     full = probabilities.tumor_full()
     inner = ndimage.binary_erosion(_array(seg) == 1, iterations=4) & (ndimage.maximum_filter(full, size=9) == 0)
     k, j, i = np.argwhere(inner)[int(inner.sum()) // 2]
@@ -128,7 +129,7 @@ def test_postprocess_with_the_cached_probabilities_repeats_segment_and_gates_by_
     full[blob] = 150
     box = bounding_box(full > 0)
     faint = tmp_path / "faint.npz"
-    Probabilities(probabilities.liver, full[box].copy(), box, probabilities.tumor_threshold).save(faint)
+    Probabilities(probabilities.liver, full[box].copy(), box, probabilities.tumor_threshold, probabilities.grid).save(faint)
     with_faint = ("postprocess", "--ct", ct_file, "--labels", seg, "--probabilities", faint)
     for name, flags, gated in (("off", ("--min-peak", "0"), False), ("default", (), True), ("low", ("--min-peak", "0.55"), False)):
         out, out_table = tmp_path / f"{name}.nii.gz", tmp_path / f"{name}.csv"

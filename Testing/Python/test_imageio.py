@@ -241,10 +241,21 @@ def test_mostly_outside_ct_range():
         check_ct(ct_volume(array))
 
 
-@pytest.mark.parametrize("spacing", [(0.0, 0.8, 2.5), (0.8, -0.8, 2.5), (0.8, 0.8, 25.0), (0.8, np.nan, 2.5)])
+@pytest.mark.parametrize("spacing", [(0.0, 0.8, 2.5), (0.8, -0.8, 2.5), (0.8, 0.8, 25.0), (0.8, np.nan, 2.5),
+                                     (0.0008, 0.0008, 0.0025)])  # the last: a header in metres
 def test_implausible_spacing(spacing):
     with raises_input("spacing"):
         check_ct(ct_volume(spacing=spacing))
+
+
+@pytest.mark.parametrize("direction", [[[1, 0.364, 0], [0, 0.931, 0], [0, 0, 1]],  # sheared: axes not perpendicular
+                                       np.eye(3) * 2,  # scaled: a MetaImage TransformMatrix 2 0 0 ...
+                                       [[1, 0, 0], [0, 1, 0], [0, 0, np.nan]]])
+def test_a_direction_that_is_not_a_rotation_is_refused(direction):
+    """ITK keeps such a matrix, but writers coerce it: the labels would land on other points."""
+    with raises_input("not a rotation"):
+        check_ct(ct_volume(direction=direction))
+    check_ct(ct_volume(direction=np.diag([1.0, -1.0, -1.0]) @ [[0, 1, 0], [1, 0, 0], [0, 0, 1]]))  # flips, permutations: fine
 
 
 def test_two_slices_are_2d():

@@ -253,3 +253,35 @@ def test_cached_probabilities_bring_back_what_segment_removed_as_not_tissue(tmp_
     assert code == 0, err
     expected, _ = PostProcessor.from_network(ct, raw, probabilities).apply(PostParams(cyst_filter=False))
     assert np.array_equal(_labels(tmp_path / "off.nii.gz"), expected) and (expected[:, 5:12, 5:12] == 2).all()
+
+
+def test_probabilities_of_another_ct_grid_and_outputs_over_inputs_are_refused(tmp_path, capsys):
+    """segment --probabilities records the CT's geometry: the same array shape on a flipped CT is
+    refused (its lesions would land on mirrored voxels). An output naming an input is refused even
+    with --overwrite, and the input is left as it was."""
+    rng = np.random.default_rng(2)
+    ct = Volume(np.round(100 + rng.normal(0, 8, (6, 40, 40))).astype(np.int16), (1.0, 1.0, 2.0))
+    ct.array[:, :, :3] = -900
+    raw = np.zeros(ct.array.shape, np.uint8)
+    raw[:, 4:36, 4:36] = 1
+    prob = np.zeros(raw.shape, np.uint8)
+    prob[:, 10:15, 10:15] = 250
+    grid = (np.asarray(ct.spacing), np.asarray(ct.origin), ct.direction)
+    whole = tuple(slice(0, n) for n in raw.shape)
+    Probabilities((raw > 0).astype(np.uint8) * 255, prob, whole, 128, grid).save(tmp_path / "p.npz")
+    flipped = Volume(ct.array[:, :, ::-1].copy(), ct.spacing, (39.0, 0.0, 0.0), np.diag([-1.0, 1.0, 1.0]))
+    write_volume(flipped, tmp_path / "flipped.nii.gz")
+    write_labels(raw[:, :, ::-1], flipped, tmp_path / "labels.nii.gz")
+    args = ("--ct", tmp_path / "flipped.nii.gz", "--labels", tmp_path / "labels.nii.gz", "--probabilities", tmp_path / "p.npz")
+    code, _, err = _run(capsys, "postprocess", *args, "-o", tmp_path / "out.nii.gz")
+    _assert_clean_error(code, err, "another grid", "direction")
+    write_volume(ct, tmp_path / "ct.nii.gz")
+    write_labels(raw, ct, tmp_path / "labels.nii.gz", overwrite=True)
+    ok = ("--ct", tmp_path / "ct.nii.gz", "--labels", tmp_path / "labels.nii.gz", "--probabilities", tmp_path / "p.npz")
+    code, _, err = _run(capsys, "postprocess", *ok, "-o", tmp_path / "out.nii.gz")
+    assert code == 0, err
+    before = (tmp_path / "ct.nii.gz").read_bytes()
+    for target in ("ct.nii.gz", "labels.nii.gz"):
+        code, _, err = _run(capsys, "postprocess", *ok, "-o", tmp_path / target, "--overwrite")
+        _assert_clean_error(code, err, "would replace one of the inputs")
+    assert (tmp_path / "ct.nii.gz").read_bytes() == before
