@@ -289,22 +289,29 @@ class PostProcessor:
             flat[region.index] = DECISION_LABELS[row["decision"]]
             rows.append(row)
         grown = {}
-        for region, row in zip(self._regions, rows):
+        voxel_ml = float(np.prod(self.ct.spacing)) / 1000.0
+        held = [r.hu.size if row["decision"] in ("tumor", "cyst") else 0 for r, row in zip(self._regions, rows)]
+        for index, (region, row) in enumerate(zip(self._regions, rows)):
             if row["decision"] == "tumor":
                 grown[region.id] = self._grown_for(region, params)
-                flat[grown[region.id]] = 2
+                added = grown[region.id][flat[grown[region.id]] == 1]  # first come: a voxel two regions reach counts once
+                flat[added] = 2
                 row["dilated"] = bool(grown[region.id].size)
+                row["dilated_ml"] = round(added.size * voxel_ml, 4)
+                held[index] += added.size
         if params.refine_outlines:
-            voxel_ml = float(np.prod(self.ct.spacing)) / 1000.0
             for index, (region, row) in enumerate(zip(self._regions, rows)):
                 if row["decision"] in ("tumor", "cyst"):
                     refinement = self._refined_for(index, row, grown.get(region.id), params)
                     added = refinement.added[flat[refinement.added] == 1]  # first come: never over another region
                     flat[added] = DECISION_LABELS[row["decision"]]
                     row["refined_ml"] = round(added.size * voxel_ml, 4)
+                    held[index] += added.size
                     row["outline"] = refinement.note
                     row["outline_liver_hu"] = round(refinement.liver_hu, 1)
                     row["outline_level_hu"] = round(refinement.level_hu, 1)
+        for row, voxels in zip(rows, held):  # what each region holds in the labels: the rows sum to the lesion voxels
+            row["final_ml"] = round(voxels * voxel_ml, 4)
         return out, rows
 
     def _checked(self, overrides: dict[int, str]) -> dict[int, str]:
@@ -392,6 +399,7 @@ class PostProcessor:
             "decision": decision,
             "reason": reason,
             "dilated": False,
+            "dilated_ml": 0.0,
             "refined_ml": 0.0,
             "outline": "not refined",
             "outline_liver_hu": math.nan,
@@ -542,7 +550,7 @@ def save_region_histogram_png(processor: PostProcessor, region_id: int, path, pa
 
 
 TABLE_COLUMNS = ("id", "decision", "reason", "override", "voxels", "volume_ml", "fit_A", "fit_M", "fit_S", "fit_quality",
-                 "fit_on", "peak_probability", "dilated", "refined_ml", "outline", "outline_liver_hu", "outline_level_hu", "centroid_voxel", "centroid_lps_mm", "centroid_ras_mm")
+                 "fit_on", "peak_probability", "dilated", "dilated_ml", "refined_ml", "final_ml", "outline", "outline_liver_hu", "outline_level_hu", "centroid_voxel", "centroid_lps_mm", "centroid_ras_mm")
 
 
 def table_csv(rows: list[dict]) -> str:

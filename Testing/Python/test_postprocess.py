@@ -454,3 +454,21 @@ def test_dilation_is_the_same_whatever_the_voxel_order(phantom, orientation, mod
     assert stored.array.shape != ct.array.shape or orientation == "LAI"
     out, _ = PostProcessor(stored, labels).apply(params)
     assert np.array_equal(out, back)
+
+
+@pytest.mark.parametrize("params", [PostParams(), PostParams(dilate_iterations=3, refine_max_mm=6.0),
+                                    PostParams(dilate_mode="3d"), PostParams(cyst_threshold_hu=120.0)])
+def test_the_table_adds_up_to_the_labels(phantom, params):
+    """Each row says what its region holds in the labels (final_ml = its voxels + dilation + outline
+    growth), so the tumor rows sum to the tumor label and the cyst rows to the cyst label."""
+    ct, _, merged = phantom
+    out, rows = PostProcessor(ct, merged).apply(params)
+    voxel_ml = float(np.prod(ct.spacing)) / 1000.0
+    for label, decision in ((2, "tumor"), (3, "cyst")):
+        held = sum(r["final_ml"] for r in rows if r["decision"] == decision)
+        assert held == pytest.approx((out == label).sum() * voxel_ml, abs=1e-3 * len(rows)), decision
+    for r in rows:
+        expected = r["volume_ml"] + r["dilated_ml"] + r["refined_ml"] if r["decision"] in ("tumor", "cyst") else 0.0
+        assert r["final_ml"] == pytest.approx(expected, abs=2e-4)
+    if params.dilate_mode == "slice" and params.cyst_threshold_hu < 120:  # (3-D mode: no region small enough here)
+        assert any(r["dilated_ml"] > 0 for r in rows) and any(r["refined_ml"] > 0 for r in rows)
