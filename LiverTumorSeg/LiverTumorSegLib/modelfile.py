@@ -140,19 +140,23 @@ def _open(path: Path) -> tuple[dict, dict, dict]:
 def _check_card(card: dict, path: Path) -> None:
     """Refuse cards whose preprocessing or labels the engine could not follow."""
     from .preprocess import model_shape
+    from .trainconfig import check_preprocessing
 
     pre = card["preprocessing"]
     if card.get("architecture", G_UNETRPP) != G_UNETRPP:
         return  # imported networks run their own preprocessing (see their card)
     try:
+        check_preprocessing(pre, card["stage"])
         model_shape((8, 8, 8), (1.0, 1.0, 1.0), pre["resample"])
-        lo, hi = pre.get("hu_window", (-250, 250))
-        if not lo < hi:
-            raise ValueError(f"empty HU window {lo}..{hi}")
+        inference = card["inference"]
+        for key in ("threshold", "step", "fast_step"):
+            value = inference.get(key, 0.5)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+                raise ValueError(f"inference.{key} must be a number in (0, 1], not {value!r}")
         if len(card["labels"]) != card["net"].get("classes", 2):
             raise ValueError(f"{len(card['labels'])} labels for {card['net'].get('classes', 2)} classes")
     except (KeyError, TypeError, ValueError) as err:
-        raise ModelFileError(f"{path}: the model card's preprocessing or labels are invalid ({err}).") from None
+        raise ModelFileError(f"{path}: the model card's preprocessing, inference settings or labels are invalid ({err}).") from None
 
 
 def load_model(path: Path, *, stage: str | None = None, device: str | torch.device = "cpu") -> StageModel:

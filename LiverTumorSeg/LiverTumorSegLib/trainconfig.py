@@ -92,7 +92,7 @@ def check_config(raw: dict, where: str = "config") -> dict:
         for stage in STAGES:
             if stage not in cfg["preprocessing"]:
                 raise ValueError(f"preprocessing needs a '{stage}' entry")
-            _check_preprocessing(cfg["preprocessing"][stage], stage)
+            check_preprocessing(cfg["preprocessing"][stage], stage)
             loss = cfg["loss"].get(stage, {})
             if not isinstance(loss, dict):
                 raise ValueError(f"loss.{stage} is an object of term weights and settings")
@@ -163,7 +163,7 @@ def _check_split_setting(split) -> None:
         raise ValueError(f"'split' shares {split} do not add up to 1 (whole numbers are counts of cases)")
 
 
-def _check_preprocessing(pre, stage: str) -> None:
+def check_preprocessing(pre, stage: str) -> None:
     where = f"preprocessing.{stage}"
     if not isinstance(pre, dict) or set(pre) - PREPROCESSING_KEYS:
         raise ValueError(f"{where} keys are {sorted(PREPROCESSING_KEYS)}")

@@ -177,3 +177,18 @@ def test_peek_card_refuses_a_truncated_file(saved, tmp_path):
     with pytest.raises(ModelFileError, match="no readable model card"):
         peek_card(bad)
     assert peek_card(saved[1]) == read_card(saved[1])
+
+
+@pytest.mark.parametrize("fields", [{"inference": {"threshold": 2.0}}, {"inference": {"step": 0}},
+                                    {"preprocessing": {"resample": {"mode": "spacing", "spacing": [-4, 2.5, 2.5]}}},
+                                    {"preprocessing": {"resample": {"mode": "spacing", "spacing": [0, 2.5, 2.5]}}},
+                                    {"preprocessing": {"resample": {"mode": "spacing", "spacing": [4, 2.5, 2.5]},
+                                                       "hu_window": ["-250", 250]}}])
+def test_a_card_with_settings_inference_cannot_follow_is_refused(saved, tmp_path, fields):
+    """The checksum covers the weights only: an edited card is checked on its own (an empty result,
+    or a division by zero, would follow)."""
+    bad = tmp_path / "edited.ltsm"
+    shutil.copy(saved[1], bad)
+    update_card(bad, **fields)
+    with pytest.raises(ModelFileError, match="invalid"):
+        load_model(bad)
