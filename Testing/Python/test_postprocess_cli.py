@@ -285,3 +285,16 @@ def test_probabilities_of_another_ct_grid_and_outputs_over_inputs_are_refused(tm
         code, _, err = _run(capsys, "postprocess", *ok, "-o", tmp_path / target, "--overwrite")
         _assert_clean_error(code, err, "would replace one of the inputs")
     assert (tmp_path / "ct.nii.gz").read_bytes() == before
+
+
+def test_post_processing_a_post_processed_result_is_warned_about(case, tmp_path, capsys, caplog):
+    """Labels holding cysts have been through the filter: growing their lesions again is named."""
+    first = tmp_path / "first.nii.gz"
+    assert _postprocess(capsys, case, first)[0] == 0
+    assert "post-processed already" not in caplog.text  # the network's labels (no cysts)
+    folder = case[0]
+    again = ("postprocess", "--ct", folder / "ct.nii.gz", "--labels", first)
+    assert _run(capsys, *again, "-o", tmp_path / "plain.nii.gz", "--dilate-iterations", "0", "--no-refine-outlines")[0] == 0
+    assert "post-processed already" not in caplog.text  # nothing grows: deciding the cysts again is fine
+    assert _run(capsys, *again, "-o", tmp_path / "again.nii.gz")[0] == 0
+    assert "looks post-processed already" in caplog.text and "--probabilities" in caplog.text
