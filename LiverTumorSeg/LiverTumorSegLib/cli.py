@@ -98,6 +98,9 @@ def _plan(args) -> list[tuple[Path, Path]]:
             raise InputError(f"{src} holds no DICOM series and no NIfTI/NRRD/MHA images.")
         if dst.exists() and not dst.is_dir():
             raise OutputError(f"For a folder of cases the output must be a folder; {dst} is a file.")
+        if not dst.exists() and extension_of(dst, LABEL_EXTS):
+            raise OutputError(f"For a folder of cases the output is a folder (one file per case); '{dst.name}' is a "
+                              "file name. Give a folder, and --format for the files in it.")
         pairs = [(c, dst / f"{case_name(c)}{args.format}") for c in cases]
     else:
         output_kind(dst)

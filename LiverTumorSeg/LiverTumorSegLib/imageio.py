@@ -222,10 +222,13 @@ def _read_dicom_folder(path: Path) -> sitk.Image:
     series = _dicom_series(path)
     if not series:
         raise InputError(f"No DICOM image series was found in the folder '{path}'.")
-    series_id, files = max(series, key=lambda s: len(s[1]))
+    series = sorted(series, key=lambda s: len(s[1]), reverse=True)
+    series_id, files = series[0]
     if len(series) > 1:
-        log.info("The folder '%s' holds %d DICOM series; reading the largest, %s (%d files in '%s').",
-                 path, len(series), series_id, len(files), Path(files[0]).parent)
+        tie = " (as large as the next one: two phases? select the folder of the one you want)" \
+            if len(series[1][1]) == len(files) else ""
+        log.warning("The folder '%s' holds %d DICOM series; reading the largest, %s (%d files in '%s')%s.",
+                    path, len(series), series_id, len(files), Path(files[0]).parent, tie)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:

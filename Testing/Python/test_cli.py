@@ -218,6 +218,8 @@ def test_folder_of_cases(ct_file, tmp_path, capsys):
     code, _, err = _run(capsys, "segment", src, "-o", tmp_path / "out", "--fast", "--format", ".nii.gz")
     assert code == 2 and "notes.nii.gz" in err and "1 of 3 cases failed" in err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.nii.gz", "b.nii.gz"]
+    code, _, err = _run(capsys, "segment", src, "-o", tmp_path / "two.seg.nrrd", "--fast")  # a file name for many cases
+    assert code == 2 and "is a file name" in err and not (tmp_path / "two.seg.nrrd").exists()
 
 
 def test_phantom_command_and_train_refusals(tmp_path, capsys):

@@ -380,3 +380,19 @@ def test_real_dicom_folder_picks_the_ct_series(shared_data):
     volume = read_volume(shared_data("dcmqi-ct3slice-liver"))
     assert volume.array.shape == (3, 512, 512)
     check_ct(volume)
+
+
+def test_a_folder_of_several_series_says_which_it_reads(tmp_path, caplog):
+    """The largest series is read, with a warning; two of one size (two phases?) are named as such."""
+    from test_datasets import write_dicom_series
+
+    arterial, portal = fake_ct((8, 16, 16)), fake_ct((8, 16, 16)) + 30
+    write_dicom_series(arterial, tmp_path / "study" / "a", 1)
+    write_dicom_series(portal[:5], tmp_path / "study" / "b", 2)
+    volume = read_volume(tmp_path / "study")
+    assert volume.array.shape == (8, 16, 16) and "holds 2 DICOM series; reading the largest" in caplog.text
+    assert "two phases" not in caplog.text
+    write_dicom_series(portal, tmp_path / "study" / "c", 3)
+    caplog.clear()
+    read_volume(tmp_path / "study")
+    assert "holds 3 DICOM series" in caplog.text and "two phases?" in caplog.text
