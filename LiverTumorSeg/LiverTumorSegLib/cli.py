@@ -35,6 +35,13 @@ def positive_int(text: str) -> int:
     return int(text)
 
 
+def non_negative_int(text: str) -> int:
+    """A whole number, 0 or more."""
+    if not text.strip().isdigit():
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of 0 or more")
+    return int(text)
+
+
 def positive_minutes(text: str) -> float:
     """--time-limit: a number of minutes above 0."""
     try:
@@ -59,9 +66,9 @@ def case_name(path: Path) -> str:
 
 
 def is_dicom_folder(folder: Path) -> bool:
-    import SimpleITK as sitk
+    from .imageio import dicom_series_ids
 
-    return bool(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    return bool(dicom_series_ids(folder))
 
 
 def list_cases(folder: Path) -> list[Path]:
@@ -504,8 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("phantom", help="write synthetic CT phantoms with labels (NIfTI)")
     s.add_argument("-o", "--out", required=True, type=Path)
-    s.add_argument("--cases", type=int, default=1)
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--cases", type=positive_int, default=1)
+    s.add_argument("--seed", type=non_negative_int, default=0, help="seed of the first case (0 or more)")
     s.add_argument("--overwrite", action="store_true")
     s.set_defaults(func=cmd_phantom)
 

@@ -241,11 +241,22 @@ def _read_dicom_folder(path: Path) -> sitk.Image:
     return image
 
 
+def dicom_series_ids(folder) -> tuple[str, ...]:
+    """The DICOM series UIDs directly in ``folder``; ITK's "No Series were found" warning, printed for
+    every folder without one, is kept quiet (a folder of NIfTI cases would print it once per file)."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(folder)))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
 def _dicom_series(folder: Path) -> list[tuple[str, list[str]]]:
     """(series UID, file names) of every DICOM series in a folder and its subfolders."""
     series = []
     for root, _, _ in os.walk(folder):
-        for series_id in sitk.ImageSeriesReader.GetGDCMSeriesIDs(root):
+        for series_id in dicom_series_ids(root):
             series.append((series_id, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(root, series_id))))
     return series
 

@@ -17,7 +17,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .errors import ModelFileError
+from .errors import InputError, ModelFileError
 from .kulunet import CONFIGS, KULUNet, load_keras_weights
 
 PACKAGE, VERSION = "pyliverlesionseg", "0.3"
@@ -144,6 +144,8 @@ def import_pyliverlesionseg(*, wheel: Path | None = None, folder: Path | None = 
             pass  # damaged: import again
     with tempfile.TemporaryDirectory() as tmp:
         wheel = Path(wheel) if wheel else download_wheel(Path(tmp))
+        if not wheel.is_file():
+            raise InputError(f"--wheel: {wheel} is not a file (give the downloaded {PACKAGE} {VERSION} wheel).")
         data = wheel.read_bytes()
         if _sha256(data) != WHEEL_SHA256:
             raise ModelFileError(f"{wheel.name} has sha256 {_sha256(data)}, not the {WHEEL_SHA256} of {PACKAGE} {VERSION}.")

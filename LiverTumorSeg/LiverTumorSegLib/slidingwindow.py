@@ -99,7 +99,8 @@ def _predict(net, image, tile, step, batch, device, accum_device, amp_dtype, pro
 
 def _is_oom(err: BaseException) -> bool:
     text = str(err).lower()
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+    return isinstance(err, torch.OutOfMemoryError) or any(
+        words in text for words in ("out of memory", "can't allocate memory", "not enough memory"))  # last: CPU allocator
 
 
 @torch.inference_mode()
@@ -147,5 +148,6 @@ def sliding_window_probabilities(
             torch.cuda.empty_cache()
     raise LiverTumorSegError(
         f"Out of memory on {device} even with batch 1 and CPU accumulators ({failure}). "
-        "Close other programs using the GPU, or run with --device cpu."
+        + ("Close other programs using the GPU, or run with --device cpu." if device.type == "cuda"
+           else "Close other programs, or use a machine with more memory.")
     )

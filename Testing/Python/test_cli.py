@@ -14,6 +14,7 @@ from LiverTumorSegLib.cli import main
 from LiverTumorSegLib.imageio import read_volume, write_volume
 from LiverTumorSegLib.masks import bounding_box
 from LiverTumorSegLib.modelfile import read_card
+from LiverTumorSegLib.netconfig import SMALL
 from LiverTumorSegLib.phantom import generate_case
 from LiverTumorSegLib.pipeline import Probabilities
 from LiverTumorSegLib.registry import model_files
@@ -306,3 +307,37 @@ def test_interrupt_or_terminate_mid_run_leaves_no_output(tmp_path, sig, code, wo
     assert child.returncode == code, err
     assert words in err and "Traceback" not in err
     assert list(out.iterdir()) == []
+
+
+def test_small_refusals_name_the_problem(tmp_path, capsys):
+    """No case to make, a negative seed, a wheel that is not there: one error each, nothing written."""
+    for argv, words in ((["phantom", "-o", tmp_path / "ph", "--cases", "0"], ("--cases", "above 0")),
+                        (["phantom", "-o", tmp_path / "ph", "--seed", "-1"], ("--seed", "0 or more")),
+                        (["models", "import", "pyliverlesionseg", "--wheel", tmp_path / "none.whl"], ("not a file",)),
+                        (["models", "import", "pyliverlesionseg", "--wheel", tmp_path], ("not a file",))):
+        try:
+            code, _, err = _run(capsys, *argv)
+        except SystemExit as exit_:  # argparse refuses the value itself
+            code, err = exit_.code, capsys.readouterr().err
+            assert code == 2 and all(w in err for w in words), err
+            continue
+        _assert_clean_error(code, err, *words)
+    assert not (tmp_path / "ph").exists()
+
+
+def test_out_of_memory_on_the_cpu_is_recognised_and_does_not_speak_of_a_gpu():
+    """PyTorch's CPU allocator says "not enough memory": one clear error, not an unexpected failure."""
+    import torch
+
+    from LiverTumorSegLib.errors import LiverTumorSegError
+    from LiverTumorSegLib.slidingwindow import sliding_window_probabilities
+
+    class Hungry(torch.nn.Module):
+        cfg = SMALL
+
+        def forward(self, x):
+            raise RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 GB")
+
+    with pytest.raises(LiverTumorSegError) as err:
+        sliding_window_probabilities(Hungry(), np.zeros((8, 32, 32), np.float32))
+    assert "GPU" not in str(err.value) and "more memory" in str(err.value)
