@@ -52,7 +52,8 @@ def _nifti_files(folder: Path, pattern: str = "*") -> list[Path]:
 
 
 def _stem(path: Path) -> str:
-    return re.sub(r"\.nii(\.gz)?$", "", path.name, flags=re.IGNORECASE)
+    """The file name without its image extension (.nii, .nii.gz, .nrrd, .mha, .mhd)."""
+    return re.sub(r"\.(nii(\.gz)?|nrrd|mha|mhd)$", "", path.name, flags=re.IGNORECASE)
 
 
 # ---------------------------------------------------------------- LiTS

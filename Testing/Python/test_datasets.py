@@ -104,6 +104,17 @@ def test_msd(tmp_path, with_json, names):
     assert np.array_equal(ct.array, ct_array(10)) and np.array_equal(labels.array, label_array())
 
 
+def test_msd_json_naming_other_image_formats(tmp_path):
+    """dataset.json may list MetaImage or NRRD files: the case name drops their extension too."""
+    root = tmp_path / "Task"
+    write(ct_array(1), root / "imagesTr" / "liver_1.mha")
+    write(label_array(), root / "labelsTr" / "liver_1.nrrd")
+    (root / "dataset.json").write_text(json.dumps({"training": [{"image": "./imagesTr/liver_1.mha",
+                                                                 "label": "./labelsTr/liver_1.nrrd"}]}))
+    (case,) = find_msd(root)
+    assert case.name == "liver_1" and np.array_equal(load_case(case)[1].array, label_array())
+
+
 def test_msd_json_with_missing_file(tmp_path):
     root = msd_folder(tmp_path, with_json=True)
     (root / "labelsTr" / "liver_10.nii.gz").unlink()
