@@ -372,6 +372,10 @@ def cmd_demo(args) -> int:
         }
     write_json(report, out / "report.json", overwrite=True)
     save_overlay_png(volume, labels, out / "overlay.png", title=f"LiverTumorSeg demo ({liver.card['name']}; not for clinical use)")
+    if args.ct:  # an earlier phantom demo's CT and truth would sit beside this CT's result as if they were its own
+        for stale in (out / "ct.nii.gz", out / "truth.nii.gz"):
+            if stale.is_file() and stale.resolve() != Path(args.ct).resolve():
+                stale.unlink()
     print(f"wrote {out}/: {', '.join(names if truth is not None else names[2:])}")
     print(json.dumps({k: report[k] for k in ("device", "timings") + (("dice_vs_phantom_truth",) if truth is not None else ())}))
     return 0

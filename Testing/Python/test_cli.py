@@ -254,6 +254,12 @@ def test_demo_writes_every_output(tmp_path, capsys):
     assert _geometry(out / "labels.nii.gz") == _geometry(out / "ct.nii.gz")
     code, _, err = _run(capsys, "demo", "-o", out, "--fast")  # a second run must not replace it silently
     _assert_clean_error(code, err, "--overwrite")
+    own = tmp_path / "mine.nii.gz"
+    shutil.copy(out / "ct.nii.gz", own)
+    code, _, err = _run(capsys, "demo", "-o", out, "--fast", "--ct", own, "--overwrite")  # your CT after a phantom demo
+    assert code == 0, err
+    assert not (out / "truth.nii.gz").exists() and not (out / "ct.nii.gz").exists()  # the phantom's are gone
+    assert "dice_vs_phantom_truth" not in json.loads((out / "report.json").read_text(encoding="utf-8")) and own.is_file()
 
 
 @pytest.mark.parametrize("flag,value,words", [("--table", "regions.txt", ["--table", ".csv"]),
