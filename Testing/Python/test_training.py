@@ -694,3 +694,11 @@ def test_mixed_precision_on_cuda_only(monkeypatch, bf16, expected):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     assert amp_settings(torch.device("cuda:0"), True) == expected
     assert amp_settings(torch.device("cuda:0"), False) == (None, False)
+
+
+def test_a_split_given_in_another_order_is_the_same_split():
+    from LiverTumorSegLib.trainer_cli import same_split
+
+    a = {"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}
+    assert same_split(a, {"train": ["c2", "c1"], "val": ["c3"], "test": ["c4"]})
+    assert not same_split(a, {"train": ["c1", "c3"], "val": ["c2"], "test": ["c4"]})
