@@ -209,10 +209,13 @@ class SegmentWriter:
     segment as it is; the segment first gets a labelmap layer of its own, since a merge into a
     shared layer changes the other segments in it). Segments the user added are never touched.
 
-    User edits: an observer records which managed segments anything else modified (the Segment
-    Editor, a script); ``flush_fingerprints`` stores a fingerprint of what was written on the node,
-    so edits made while nothing observed (a reloaded scene) are found too. ``edited()`` reports
-    them; ``write`` refuses to overwrite them unless told to.
+    User edits: before each write, every managed segment whose labelmap is no longer the object and
+    modification time this writer left is compared, voxel for voxel, with what was written (the
+    Segment Editor, Undo, ``ClearSegment``, a script editing the array: whatever changed it, and
+    only a real change counts); an observer records the edits Slicer announces per segment, and
+    ``flush_fingerprints`` stores a fingerprint of what was written on the node, so edits made
+    while nothing observed (a reloaded scene) are found too. ``edited()`` reports them; ``write``
+    refuses to overwrite them unless told to.
     """
 
     def __init__(self, seg_node, volume_node):
@@ -226,6 +229,7 @@ class SegmentWriter:
         self._labels: np.ndarray | None = None  # what was last written
         self._stale: set[str] = set()  # segments whose stored fingerprint is out of date
         self._outside: dict = {}  # (segment, box) -> has voxels outside the box
+        self._stamps: dict[str, tuple | None] = {}  # segment -> its labelmap's (object, time) after our last write
         segmentation = seg_node.GetSegmentation()
         self._observers = [segmentation.AddObserver(event, self._on_modified)
                            for event in (slicer.vtkSegmentation.SourceRepresentationModified, slicer.vtkSegmentation.SegmentRemoved)]
@@ -239,7 +243,9 @@ class SegmentWriter:
         self._observers = []
 
     @vtk.calldata_type(vtk.VTK_STRING)
-    def _on_modified(self, caller, event, segment_id):
+    def _on_modified(self, caller, event, segment_id=None):
+        """Slicer names the segment for most edits; events without one (a shared layer, a whole
+        segment) are left to the comparison in ``edited``."""
         if not self._writing and segment_id in MANAGED_IDS:
             self._edited.add(segment_id)
             self.seg_node.SetAttribute(ATTRIBUTE_PREFIX + "EditedSegments", ",".join(sorted(self._edited)))
@@ -264,6 +270,18 @@ class SegmentWriter:
         """
         found = set(self._edited)
         if self._labels is not None:
+            for spec in SEGMENTS:
+                sid = spec["id"]
+                if sid in found or self._stamp(sid) == self._stamps.get(sid):
+                    continue
+                if self._stamp(sid) is None or not np.array_equal(
+                        segment_mask(self.seg_node, sid, self.shape), self._labels == spec["label"]):
+                    found.add(sid)
+                else:  # touched (e.g. another segment of its layer), its voxels as written
+                    self._stamps[sid] = self._stamp(sid)
+            if found != self._edited:
+                self._edited = found
+                self.seg_node.SetAttribute(ATTRIBUTE_PREFIX + "EditedSegments", ",".join(sorted(found)))
             return sorted(found)
         for segment_id in MANAGED_IDS:
             stored = self.seg_node.GetAttribute(ATTRIBUTE_PREFIX + "Fingerprint." + segment_id)
@@ -335,8 +353,18 @@ class SegmentWriter:
                 self._stale.add(sid)
         finally:
             self._writing = False
+            self._stamps = {sid: self._stamp(sid) for sid in MANAGED_IDS}
         self.seg_node.SetAttribute(ATTRIBUTE_PREFIX + "EditedSegments", ",".join(sorted(self._edited)))
         return [spec["id"] for spec in SEGMENTS if spec["id"] in plan]
+
+    def _stamp(self, sid: str) -> tuple | None:
+        """The segment's binary labelmap as (object, modification time); None once the segment is gone.
+        An edit modifies the labelmap, Undo replaces it: either changes this."""
+        segment = self.seg_node.GetSegmentation().GetSegment(sid)
+        if segment is None:
+            return None
+        image = segment.GetRepresentation(slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+        return (image.GetAddressAsString("vtkObject"), image.GetMTime()) if image is not None else ("none",)
 
     def _reaches_outside(self, sid: str, value: int, box) -> bool:
         """Whether the segment has voxels outside ``box`` (they never change there: counted once per box)."""

@@ -181,6 +181,62 @@ def test_user_edits_are_detected_and_not_overwritten_without_consent(scene):
     assert mrml.SegmentWriter(seg, node).edited() == ["liver_cyst"]
 
 
+def test_edits_slicer_does_not_announce_per_segment_are_found_too(scene):
+    """Clearing a segment, changing its labelmap's array in place, Undo in the Segment Editor: none
+    names a segment to the observer, all change voxels the writer wrote; a user's segment painted in
+    a layer shared with a managed one changes no managed voxel and is not an edit."""
+    from vtkmodules.util import numpy_support
+
+    ct, labels = _small_case(np.eye(3))
+    node = mrml.volume_node_from(scene, ct, "CT")
+    changed = labels.copy()  # a later result: some liver becomes tumor
+    for k, j, i in np.argwhere(labels == 1)[200:230]:
+        changed[k, j, i] = 2
+
+    def written():
+        seg = mrml.create_segmentation_node(node)
+        writer = mrml.SegmentWriter(seg, node)
+        writer.write(labels)
+        return seg, seg.GetSegmentation(), writer
+
+    seg, segmentation, writer = written()
+    segmentation.ClearSegment("liver_tumor")
+    assert writer.edited() == ["liver_tumor"]
+    with pytest.raises(mrml.EditedSegmentsError, match="Liver tumor"):
+        writer.write(changed)
+    writer.write(changed, overwrite_edited=True)
+    assert writer.edited() == [] and np.array_equal(mrml.segment_mask(seg, "liver_tumor", labels.shape), changed == 2)
+
+    seg, segmentation, writer = written()
+    binary = slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName()
+    image = segmentation.GetSegment("liver_cyst").GetRepresentation(binary)
+    value = segmentation.GetSegment("liver_cyst").GetLabelValue()
+    scalars = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    scalars[np.flatnonzero(scalars == 0)[0]] = value  # a script's edit of the array, then Modified()
+    image.Modified()
+    assert writer.edited() == ["liver_cyst"]
+
+    seg, segmentation, writer = written()
+    history = slicer.vtkSegmentationHistory()
+    history.SetSegmentation(segmentation)
+    history.SaveState()  # the Segment Editor saves the state before an effect
+    writer.write(changed)  # e.g. a slider move
+    assert writer.edited() == []
+    assert history.RestorePreviousState()  # the user's Undo brings back the earlier voxels
+    assert writer.edited() == ["liver", "liver_tumor"]
+
+    seg, segmentation, writer = written()
+    layer = segmentation.GetLayerIndex("liver_tumor")
+    assert len(segmentation.GetSegmentIDsForLayer(layer)) > 1  # managed segments share a layer
+    segmentation.AddEmptySegment("mine", "Mine")
+    mine = np.zeros(labels.shape, bool)
+    mine[0, 0, :4] = True
+    image = mrml._oriented_image(mine, mrml._box(mine), writer.matrix)
+    slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(
+        image, seg, "mine", slicer.vtkSlicerSegmentationsModuleLogic.MODE_REPLACE, image.GetExtent())
+    assert writer.edited() == []
+
+
 def test_nodes_that_are_not_a_ct_are_refused(scene):
     assert "Select" in mrml.node_input_problem(None)
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "mask")
