@@ -62,9 +62,12 @@ class LiverTumorSegLogic(ScriptedLoadableModuleLogic):
 
     ``start`` -> poll ``run`` (or ``wait``) -> ``finish`` creates/updates the segmentation node and
     returns a ``LiveResult`` whose ``update``/``set_decision`` re-run only the post-processing.
-    A failed or cancelled run leaves the scene exactly as it was. If writing would overwrite
-    segments the user edited, ``finish`` raises ``mrml.EditedSegmentsError`` and keeps the result
-    pending: ``finish(..., overwrite_edited=True)`` writes it, ``discard`` drops it.
+    A failed or cancelled run leaves the scene exactly as it was. Nothing the user made is replaced
+    without an answer: a node made for another volume is refused (``output_problem``); a node that
+    already holds a result raises ``mrml.ExistingResultError`` (``finish(..., replace=True)``
+    replaces it); writing over segments the user edited raises ``mrml.EditedSegmentsError`` and
+    keeps the result pending (``finish(..., overwrite_edited=True)`` writes it). ``discard`` drops
+    a result not written.
     """
 
     def __init__(self):
@@ -86,6 +89,11 @@ class LiverTumorSegLogic(ScriptedLoadableModuleLogic):
         except Exception as err:  # noqa: BLE001 - the core's message is the reason
             return str(err)
         return None
+
+    @staticmethod
+    def output_problem(volume_node, seg_node) -> str | None:
+        """Why the result cannot go into the chosen segmentation node (made for another volume), or None."""
+        return mrml.output_problem(volume_node, seg_node)
 
     @staticmethod
     def model_problem(model: str) -> str | None:
@@ -115,9 +123,14 @@ class LiverTumorSegLogic(ScriptedLoadableModuleLogic):
     def warnings(self, volume_node) -> list[str]:
         return ct_warnings(mrml.volume_from_node(volume_node))
 
-    def finish(self, volume_node, seg_node=None, *, overwrite_edited: bool = False) -> LiveResult:
+    def finish(self, volume_node, seg_node=None, *, replace: bool = False, overwrite_edited: bool = False) -> LiveResult:
         """Bring the finished run's output into the scene (a new segmentation node unless one is given)."""
         if self.pending is None:
+            problem = self.output_problem(volume_node, seg_node)
+            if problem:
+                raise mrml.NodeInputError(problem)
+            if seg_node is not None and mrml.holds_result(seg_node) and not replace:
+                raise mrml.ExistingResultError(seg_node)  # nothing read yet: answer, then finish again
             self.pending = self._read_result(volume_node, seg_node)
         live, created = self.pending
         try:
@@ -161,8 +174,9 @@ class LiverTumorSegLogic(ScriptedLoadableModuleLogic):
             self.pending = None
         self.cleanup()
 
-    def segment(self, volume_node, seg_node=None, *, timeout: float | None = None, **options) -> LiveResult:
-        """Blocking: start, wait, finish (scripts and self-tests)."""
+    def segment(self, volume_node, seg_node=None, *, timeout: float | None = None, replace: bool = False,
+                **options) -> LiveResult:
+        """Blocking: start, wait, finish (scripts and self-tests); ``replace``: as ``finish``'s."""
         self.start(volume_node, **options)
         try:
             done = self.run.wait(timeout)[-1]
@@ -173,7 +187,11 @@ class LiverTumorSegLogic(ScriptedLoadableModuleLogic):
         if done.returncode != 0:
             self.cleanup()
             raise RuntimeError(done.error or "segmentation cancelled")
-        return self.finish(volume_node, seg_node)
+        try:
+            return self.finish(volume_node, seg_node, replace=replace)
+        except (mrml.ExistingResultError, mrml.NodeInputError):
+            self.cleanup()
+            raise
 
     def cancel(self) -> None:
         if self.run is not None:
@@ -225,6 +243,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         ui.regionTable.setSelectionBehavior(qt.QAbstractItemView.SelectRows)
         ui.regionTable.setEditTriggers(qt.QAbstractItemView.NoEditTriggers)
         ui.inputVolumeSelector.currentNodeChanged.connect(self.onInputsChanged)
+        ui.outputSegmentationSelector.currentNodeChanged.connect(self.onInputsChanged)
         ui.modelSelector.currentIndexChanged.connect(self.onInputsChanged)
         ui.loadModelButton.clicked.connect(self.onLoadModel)
         ui.applyButton.clicked.connect(self.onApply)
@@ -280,7 +299,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._updating:
             return
         ui = self.ui
-        mrml.save_choices(slicer.mrmlScene, volume_node=ui.inputVolumeSelector.currentNode(),
+        mrml.save_choices(slicer.mrmlScene, volume_node=ui.inputVolumeSelector.currentNode(),  # None clears
                           seg_node=ui.outputSegmentationSelector.currentNode(), model=ui.modelSelector.currentData,
                           device=ui.deviceSelector.currentData, fast=ui.fastCheckBox.checked, tta=ui.ttaCheckBox.checked)
 
@@ -310,8 +329,10 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onInputsChanged(self, *_):
         """Check the inputs once per change (the CT check reads the volume: not on every poll)."""
-        self._problems = {"volume": self.logic.input_problem(self.ui.inputVolumeSelector.currentNode()),
+        volume = self.ui.inputVolumeSelector.currentNode()
+        self._problems = {"volume": self.logic.input_problem(volume),
                           "model": self.logic.model_problem(self.ui.modelSelector.currentData),
+                          "output": self.logic.output_problem(volume, self.ui.outputSegmentationSelector.currentNode()),
                           "missing": tuple(dependencies.missing())}
         self.ui.disclaimerLabel.text = panel.disclaimer(self.ui.modelSelector.currentData)
         self.updateView()
@@ -322,8 +343,9 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return panel.PanelInputs(
             volume_problem=self._problems["volume"],
             model_problem=self._problems["model"],
+            output_problem=self._problems["output"],
             missing_packages=self._problems["missing"],
-            running=self.logic.run is not None and self.logic.run.running(),
+            running=self.timer.isActive(),  # until its end is handled, not only while the process lives
             has_result=self.logic.live is not None,
         )
 
@@ -348,7 +370,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.modelSelector.currentIndex = self.ui.modelSelector.count - 1
 
     def onApply(self):
-        if self.logic.run is not None and self.logic.run.running():
+        if self.timer.isActive():  # a run whose end is not handled yet: Cancel (a no-op once it exited)
             self.logic.cancel()
             return
         if not self.ensureDependencies():
@@ -389,14 +411,9 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         volume, seg = self.ui.inputVolumeSelector.currentNode(), self.ui.outputSegmentationSelector.currentNode()
         try:
-            try:
-                live = self.logic.finish(volume, seg)
-            except mrml.EditedSegmentsError as err:
-                if not slicer.util.confirmOkCancelDisplay(f"{err} Replace them?"):
-                    self.logic.discard()
-                    self.ui.statusLabel.text = "Kept your edits; the new result was not written."
-                    return
-                live = self.logic.finish(volume, seg, overwrite_edited=True)
+            live = self._finishAsking(volume, seg)
+            if live is None:
+                return
         except Exception as err:  # noqa: BLE001 - e.g. the volume was removed during the run
             self.logic.discard()
             self.ui.statusLabel.text = f"Failed to load the result: {err}"
@@ -409,6 +426,22 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.showSettings(live.params)
         self.ui.statusLabel.text = panel.status_line(live.report)
         self.showRegions()
+
+    def _finishAsking(self, volume, seg):
+        """``finish``, asking first where it would replace a result or the user's edits; None if they said no."""
+        answers = {}
+        while True:
+            try:
+                return self.logic.finish(volume, seg, **answers)
+            except mrml.ExistingResultError as err:
+                question, key = f"{err} Replace it?", "replace"
+            except mrml.EditedSegmentsError as err:
+                question, key = f"{err} Replace them?", "overwrite_edited"
+            if not slicer.util.confirmOkCancelDisplay(question):
+                self.logic.discard()
+                self.ui.statusLabel.text = "Kept what was there; the new result was not written."
+                return None
+            answers[key] = True
 
     def ensureDependencies(self) -> bool:
         """Install what the core still needs, after asking; never replaces Slicer's own packages."""

@@ -401,6 +401,37 @@ def _shift(inner, box, shape) -> tuple[slice, slice, slice]:
     return tuple(slice(b.start + i.start, b.start + i.stop) for b, i in zip(_absolute(box, shape), inner))
 
 
+def bound_volume(seg_node):
+    """The volume node a segmentation node was made for (ours: the source-volume reference; any
+    other: its reference geometry's volume), or None when it names none."""
+    return seg_node.GetNodeReference(SOURCE_VOLUME_ROLE) or seg_node.GetNodeReference(
+        seg_node.GetReferenceImageGeometryReferenceRole())
+
+
+def output_problem(volume_node, seg_node) -> str | None:
+    """Why the result for ``volume_node`` cannot go into ``seg_node`` (made for another volume), or None."""
+    if seg_node is None or volume_node is None:
+        return None
+    other = bound_volume(seg_node)
+    if other is not None and other is not volume_node:
+        return (f"The output segmentation '{seg_node.GetName()}' belongs to '{other.GetName()}', not to "
+                f"'{volume_node.GetName()}': choose 'Create new segmentation' or one made for this volume.")
+    return None
+
+
+def holds_result(seg_node) -> bool:
+    """Whether the node shows a LiverTumorSeg result (its settings are stored on it)."""
+    return seg_node.GetAttribute(ATTRIBUTE_PREFIX + "PostProcessing") is not None
+
+
+class ExistingResultError(RuntimeError):
+    """The chosen segmentation node already holds a result, which the new one would replace."""
+
+    def __init__(self, seg_node):
+        super().__init__(f"'{seg_node.GetName()}' already holds a LiverTumorSeg result; the new result would "
+                         "replace it, with its settings and region decisions.")
+
+
 class EditedSegmentsError(RuntimeError):
     """Segments the user edited would be overwritten; ``segment_ids`` names them."""
 
@@ -417,24 +448,30 @@ INPUT_ROLE, OUTPUT_ROLE = "InputVolume", "OutputSegmentation"
 
 
 def parameter_node(scene):
-    """The scene's LiverTumorSeg parameter node (a plain scripted-module node), created when missing."""
-    for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode")):
-        node = scene.GetNthNodeByClass(i, "vtkMRMLScriptedModuleNode")
-        if node.GetAttribute("ModuleName") == MODULE_NAME:
-            return node
-    node = scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", MODULE_NAME)
-    node.SetAttribute("ModuleName", MODULE_NAME)
+    """The scene's LiverTumorSeg parameter node, created when missing: a singleton (tag MODULE_NAME),
+    as Slicer's own modules keep theirs, so a scene imported into one that has it merges into it."""
+    node = scene.GetSingletonNode(MODULE_NAME, "vtkMRMLScriptedModuleNode")
+    if node is None:
+        node = scene.CreateNodeByClass("vtkMRMLScriptedModuleNode")
+        node.UnRegister(None)  # the scene holds the only reference
+        node.SetSingletonTag(MODULE_NAME)
+        node.SetName(MODULE_NAME)
+        node.SetAttribute("ModuleName", MODULE_NAME)
+        node = scene.AddNode(node)
     return node
 
 
-def save_choices(scene, *, volume_node=None, seg_node=None, model: str | None = None, device: str | None = None,
+KEEP = object()  # save_choices: leave this choice as stored
+
+
+def save_choices(scene, *, volume_node=KEEP, seg_node=KEEP, model: str | None = None, device: str | None = None,
                  fast: bool | None = None, tta: bool | None = None) -> None:
-    """Store the panel's choices in the parameter node (they are saved with the scene)."""
+    """Store the panel's choices in the parameter node (they are saved with the scene); a node given
+    as None (e.g. "Create new segmentation") clears the stored one."""
     node = parameter_node(scene)
-    if volume_node is not None:
-        node.SetNodeReferenceID(INPUT_ROLE, volume_node.GetID())
-    if seg_node is not None:
-        node.SetNodeReferenceID(OUTPUT_ROLE, seg_node.GetID())
+    for role, given in ((INPUT_ROLE, volume_node), (OUTPUT_ROLE, seg_node)):
+        if given is not KEEP:
+            node.SetNodeReferenceID(role, None if given is None else given.GetID())
     for key, value in (("Model", model), ("Device", device), ("Fast", fast), ("Tta", tta)):
         if value is not None:
             node.SetParameter(key, str(bool(value)) if key in ("Fast", "Tta") else value)

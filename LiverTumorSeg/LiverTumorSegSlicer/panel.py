@@ -36,6 +36,7 @@ class PanelInputs:
 
     volume_problem: str | None = "Select a CT volume."
     model_problem: str | None = None
+    output_problem: str | None = None
     missing_packages: tuple[str, ...] = ()
     running: bool = False
     has_result: bool = False
@@ -57,7 +58,7 @@ def panel_view(state: PanelInputs) -> PanelView:
     if state.running:
         return PanelView(CANCEL_TEXT, True, "Stop the segmentation (the scene is left as it was).",
                          inputs_enabled=False, postprocessing_enabled=False, progress_visible=True)
-    reasons = [r for r in (state.volume_problem, state.model_problem) if r]
+    reasons = [r for r in (state.volume_problem, state.model_problem, state.output_problem) if r]
     tooltip = "\n".join(reasons) if reasons else "Segment the liver, liver tumors and cysts in the selected CT."
     if state.missing_packages and not reasons:
         tooltip += f"\nFirst asks to install: {', '.join(state.missing_packages)}."

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import shutil
 import signal
 import subprocess
@@ -76,7 +77,7 @@ class ChildRun:
 
     def __init__(self, cmd: list[str], env: dict | None = None, cwd: str | None = None):
         self.cmd, self._events = cmd, queue.Queue()
-        self._cancelled, self._last_error, self.log = False, None, []
+        self._cancelled, self._last_error, self._last_line, self.log = False, None, None, []
         kwargs = {"start_new_session": True} if os.name == "posix" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         text=True, encoding="utf-8", errors="replace", bufsize=1, env=env, cwd=cwd, **kwargs)
@@ -93,14 +94,29 @@ class ChildRun:
                     continue
                 except (ValueError, KeyError, TypeError):
                     pass
-            if line.startswith("error: "):
-                self._last_error = line[len("error: "):]
+            error = re.match(r"^(?:\S+: )?error: (.*)", line)  # ours, or argparse's "livertumorseg: error: ..."
+            if error:
+                self._last_error = error.group(1)
+            if line.strip():
+                self._last_line = line.strip()
             self._events.put(Log(line))
         code = self.process.wait()
-        error = None
-        if code != 0 and not self._cancelled:
-            error = self._last_error or f"the segmentation process stopped with exit code {code}"
-        self._events.put(Finished(code, self._cancelled, error))
+        self._events.put(Finished(code, self._cancelled, None if code == 0 or self._cancelled else self._failure(code)))
+
+    def _failure(self, code: int) -> str:
+        """One sentence for a failed child: its error line, else how it ended and the last thing it printed."""
+        if self._last_error:
+            return self._last_error
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            how = f"the segmentation process was killed ({name})" + (
+                ", most likely for lack of memory" if -code == 9 else "")  # SIGKILL: the OOM killer
+        else:
+            how = f"the segmentation process stopped with exit code {code}"
+        return how + (f"; its last line: {self._last_line}" if self._last_line else "")
 
     def poll(self) -> list:
         """Events since the last call (never blocks)."""

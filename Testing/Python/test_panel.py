@@ -15,9 +15,13 @@ from LiverTumorSegSlicer.panel import PanelInputs, panel_view  # noqa: E402
 
 
 def test_no_input_turns_the_button_off_with_every_reason():
-    view = panel_view(PanelInputs(volume_problem="Select a CT volume.", model_problem="Unknown model 'x'."))
+    view = panel_view(PanelInputs(volume_problem="Select a CT volume.", model_problem="Unknown model 'x'.",
+                                  output_problem="The output segmentation 'A seg' belongs to 'A'."))
     assert view.button_text == "Segment tumors" and not view.button_enabled
-    assert view.button_tooltip.splitlines() == ["Select a CT volume.", "Unknown model 'x'."]
+    assert view.button_tooltip.splitlines() == ["Select a CT volume.", "Unknown model 'x'.",
+                                                "The output segmentation 'A seg' belongs to 'A'."]
+    only_output = panel_view(PanelInputs(volume_problem=None, output_problem="belongs to another volume"))
+    assert not only_output.button_enabled  # a run into another volume's node would be wasted: not started
     assert view.inputs_enabled and not view.postprocessing_enabled and not view.progress_visible
 
 

@@ -96,3 +96,20 @@ def test_failure_is_reported_with_the_childs_error(tmp_path):
     assert "same value" in done.error or "label" in done.error, done.error
     assert any(isinstance(e, Log) and e.line.startswith("error:") for e in events)
     assert not (tmp_path / "labels.nii.gz").exists()
+
+
+@pytest.mark.parametrize("code, expected", [
+    ("import os, signal; print('loading the models'); os.kill(os.getpid(), signal.SIGKILL)",
+     ["killed (SIGKILL)", "lack of memory", "loading the models"]),
+    ("import no_such_package", ["exit code 1", "ModuleNotFoundError"]),
+    ("import sys; print('livertumorseg: error: unrecognized arguments: --bogus'); sys.exit(2)",
+     ["unrecognized arguments: --bogus"]),
+])
+def test_a_child_that_dies_without_our_error_line_is_explained(code, expected):
+    """Killed (the kernel's out-of-memory killer sends SIGKILL), a crash at import, argparse's error:
+    the message names the cause, not only an exit code."""
+    if os.name != "posix" and "SIGKILL" in code:
+        pytest.skip("no SIGKILL on Windows")
+    done = ChildRun([sys.executable, "-c", code]).wait(timeout=60)[-1]
+    assert done.returncode != 0 and not done.cancelled
+    assert all(words in done.error for words in expected), done.error

@@ -109,8 +109,11 @@ def test_a_new_run_into_an_edited_node_waits_for_an_answer(slicer_scene, monkeyp
     for answer in ("keep", "replace"):
         logic.start(node, device="cpu", fast=True, python=sys.executable)
         assert logic.run.wait(300)[-1].returncode == 0
-        with pytest.raises(mrml.EditedSegmentsError):
+        with pytest.raises(mrml.ExistingResultError):  # the node holds the first result: asked first
             logic.finish(node, seg)
+        assert logic.pending is None and logic.work_dir is not None  # nothing read yet
+        with pytest.raises(mrml.EditedSegmentsError):
+            logic.finish(node, seg, replace=True)
         assert logic.pending is not None and logic.work_dir is None  # read into memory, folder removed
         assert np.array_equal(mrml.segment_mask(seg, "liver", ct.array.shape), edited)
         if answer == "keep":
@@ -122,3 +125,10 @@ def test_a_new_run_into_an_edited_node_waits_for_an_answer(slicer_scene, monkeyp
             assert logic.live is live and logic.pending is None
             assert np.array_equal(mrml.segment_mask(seg, "liver", ct.array.shape), liver)
     assert slicer_scene.GetNumberOfNodes() == nodes  # no node added or left behind
+    other = mrml.volume_node_from(slicer_scene, ct, "another CT")
+    logic.start(other, device="cpu", fast=True, python=sys.executable)
+    assert logic.run.wait(300)[-1].returncode == 0
+    with pytest.raises(mrml.NodeInputError, match="belongs to 'CT'"):  # never into the first CT's node
+        logic.finish(other, seg)
+    logic.discard()
+    assert logic.work_dir is None and np.array_equal(mrml.segment_mask(seg, "liver", ct.array.shape), liver)

@@ -237,6 +237,24 @@ def test_edits_slicer_does_not_announce_per_segment_are_found_too(scene):
     assert writer.edited() == []
 
 
+def test_a_result_goes_only_into_a_node_of_its_volume_and_an_earlier_result_is_known(scene):
+    from LiverTumorSegLib.postprocess import PostParams
+
+    live, _ = _lesion_case(scene)
+    volume, seg = live.volume_node, live.seg_node
+    other = mrml.volume_node_from(scene, mrml.volume_from_node(volume), "Other CT")
+    assert mrml.output_problem(volume, seg) is None and mrml.output_problem(volume, None) is None
+    problem = mrml.output_problem(other, seg)
+    assert "belongs to 'CT'" in problem and "'Other CT'" in problem
+    users = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "drawn by hand")  # a Segment Editor node of the other CT
+    users.SetReferenceImageGeometryParameterFromVolumeNode(other)
+    assert mrml.output_problem(volume, users) and mrml.output_problem(other, users) is None
+    assert mrml.output_problem(volume, scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")) is None
+    assert not mrml.holds_result(users)
+    live.update(PostParams())
+    assert mrml.holds_result(seg) and "already holds" in str(mrml.ExistingResultError(seg))
+
+
 def test_nodes_that_are_not_a_ct_are_refused(scene):
     assert "Select" in mrml.node_input_problem(None)
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "mask")
@@ -485,6 +503,19 @@ def test_choices_settings_and_decisions_survive_scene_save_and_reload(scene, tmp
     assert mrml.load_choices(fresh)["tta"] is True  # mirroring is on until the user turns it off
     mrml.save_choices(fresh, tta=False)
     assert mrml.load_choices(fresh)["tta"] is False
+    # imported into a scene whose panel already made its own (empty) parameter node: one node, the saved choices
+    importing = slicer.vtkMRMLScene()
+    app.SetMRMLScene(importing)
+    seg_logic.SetMRMLScene(importing)
+    mrml.load_choices(importing)  # the module opened first
+    importing.SetURL(str(tmp_path / "scene.mrml"))
+    assert importing.Import() == 1
+    assert importing.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode") == 1
+    imported = mrml.load_choices(importing)
+    assert (imported["model"], imported["device"], imported["fast"]) == ("phantom-small", "cpu", True)
+    assert imported["seg_node"].GetName() == "CT liver segmentation"
+    mrml.save_choices(importing, seg_node=None)  # "Create new segmentation" chosen: no stored output any more
+    assert mrml.load_choices(importing)["seg_node"] is None and mrml.load_choices(importing)["volume_node"] is not None
     seg, volume = choices["seg_node"], choices["volume_node"]
     assert volume.GetName() == "CT" and seg.GetName() == "CT liver segmentation"
     assert _stored_params(seg).cyst_threshold_hu == 70.0
