@@ -315,7 +315,12 @@ def check_ct(volume: Volume) -> None:
 
 
 def ct_warnings(volume: Volume) -> list[str]:
-    """Things about a valid CT that may reduce accuracy, as user-facing sentences."""
+    """Things about a valid CT that may reduce accuracy, as user-facing sentences; none for an image
+    ``check_ct`` refuses (its error is then the one message)."""
+    try:
+        check_ct(volume)
+    except InputError:
+        return []
     warnings = []
     degrees = oblique_degrees(volume.direction)
     if degrees > OBLIQUE_DEGREES:

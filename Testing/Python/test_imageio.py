@@ -279,8 +279,10 @@ def test_warnings():
     oblique = ct_volume(direction=[[c, -s, 0], [s, c, 0], [0, 0, 1]])
     assert any("oblique" in w for w in ct_warnings(oblique))
     assert any("anisotropic" in w for w in ct_warnings(ct_volume(spacing=(0.5, 0.5, 5.0))))
-    huge = Volume(np.zeros((1501, 8, 8), np.int16), (1.0, 1.0, 0.5))
+    huge = Volume(fake_ct((1501, 8, 8)), (1.0, 1.0, 0.5))
     assert any("very large" in w for w in ct_warnings(huge))
+    # an image check_ct refuses gets its one error, not warnings before it (50 mm slices: anisotropic too)
+    assert ct_warnings(ct_volume(spacing=(0.5, 0.5, 50.0))) == []
 
 
 # ---------------------------------------------------------------- writing
