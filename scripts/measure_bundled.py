@@ -40,6 +40,7 @@ from LiverTumorSegLib.imageio import write_text
 from LiverTumorSegLib.metrics import dice, lesion_detection, mean_ci
 from LiverTumorSegLib.modelfile import load_model, update_card
 from LiverTumorSegLib.phantom import generate_case
+from LiverTumorSegLib import pipeline
 from LiverTumorSegLib.pipeline import segment
 from LiverTumorSegLib.postprocess import PostParams, PostProcessor
 from LiverTumorSegLib.registry import model_files
@@ -176,10 +177,10 @@ def _ircad(args, models, settings: list[PostParams]) -> dict:
 def report(args, params: PostParams, rows: list[dict], seconds: list[float], models, ircad: dict | None, liver_path: Path,
            tumor_path: Path, metrics_dir: Path | None) -> None:
     """Print one setting's figures; write its metrics.csv and (test seeds, default setting) the cards."""
-    phantom = dict(summarize(rows), seeds=f"{args.seed0}-{args.seed0 + args.cases - 1}", mode=("fast: step 1.0" if args.fast else "normal: step 0.5") + (", mirrored (4 passes)" if args.tta else ", not mirrored"),
+    phantom = dict(summarize(rows), seeds=f"{args.seed0}-{args.seed0 + args.cases - 1}", mode=("fast: step 1.0" if args.fast else "normal: step 0.5") + (f", mirrored ({2 ** len(pipeline.TTA_AXES)} passes)" if args.tta else ", not mirrored"),
                    **_seconds(seconds, models[1].card, args.cases), note="lesion = tumor + cyst (the network target); tumor-only is the network output; the after_filter figures follow the "
                         + ("default post-processing" if params == PostParams() else f"post-processing with {settings_text(params)}")
-                        + " (cyst filter, small-tumor dilation, outline refinement)")
+                        + " (confidence gate, cyst filter, small-tumor dilation, outline refinement)")
     result = {"fresh_phantoms": phantom, **({"ircad_1_1": ircad} if ircad else {})}
     print(json.dumps(result, indent=2))
     if metrics_dir:
