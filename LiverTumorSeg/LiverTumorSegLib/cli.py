@@ -483,7 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", help="bundled model name or a folder with liver.ltsm + tumor.ltsm (e.g. a training run folder)")
     s.add_argument("--data", type=Path, action="append", help="with --model: data set folder (repeat for several)")
     s.add_argument("--format", default="auto", choices=["auto", *FORMATS], help="with --model: data set layout")
-    s.add_argument("--split", type=Path, help="with --model: split file (default: the model folder's split.json, else all cases)")
+    s.add_argument("--split", type=Path, help="with --model: split file (default: the model folder's split.json, else all labelled cases; every case of the part must be in --data with labels)")
     s.add_argument("--part", default="test", choices=["train", "val", "test"], help="with --model: which part of the split (default test)")
     s.add_argument("--device", default="auto", type=device_arg, metavar="auto|cpu|cuda|cuda:N")
     s.add_argument("--fast", action="store_true", help="with --model: fewer tiles (step 1.0)")
