@@ -131,7 +131,10 @@ def tumor_stage_input(hu: np.ndarray, liver: np.ndarray, spacing, pre: dict):
     box = bounding_box(liver, [int(np.ceil(margin_mm / s)) for s in spacing])
     crop = hu[box]
     shape = model_shape(crop.shape, spacing, pre["resample"], full_shape=hu.shape)
-    small = resize(liver[box], shape) >= 0.5
+    resized = resize(liver[box], shape)
+    small = resized >= 0.5
+    if not small.any():  # a liver under one voxel of the model grid: its strongest voxels stand for it
+        small = resized >= resized.max()
     mask = ndimage.distance_transform_edt(~small, sampling=model_spacing(crop.shape, spacing, shape)) <= margin_mm
     img = scale_hu(resize(crop, shape), pre.get("hu_window", (-250, 250)))
     img[~mask] = 0.0
@@ -165,7 +168,8 @@ def stage_probability(model: StageModel, img, out_shape, device, fast, batch, pr
 
 
 def uint8_threshold(model: StageModel) -> int:
-    """The card's probability threshold (default 0.5) on the uint8 scale: p >= t <=> u8 >= this."""
+    """The card's probability threshold (default 0.5) on the uint8 scale: u8 >= this <=> p >= t, up to
+    the uint8 rounding (a p within 0.5/255 of t may fall on either side)."""
     return int(np.ceil(float(model.card["inference"].get("threshold", 0.5)) * 255))
 
 

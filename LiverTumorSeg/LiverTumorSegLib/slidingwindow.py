@@ -124,6 +124,8 @@ def sliding_window_probabilities(
     Volumes smaller than a tile are padded with 0 (the normalised background) and cropped back.
     On out-of-memory the accumulators move to the CPU, then the batch halves down to 1.
     """
+    if int(batch) < 1:
+        raise ValueError(f"batch must be 1 or more, not {batch}")
     device = torch.device(device)
     tile = tuple(net.cfg.tile)
     shape = image.shape

@@ -145,3 +145,18 @@ def test_no_liver_is_a_result_not_a_crash(models, case):
     res = segment(case[0], blind, models[1], fast=True)
     assert not res.labels.any() and res.report["liver_found"] is False
     assert res.report["tiles"]["tumor"] == 0 and "No liver found" in res.report["warnings"][0]
+
+
+def test_a_liver_under_one_model_voxel_still_centres_the_tumor_search(models):
+    """One liver voxel at 0.5 mm vanishes on the tumor model's 2 x 1.25 x 1.25 mm grid when resized:
+    the search region must still be around it (it was a block in the crop's corner)."""
+    from LiverTumorSegLib.pipeline import tumor_stage_input
+
+    liver = np.zeros((20, 40, 40), bool)
+    liver[10, 20, 20] = True
+    hu = np.full(liver.shape, 60.0)
+    img, mask, box = tumor_stage_input(hu, liver, (0.5, 0.5, 0.5), models[1].card["preprocessing"])
+    assert mask.any() and not mask.all()
+    centre = np.argwhere(mask).mean(0) * np.array([s.stop - s.start for s in box]) / np.array(mask.shape)
+    liver_at = np.array([10, 20, 20]) - np.array([s.start for s in box])
+    assert np.all(np.abs(centre - liver_at) < 3), (centre, liver_at)  # within a few input voxels

@@ -96,3 +96,8 @@ def test_cancel_and_progress(net):
 
     with pytest.raises(Cancelled):
         sliding_window_probabilities(net, img, progress=cancel_after_first, cancel=event)
+
+
+def test_a_batch_under_one_is_refused(net):
+    with pytest.raises(ValueError, match="batch"):  # it ran no tile and returned 0/0 = NaN everywhere
+        sliding_window_probabilities(net, np.zeros((8, 16, 16), np.float32), batch=0)
