@@ -76,7 +76,7 @@ def save_training_curves_png(history: list[dict], path: Path, title: str = "trai
     ax_loss.plot([h["epoch"] for h in history], [h["loss"] for h in history], color="tab:blue")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("training loss (deep supervision)")
-    val = [(h["epoch"], h["val_dice"]) for h in history if "val_dice" in h]
+    val = [(h["epoch"], h["val_dice"]) for h in history if "val_dice" in h and np.isfinite(h["val_dice"])]  # as the trainer picks
     if val:
         epochs, scores = zip(*val)
         ax_dice.plot(epochs, scores, marker="o", ms=3, color="tab:green")

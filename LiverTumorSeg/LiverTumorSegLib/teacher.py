@@ -20,13 +20,20 @@ MANIFEST = "pseudo-labels.json"
 
 
 def find_inputs(items) -> list[Path]:
-    """CT files and DICOM series folders: those given, and the cases inside other given folders."""
+    """CT files and DICOM series folders: those given, and the cases inside other given folders (less
+    the ``X_label`` files of ``X_ct`` + ``X_label`` pairs: a labelled folder's labels are no CTs)."""
     found = []
     for item in map(Path, items):
         if item.is_file() or (item.is_dir() and is_dicom_folder(item)):
             found.append(item)
         elif item.is_dir():
-            found += list_cases(item)
+            cases = list_cases(item)
+            stems = {case_name(p) for p in cases}
+            labels = [p for p in cases if case_name(p).endswith("_label") and case_name(p)[:-6] + "_ct" in stems]
+            if labels:
+                print(f"note: {item} holds {len(labels)} labelled pair(s); their label files are not labelled again",
+                      file=sys.stderr)
+            found += [p for p in cases if p not in labels]
         else:
             raise InputError(f"Not found: {item}")
     if not found:
@@ -37,7 +44,7 @@ def find_inputs(items) -> list[Path]:
 def unique_names(inputs: list[Path]) -> list[str]:
     """One output name per input: the file stem, prefixed by its folder's name where stems collide
     (``a/ct.nii.gz`` and ``b/ct.nii.gz`` -> ``a_ct``, ``b_ct``); InputError if still not unique."""
-    stems = [case_name(p) for p in inputs]
+    stems = [case_name(p).removesuffix("_ct") for p in inputs]
     names = [f"{p.parent.name}_{s}" if stems.count(s) > 1 else s for p, s in zip(inputs, stems)]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
@@ -57,10 +64,36 @@ def run_pseudolabel(args) -> int:
     inputs = find_inputs(args.inputs)
     names = unique_names(inputs)
     targets = [(out / f"{n}_ct.nii.gz", out / f"{n}_label.nii.gz") for n in names]
+    places = {q for p in inputs for q in (p.absolute(), p.absolute().parent, p.resolve(), p.resolve().parent)}
+    if out.absolute() in places or out.resolve() in places:
+        raise OutputError(f"{out} holds inputs: write the pseudo-labels into another folder (an input could be "
+                          "replaced, and a rerun would label its own output).")
     existing = [str(p) for pair in targets for p in pair if p.exists()]
     if existing and not args.overwrite:
         raise OutputError(f"{existing[0]} exists ({len(existing)} file(s) in all); use --overwrite to replace them.")
+    ours = {p.name for pair in targets for p in pair}
+    others = sorted(p.name for p in out.glob("*_label.nii*") if p.name not in ours) if out.is_dir() else []
+    if others:
+        raise OutputError(f"{out} holds other pairs ({', '.join(others[:3])}{' ...' if len(others) > 3 else ''}) that "
+                          "this run's manifest would not describe: use an empty folder.")
+    teacher = {m.card["stage"]: {**m.identity(), "citation": m.card.get("citation")} for m in (liver, tumor) if m is not None}
     cases, failed, skipped = [], [], []
+
+    def manifest(complete: bool) -> None:
+        """Written before the first pair and after each case: a pair on disk is always described as
+        pseudo-labelled, even if the run stops half-way."""
+        write_json({
+            "pseudo_labels": True,
+            "what": "labels made by a model, not by an expert: " + ("liver 1, lesion 2" if args.with_tumors else "liver 1 only"),
+            "with_tumors": bool(args.with_tumors),
+            "teacher": teacher,
+            "complete": complete,
+            "cases": cases,
+            "failed": failed,
+            "skipped": skipped,
+        }, out / MANIFEST, overwrite=True)
+
+    manifest(False)
     for src, name, (ct_out, label_out) in tqdm(list(zip(inputs, names, targets)), desc="pseudo-labels", unit="case",
                                                disable=None, file=sys.stderr):
         try:
@@ -75,19 +108,11 @@ def run_pseudolabel(args) -> int:
             print(f"warning: {src.name}: no liver found; left out", file=sys.stderr)
             continue
         labels = result.labels if args.with_tumors else (result.labels > 0).astype("uint8")
+        cases.append({"case": name, "source": str(src)})
+        manifest(False)  # before the pair: listed, then written
         write_volume(ct, ct_out, overwrite=args.overwrite)
         write_labels(labels, ct, label_out, overwrite=args.overwrite)
-        cases.append({"case": name, "source": str(src)})
-    manifest = {
-        "pseudo_labels": True,
-        "what": "labels made by a model, not by an expert: " + ("liver 1, lesion 2" if args.with_tumors else "liver 1 only"),
-        "with_tumors": bool(args.with_tumors),
-        "teacher": {m.card["stage"]: {**m.identity(), "citation": m.card.get("citation")} for m in (liver, tumor) if m is not None},
-        "cases": cases,
-        "failed": failed,
-        "skipped": skipped,
-    }
-    write_json(manifest, out / MANIFEST, overwrite=True)
+    manifest(True)
     print(f"wrote {len(cases)} pseudo-labelled case(s) to {out}" + (f"; {len(failed)} failed" if failed else "")
           + (f"; {len(skipped)} without a liver left out" if skipped else ""))
     return 2 if failed else 0

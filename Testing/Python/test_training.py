@@ -666,7 +666,7 @@ def test_pseudolabel_names_are_unique_and_nothing_is_overwritten(phantoms, tmp_p
     ct = sorted(phantoms.glob("*_ct.nii.gz"))[0]
     out = tmp_path / "pseudo"
     out.mkdir()
-    mine = out / f"{ct.name[:-len('.nii.gz')]}_ct.nii.gz"
+    mine = out / ct.name  # X_ct.nii.gz is written as X_ct.nii.gz (the _ct is not doubled)
     mine.write_bytes(b"the user's file")
     liver_only = model_files("phantom-small")[0]  # stage 1 given alone: no --model lookup, no tumor file needed
     assert main(["pseudolabel", str(ct), "-o", str(out), "--model", "no-such-model", "--liver-model", str(liver_only),
@@ -702,3 +702,44 @@ def test_a_split_given_in_another_order_is_the_same_split():
     a = {"train": ["c1", "c2"], "val": ["c3"], "test": ["c4"]}
     assert same_split(a, {"train": ["c2", "c1"], "val": ["c3"], "test": ["c4"]})
     assert not same_split(a, {"train": ["c1", "c3"], "val": ["c2"], "test": ["c4"]})
+
+
+def test_pseudolabel_never_writes_where_its_inputs_are_and_always_leaves_a_manifest(phantoms, tmp_path, capsys):
+    """-o on the inputs' folder is refused even with --overwrite; a labelled folder's label files are
+    not labelled again; a folder holding other pairs is refused; the manifest lists each pair as it
+    is written (a run stopped half-way leaves no pair unmarked)."""
+    from LiverTumorSegLib import teacher
+
+    folder = tmp_path / "cts"
+    folder.mkdir()
+    for f in sorted(phantoms.glob("case_110[01]_*.nii.gz")):
+        (folder / f.name).symlink_to(f)
+    before = sorted(p.name for p in folder.iterdir())
+    base = ["pseudolabel", str(folder), "--model", "phantom-small", "--device", "cpu"]
+    assert main([*base, "-o", str(folder), "--overwrite"]) == 2
+    assert "holds inputs" in capsys.readouterr().err and sorted(p.name for p in folder.iterdir()) == before
+    assert [p.name for p in teacher.find_inputs([folder])] == ["case_1100_ct.nii.gz", "case_1101_ct.nii.gz"]
+    assert "labelled pair(s)" in capsys.readouterr().err
+
+    seen = []
+    real_write = teacher.write_labels
+
+    def watching(labels, ct, path, **kw):  # the manifest already lists the case when its pair is written
+        listed = json.loads((tmp_path / "out" / teacher.MANIFEST).read_text(encoding="utf-8"))
+        seen.append((path.name, [c["case"] for c in listed["cases"]], listed["complete"]))
+        return real_write(labels, ct, path, **kw)
+
+    teacher.write_labels = watching
+    try:
+        assert main([*base, "-o", str(tmp_path / "out")]) == 0
+    finally:
+        teacher.write_labels = real_write
+    assert seen == [("case_1100_label.nii.gz", ["case_1100"], False),
+                    ("case_1101_label.nii.gz", ["case_1100", "case_1101"], False)]
+    assert json.loads((tmp_path / "out" / teacher.MANIFEST).read_text(encoding="utf-8"))["complete"] is True
+    one = tmp_path / "one"
+    one.mkdir()
+    (one / "x.nii.gz").symlink_to(sorted(phantoms.glob("*_ct.nii.gz"))[2])
+    assert main(["pseudolabel", str(one), "--model", "phantom-small", "--device", "cpu", "-o", str(tmp_path / "out"),
+                 "--overwrite"]) == 2  # the earlier pairs would stay, described by no manifest
+    assert "holds other pairs" in capsys.readouterr().err
