@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage
 
 from . import devices, kulpipeline
-from .imageio import check_ct, write_npz
+from .imageio import check_ct, grid_difference, write_npz
 from .masks import bounding_box
 from .modelfile import KUL_UNET, StageModel
 from .orientation import to_canonical
@@ -45,16 +45,8 @@ class Probabilities:
     def grid_difference(self, volume: Volume) -> str | None:
         """What differs between this output's grid and ``volume``'s, in words; None when they match
         (or when the file holds no geometry but its array shape fits)."""
-        if self.liver.shape != volume.array.shape:
-            return f"size {self.liver.shape[::-1]} vs {volume.array.shape[::-1]}"
-        if self.grid is None:
-            return None
-        spacing, origin, direction = self.grid
-        for name, mine, theirs, tol in (("spacing", spacing, volume.spacing, 1e-4), ("direction", direction, volume.direction, 1e-4),
-                                        ("origin", origin, volume.origin, 1e-3)):
-            if not np.allclose(mine, np.asarray(theirs, float), atol=tol):
-                return f"{name} {np.round(np.ravel(mine), 4).tolist()} vs {np.round(np.ravel(theirs), 4).tolist()}"
-        return None
+        spacing, origin, direction = self.grid or (volume.spacing, volume.origin, volume.direction)
+        return grid_difference(Volume(self.liver, tuple(spacing), tuple(origin), direction), volume)
 
     def tumor_full(self) -> np.ndarray:
         out = np.zeros(self.liver.shape, np.uint8)

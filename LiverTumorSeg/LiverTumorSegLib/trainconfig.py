@@ -188,6 +188,11 @@ def check_preprocessing(pre, stage: str) -> None:
         raise ValueError(f"{where}.liver_margin_mm must be 0 or more")
 
 
+def same_recipe(a: dict, b: dict) -> bool:
+    """Whether two configs train the same way: a run resumes only with its own config (--epochs may change)."""
+    return {**a, "epochs": 0} == {**b, "epochs": 0}
+
+
 def net_config(cfg: dict) -> NetConfig:
     """The network: a configuration name (``small``, ``paper``) or a dict of ``NetConfig`` fields."""
     net = cfg["net"]

@@ -35,7 +35,7 @@ from .orientation import to_canonical
 from .pipeline import liver_stage_input, tumor_stage_input
 from .preprocess import resize_labels
 from .slidingwindow import sliding_window_probabilities
-from .trainconfig import StageRecipe, net_config, stage_recipe
+from .trainconfig import StageRecipe, net_config, same_recipe, stage_recipe
 from .volume import Volume
 
 LESION_LABELS = (2, 3)
@@ -342,7 +342,7 @@ class StageTrainer:
                 raise ValueError(f"not a {self.stage} checkpoint of this version")
         except Exception as err:  # noqa: BLE001 - any failure to read means a bad checkpoint
             raise InputError(f"Cannot resume from {path}: {err}") from None
-        if {**ckpt["config"], "epochs": 0} != {**self.config, "epochs": 0}:
+        if not same_recipe(ckpt["config"], self.config):
             raise InputError(f"{path} was written with another training config; resume with the same one "
                              "(only --epochs may change), or start a new run.")
         self.net.load_state_dict(ckpt["model"])

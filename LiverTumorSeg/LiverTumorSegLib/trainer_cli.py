@@ -23,7 +23,7 @@ from .errors import Cancelled, InputError, OutputError
 from .imageio import write_json
 from .modelfile import load_model, save_model
 from .overlay import save_training_curves_png
-from .trainconfig import check_config, load_config, stage_recipe
+from .trainconfig import check_config, load_config, same_recipe, stage_recipe
 from .samplecache import prepared_samples
 from .trainer import StageTrainer, hardware, make_card
 
@@ -125,7 +125,7 @@ def load_run_config(args, run_dir: Path) -> dict:
         config = check_config({**config, "epochs": args.epochs}, f"the config with --epochs {args.epochs}")
     if args.resume and saved.is_file():  # refused before anything is written: the run's own config stays
         before = json.loads(saved.read_text(encoding="utf-8"))
-        if {**before, "epochs": 0} != {**config, "epochs": 0}:
+        if not same_recipe(before, config):
             raise InputError(f"{run_dir} was trained with another config ({saved.name}); resume with the same one "
                              "(only --epochs may change), or start a new run.")
     return config

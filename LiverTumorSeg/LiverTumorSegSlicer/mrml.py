@@ -22,6 +22,7 @@ from LiverTumorSegLib.terminology import SEGMENTS
 from LiverTumorSegLib.volume import Volume
 
 ATTRIBUTE_PREFIX = "LiverTumorSeg."
+PARAMS_ATTRIBUTE = ATTRIBUTE_PREFIX + "PostProcessing"  # a result's post-processing settings (session.LiveResult)
 SOURCE_VOLUME_ROLE = "LiverTumorSegSourceVolume"
 RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0])
 MANAGED_IDS = tuple(spec["id"] for spec in SEGMENTS)
@@ -271,14 +272,13 @@ class SegmentWriter:
         found = set(self._edited)
         if self._labels is not None:
             for spec in SEGMENTS:
-                sid = spec["id"]
-                if sid in found or self._stamp(sid) == self._stamps.get(sid):
+                sid, stamp = spec["id"], self._stamp(spec["id"])
+                if sid in found or stamp == self._stamps.get(sid):
                     continue
-                if self._stamp(sid) is None or not np.array_equal(
-                        segment_mask(self.seg_node, sid, self.shape), self._labels == spec["label"]):
+                if stamp is None or not np.array_equal(segment_mask(self.seg_node, sid, self.shape), self._labels == spec["label"]):
                     found.add(sid)
                 else:  # touched (e.g. another segment of its layer), its voxels as written
-                    self._stamps[sid] = self._stamp(sid)
+                    self._stamps[sid] = stamp
             if found != self._edited:
                 self._edited = found
                 self.seg_node.SetAttribute(ATTRIBUTE_PREFIX + "EditedSegments", ",".join(sorted(found)))
@@ -421,7 +421,7 @@ def output_problem(volume_node, seg_node) -> str | None:
 
 def holds_result(seg_node) -> bool:
     """Whether the node shows a LiverTumorSeg result (its settings are stored on it)."""
-    return seg_node.GetAttribute(ATTRIBUTE_PREFIX + "PostProcessing") is not None
+    return seg_node.GetAttribute(PARAMS_ATTRIBUTE) is not None
 
 
 class ExistingResultError(RuntimeError):

@@ -24,7 +24,7 @@ from LiverTumorSegLib.postprocess import PostParams, PostProcessor, gaussian
 
 from . import mrml
 
-PARAMS_ATTRIBUTE = mrml.ATTRIBUTE_PREFIX + "PostProcessing"
+PARAMS_ATTRIBUTE = mrml.PARAMS_ATTRIBUTE
 OVERRIDES_ATTRIBUTE = mrml.ATTRIBUTE_PREFIX + "Overrides"
 
 
