@@ -96,7 +96,8 @@ def _plan(args) -> list[tuple[Path, Path]]:
     """(input, output) pairs; refuses existing outputs before any work unless --overwrite."""
     src, dst = Path(args.input), Path(args.output)
     if args.no_postprocess and post_flags_given(args):
-        raise InputError("--no-postprocess writes the network output as it is: drop the post-processing flags.")
+        raise InputError("--no-postprocess writes the network output as it is: drop the post-processing flags "
+                         f"({' '.join(post_flags_given(args))}).")
     if not src.exists():
         raise InputError(f"Input not found: {src}")
     if src.is_dir() and not is_dicom_folder(src):
@@ -142,11 +143,9 @@ def post_params(args):
                       **({} if args.min_peak is None else {"min_peak_probability": args.min_peak}))
 
 
-def post_flags_given(args) -> bool:
-    """Whether a post-processing flag asks for anything but the defaults (or names the gate at all)."""
-    from .postprocess import PostParams
-
-    return args.min_peak is not None or post_params(args) != PostParams()
+def post_flags_given(args) -> list[str]:
+    """The post-processing flags written on the command line, defaults included."""
+    return list(getattr(args, POST_GIVEN, ()))
 
 
 def _number(text: str) -> float:
@@ -180,29 +179,44 @@ def add_tta_argument(parser: argparse.ArgumentParser) -> None:
                              "--no-tta: 4x less network time)")
 
 
+POST_GIVEN = "post_flags_written"
+
+
+class _Noted(argparse.Action):
+    """Stores a value (or ``const`` for a switch) and notes the flag as given, even at its default."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        setattr(namespace, POST_GIVEN, (*getattr(namespace, POST_GIVEN, ()), option_string))
+
+
 def add_post_arguments(p: argparse.ArgumentParser, when: str = "") -> None:
     """The post-processing flags shared by segment, postprocess and evaluate (defaults: ``PostParams``)."""
-    g = p.add_argument_group("post-processing", f"{when}the post-processing's settings" if when else None)
-    g.add_argument("--dilate-iterations", type=int, default=2, choices=range(4), metavar="N", help="small-tumor dilation, 0-3 (default 2)")
-    g.add_argument("--dilate-max-area", type=int, default=100, metavar="PX", help="dilate 2-D tumor regions smaller than this, in pixels (default 100)")
-    g.add_argument("--dilate-mode", choices=("slice", "3d"), default="slice",
-                   help="slice: the paper's per-slice rule (the two flags above; default); 3d: the authors' code, "
-                        "3-D regions under 80 / 100 voxels of a 256 matrix grown once / twice (ignores the two flags above)")
-    g.add_argument("--cyst-threshold", type=float, default=45.0, metavar="HU", help="fitted mean below this -> Liver cyst (default 45)")
-    g.add_argument("--no-cyst-filter", action="store_true", help="keep every lesion as tumor")
-    g.add_argument("--fit-whole-region", action="store_true",
-                   help="fit the HU Gaussian to every voxel of a region (the paper's rule), not to its core "
-                        "(the region less its one-voxel partial-volume rim; the default)")
-    g.add_argument("--no-refine-outlines", action="store_true",
-                   help="keep the outlines as the network and the dilation left them (default: each tumor and cyst "
-                        "grows into the liver around it, where the CT is on its side of half-way to the liver's HU)")
-    g.add_argument("--refine-mm", type=_reach_mm, default=3.0, metavar="MM",
-                   help="how far the outline refinement may grow a region, in mm (default 3, at most 10)")
-    g.add_argument("--min-peak", type=peak_gate, metavar="P",
-                   help="confidence gate: a lesion region whose highest network probability is below P goes back to "
-                        "liver (listed in the table; default 0.6; 0: off; at or below the tumor card's cut-off, 0.5 for "
-                        "the bundled models, it changes nothing). Needs the network's probabilities (segment; postprocess "
-                        "--probabilities); imported networks give none (every peak is 1)")
+    group = p.add_argument_group("post-processing", f"{when}the post-processing's settings" if when else None)
+
+    def add(*names, switch=False, **kw):
+        group.add_argument(*names, action=_Noted, **({"nargs": 0, "const": True, "default": False} if switch else {}), **kw)
+
+    add("--dilate-iterations", type=int, default=2, choices=range(4), metavar="N", help="small-tumor dilation, 0-3 (default 2)")
+    add("--dilate-max-area", type=int, default=100, metavar="PX", help="dilate 2-D tumor regions smaller than this, in pixels (default 100)")
+    add("--dilate-mode", choices=("slice", "3d"), default="slice",
+        help="slice: the paper's per-slice rule (the two flags above; default); 3d: the authors' code, "
+             "3-D regions under 80 / 100 voxels of a 256 matrix grown once / twice (ignores the two flags above)")
+    add("--cyst-threshold", type=float, default=45.0, metavar="HU", help="fitted mean below this -> Liver cyst (default 45)")
+    add("--no-cyst-filter", switch=True, help="keep every lesion as tumor")
+    add("--fit-whole-region", switch=True,
+        help="fit the HU Gaussian to every voxel of a region (the paper's rule), not to its core "
+             "(the region less its one-voxel partial-volume rim; the default)")
+    add("--no-refine-outlines", switch=True,
+        help="keep the outlines as the network and the dilation left them (default: each tumor and cyst "
+             "grows into the liver around it, where the CT is on its side of half-way to the liver's HU)")
+    add("--refine-mm", type=_reach_mm, default=3.0, metavar="MM",
+        help="how far the outline refinement may grow a region, in mm (default 3, at most 10)")
+    add("--min-peak", type=peak_gate, metavar="P",
+        help="confidence gate: a lesion region whose highest network probability is below P goes back to "
+             "liver (listed in the table; default 0.6; 0: off; at or below the tumor card's cut-off, 0.5 for "
+             "the bundled models, it changes nothing). Needs the network's probabilities (segment; postprocess "
+             "--probabilities); imported networks give none (every peak is 1)")
 
 
 PROGRESS_PREFIX = "PROGRESS "

@@ -47,7 +47,8 @@ def run_evaluate(args) -> int:
     out = Path(args.out)
     refuse_existing_in(out, OUTPUTS, args.overwrite)
     if args.model is None and post_flags_given(args):
-        raise InputError("The post-processing flags apply with --model only (--pred is scored as it is).")
+        raise InputError("The post-processing flags apply with --model only (--pred is scored as it is): drop "
+                         f"{' '.join(post_flags_given(args))}.")
     if args.model is not None:
         from .evaluate_model import evaluate_model
 

@@ -146,8 +146,9 @@ def test_postprocess_with_the_cached_probabilities_repeats_segment_and_gates_by_
         with pytest.raises(SystemExit) as exit_info:
             _run(capsys, *common, "-o", tmp_path / "y.nii.gz", "--min-peak", bad)
         assert exit_info.value.code == 2 and f"--min-peak: {words}" in capsys.readouterr().err
-    code, _, err = _run(capsys, "segment", ct_file, "-o", tmp_path / "w.nii.gz", "--no-postprocess", "--min-peak", "0.7")
-    _assert_clean_error(code, err, "--no-postprocess", "post-processing flags")
+    for flags in (["--min-peak", "0.7"], ["--cyst-threshold", "45"], ["--no-refine-outlines"]):  # a default is refused too
+        code, _, err = _run(capsys, "segment", ct_file, "-o", tmp_path / "w.nii.gz", "--no-postprocess", *flags)
+        _assert_clean_error(code, err, "--no-postprocess", "post-processing flags", flags[0])
     wrong = tmp_path / "wrong.npz"
     np.savez(wrong, liver=np.zeros((2, 3, 4), np.uint8), tumor=np.zeros((1, 1, 1), np.uint8), box=np.array([0, 0, 0, 1, 1, 1]))
     code, _, err = _run(capsys, *common[:-1], wrong, "-o", tmp_path / "z.nii.gz")

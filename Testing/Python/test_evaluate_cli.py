@@ -158,11 +158,11 @@ def test_no_matching_case_is_an_error(tmp_path, capsys):
 
 
 def test_post_processing_flags_without_a_model_are_refused(folders, tmp_path, capsys):
-    """--pred is scored as it is: a post-processing flag there would be silently ignored."""
-    code, _, err = _run(capsys, "evaluate", "--pred", folders[0], "--truth", folders[1], "-o", tmp_path / "out",
-                        "--min-peak", "0.6")
-    _one_error_line(code, err, "post-processing flags", "--model")
-    assert not (tmp_path / "out").exists()
+    """--pred is scored as it is: a post-processing flag there would be silently ignored, even at its default."""
+    for flags in (["--min-peak", "0.6"], ["--cyst-threshold", "45"], ["--fit-whole-region"], ["--dilate-mode", "slice"]):
+        code, _, err = _run(capsys, "evaluate", "--pred", folders[0], "--truth", folders[1], "-o", tmp_path / "out", *flags)
+        _one_error_line(code, err, "post-processing flags", "--model", flags[0])
+        assert not (tmp_path / "out").exists()
 
 
 def test_existing_outputs_kept_without_overwrite(folders, tmp_path, capsys):
