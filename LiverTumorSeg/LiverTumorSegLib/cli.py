@@ -314,7 +314,7 @@ def _segment_one(src: Path, dst: Path, liver, tumor, dev, args) -> dict:
     warnings += result.report["warnings"]
     for w in result.report["warnings"]:
         logging.warning("%s: %s", src.name, w)
-    report = dict(result.report, input=str(src), output=str(dst), warnings=warnings, version=__version__,
+    report = dict(result.report, input=str(src), **volume.source, output=str(dst), warnings=warnings, version=__version__,
                   intended_use=liver.card["intended_use"], postprocessing=None if args.no_postprocess else vars(post_params(args)),
                   regions=rows)
     report["voxels"] = dict(report["voxels"], tumor=int((labels == 2).sum()), cyst=int((labels == 3).sum()))
@@ -375,7 +375,7 @@ def cmd_demo(args) -> int:
     write_seg_nrrd(labels, volume, out / "segmentation.seg.nrrd", overwrite=True)
     write_labels(labels, volume, out / "labels.nii.gz", overwrite=True)
     write_text(table_csv(rows), out / "regions.csv", overwrite=True)
-    report = dict(result.report, input=str(args.ct or f"phantom seed {DEMO_SEED}"), version=__version__,
+    report = dict(result.report, input=str(args.ct or f"phantom seed {DEMO_SEED}"), **volume.source, version=__version__,
                   intended_use=liver.card["intended_use"], regions=rows)
     if truth is not None:
         report["dice_vs_phantom_truth"] = {

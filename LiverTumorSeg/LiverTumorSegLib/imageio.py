@@ -44,8 +44,12 @@ OBLIQUE_DEGREES = 1.0
 def read_volume(path) -> Volume:
     """Read a 3-D scalar image: NIfTI, NRRD, MetaImage file, or a folder holding a DICOM series."""
     path = Path(path)
-    image = _read_dicom_folder(path) if path.is_dir() else _read_image_file(path)
-    return _to_volume(image, path)
+    if not path.is_dir():
+        return _to_volume(_read_image_file(path), path)
+    image, source = _read_dicom_folder(path)
+    volume = _to_volume(image, path)
+    volume.source = source
+    return volume
 
 
 def read_labels(path, reference: Volume | None = None, *, ours: bool = False) -> Volume:
@@ -218,7 +222,8 @@ def _nifti_data_end(header: bytes) -> int | None:
     return max(info["offset"], 352) + int(np.prod(dims[1:dims[0] + 1])) * info["bitpix"] // 8
 
 
-def _read_dicom_folder(path: Path) -> sitk.Image:
+def _read_dicom_folder(path: Path) -> tuple[sitk.Image, dict]:
+    """The largest DICOM series under ``path`` and what it is (UID, folder, file count, series count)."""
     series = _dicom_series(path)
     if not series:
         raise InputError(f"No DICOM image series was found in the folder '{path}'.")
@@ -238,7 +243,8 @@ def _read_dicom_folder(path: Path) -> sitk.Image:
         raise InputError(f"The DICOM series in '{path}' could not be read: files are damaged "
                          "or not images.") from exc
     _check_layout(image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(), path)
-    return image
+    return image, {"dicom_series_uid": series_id, "dicom_folder": str(Path(files[0]).parent),
+                   "dicom_files": len(files), "dicom_series_in_folder": len(series)}
 
 
 def dicom_series_ids(folder) -> tuple[str, ...]:

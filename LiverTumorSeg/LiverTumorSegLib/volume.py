@@ -13,13 +13,15 @@ class Volume:
 
     ``array`` is indexed (k, j, i) = (z, y, x), as ``SimpleITK.GetArrayFromImage`` returns it.
     ``spacing`` and ``origin`` are (i, j, k)-ordered in mm; ``direction`` is a 3x3 matrix whose
-    columns are the i, j, k axis directions in LPS.
+    columns are the i, j, k axis directions in LPS. ``source`` says what was read when that is not
+    plain from the path (the DICOM series of a folder).
     """
 
     array: np.ndarray
     spacing: tuple[float, float, float]
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
     direction: np.ndarray = field(default_factory=lambda: np.eye(3))
+    source: dict = field(default_factory=dict)
 
     def __post_init__(self):
         self.spacing = tuple(float(s) for s in self.spacing)

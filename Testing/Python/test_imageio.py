@@ -394,6 +394,8 @@ def test_a_folder_of_several_series_says_which_it_reads(tmp_path, caplog):
     volume = read_volume(tmp_path / "study")
     assert volume.array.shape == (8, 16, 16) and "holds 2 DICOM series; reading the largest" in caplog.text
     assert "two phases" not in caplog.text
+    assert volume.source == {"dicom_series_uid": "1.2.826.0.1.3680043.2.1125.1", "dicom_folder": str(tmp_path / "study" / "a"),
+                             "dicom_files": 8, "dicom_series_in_folder": 2}
     write_dicom_series(portal, tmp_path / "study" / "c", 3)
     caplog.clear()
     read_volume(tmp_path / "study")

@@ -29,4 +29,9 @@ def test_segment_real_ct(relpath, shared_data, tmp_path, capsys):
     assert np.allclose(img.GetSpacing(), ref.spacing, atol=1e-6)
     assert np.allclose(img.GetOrigin(), ref.origin, atol=1e-5)
     assert np.allclose(np.reshape(img.GetDirection(), (3, 3)), ref.direction, atol=1e-6)
-    assert json.loads(report.read_text(encoding="utf-8"))["input"] == str(src)
+    written = json.loads(report.read_text(encoding="utf-8"))
+    assert written["input"] == str(src)
+    if src.is_dir():  # a DICOM folder: the report says which series it read
+        assert written["dicom_series_uid"] == ref.source["dicom_series_uid"] and written["dicom_files"] == img.GetSize()[2]
+    else:
+        assert "dicom_series_uid" not in written
