@@ -839,8 +839,8 @@ def _draw_geometry(rng, phantom: _Phantom, spacing, matrix, orientation) -> _Geo
         pixel = fov / (matrix or _DEFAULT_MATRIX)
         spacing = (pixel, pixel, slice_spacing)
     spacing = tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing must be three positive numbers, not {spacing}")
+    if len(spacing) != 3 or not all(0 < s < np.inf for s in spacing):  # NaN fails the comparison too
+        raise ValueError(f"spacing must be three positive finite numbers, not {spacing}")
     ni, nj = (int(matrix),) * 2 if matrix is not None else (max(1, round(fov / s)) for s in spacing[:2])
     nk = max(1, round(extent / spacing[2]))
     direction = _rot(2, angle) @ np.diag(flips) if orientation else np.eye(3)

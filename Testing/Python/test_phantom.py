@@ -123,8 +123,9 @@ def test_one_override_keeps_the_field_of_view():
     assert by_spacing.array.shape[1] == by_spacing.array.shape[2]
     assert by_matrix.array.shape[1:] == (64, 64)
     assert abs(by_spacing.array.shape[2] * 4.0 - 64 * by_matrix.spacing[0]) <= 4.0
-    with pytest.raises(ValueError):
-        generate_case(3, spacing=(1.0, -1.0, 2.0))
+    for bad in ((1.0, -1.0, 2.0), (1.0, float("nan"), 2.0), (float("inf"), 1.0, 2.0), (1.0, 2.0)):
+        with pytest.raises(ValueError, match="three positive finite numbers"):
+            generate_case(3, spacing=bad)
 
 
 def test_write_cases(tmp_path, monkeypatch):
