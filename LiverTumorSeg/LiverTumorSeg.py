@@ -452,10 +452,11 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             try:
                 import PyTorchUtils
             except ImportError:
-                slicer.util.errorDisplay("LiverTumorSeg needs PyTorch: install the PyTorch extension from the "
+                slicer.util.errorDisplay(f"LiverTumorSeg needs PyTorch {dependencies.torch_requirement()}: install the PyTorch extension from the "
                                          "Extensions Manager, restart Slicer, and try again.")
                 return False
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True, torchVersionRequirement=">=2.2") is None:
+            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,
+                                                        torchVersionRequirement=dependencies.torch_requirement()) is None:
                 return False
         rest = [r for r in missing if r != "torch"]
         ensure = getattr(getattr(slicer, "packaging", None), "pip_ensure", None)

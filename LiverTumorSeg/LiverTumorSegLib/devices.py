@@ -35,10 +35,19 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def cuda_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes bf16 natively (compute capability 8, Ampere, or later).
+
+    Not ``torch.cuda.is_bf16_supported()``: it also says yes where bf16 is only emulated (Volta,
+    Turing: slower than fp32), and it asks the current GPU, not ``device``.
+    """
+    return torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def amp_dtype(device: torch.device, fast: bool) -> torch.dtype | None:
-    """Autocast dtype: bf16 (else fp16) on CUDA; bf16 on CPU only in fast mode and where native."""
+    """Autocast dtype: bf16 on GPUs that compute it natively, else fp16; bf16 on CPU only in fast mode and where native."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_bf16(device) else torch.float16
     if fast and cpu_has_bf16():
         return torch.bfloat16
     return None

@@ -27,6 +27,7 @@ import torch
 
 from . import distributed
 from .augment import Augmenter
+from .devices import cuda_bf16
 from .errors import InputError
 from .losses import StageLoss
 from .metrics import dice
@@ -151,10 +152,10 @@ def make_optimizer(params, opt: dict) -> torch.optim.Optimizer:
 
 
 def amp_settings(device: torch.device, enabled: bool) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype, use a gradient scaler): bf16 on CUDA where supported, else fp16; none on CPU."""
+    """(autocast dtype, use a gradient scaler): bf16 on GPUs that compute it natively, else fp16; none on CPU."""
     if not enabled or device.type != "cuda":
         return None, False
-    if torch.cuda.is_bf16_supported():
+    if cuda_bf16(device):
         return torch.bfloat16, False
     return torch.float16, True
 
@@ -348,7 +349,8 @@ class StageTrainer:
         self.net.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.scaler.load_state_dict(ckpt["scaler"])
+        if ckpt["scaler"] and self.scaler.is_enabled():  # empty when it was off (CPU, bf16): a fresh one starts
+            self.scaler.load_state_dict(ckpt["scaler"])
         self.epoch, self.history, self.best = ckpt["epoch"], ckpt["history"], ckpt["best"]
 
     def final_network(self) -> tuple[GUNETRpp, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import re
 from pathlib import Path
 
 REQUIREMENTS = {  # import name -> pip requirement (as pyproject.toml)
@@ -23,14 +24,27 @@ REQUIREMENTS = {  # import name -> pip requirement (as pyproject.toml)
     "h5py": "h5py>=3.8",
 }
 PROTECTED = ("numpy", "SimpleITK", "requests", "torch")  # Slicer's own, or the PyTorch extension's
+TORCH_MINIMUM = (2, 5)  # as pyproject.toml
 
 
 def missing() -> list[str]:
-    """Requirements whose package cannot be imported (torch is listed as 'torch')."""
+    """Requirements whose package cannot be imported; torch is listed as 'torch' when absent or older
+    than TORCH_MINIMUM."""
     found = [r for name, r in REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
-    if importlib.util.find_spec("torch") is None:
+    if importlib.util.find_spec("torch") is None or _release(importlib.metadata.version("torch")) < TORCH_MINIMUM:
         found.insert(0, "torch")
     return found
+
+
+def torch_requirement() -> str:
+    """The PyTorch extension's version requirement, e.g. '>=2.5'."""
+    return ">=" + ".".join(map(str, TORCH_MINIMUM))
+
+
+def _release(version: str) -> tuple[int, ...]:
+    """Major and minor of a version: '2.4.1+cu121' -> (2, 4)."""
+    found = re.match(r"(\d+)\.(\d+)", version)
+    return (int(found[1]), int(found[2])) if found else (0, 0)
 
 
 def constraints_text() -> str:

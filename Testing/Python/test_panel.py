@@ -166,6 +166,18 @@ def test_slicer_installs_what_pyproject_requires():
     installed_by_us = {re.split(r"[<>=!~ ]", r, maxsplit=1)[0].lower() for r in dependencies.REQUIREMENTS.values()}
     assert names - installed_by_us == {p.lower() for p in dependencies.PROTECTED if p.lower() in names}
     assert installed_by_us <= names
+    torch_minimum = next(r for r in required if r.startswith("torch"))
+    assert re.split(r"[ ,#]", torch_minimum)[0] == "torch" + dependencies.torch_requirement()
+
+
+def test_an_old_pytorch_counts_as_missing(monkeypatch):
+    """Older PyTorch lacks APIs the core uses on a GPU: the panel asks the PyTorch extension for a newer one."""
+    import importlib.metadata
+
+    version = importlib.metadata.version
+    for installed, old in (("2.4.1+cu121", True), ("2.5.0", False), ("2.13.0+cpu", False), ("1.13.1", True)):
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, v=installed: v if name == "torch" else version(name))
+        assert ("torch" in dependencies.missing()) is old, installed
 
 
 def test_disclaimer_names_the_models_use_and_measured_figures():

@@ -684,16 +684,52 @@ def test_a_corrupt_init_model_fails_before_the_run_folder_is_made(phantoms, tmp_
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("bf16, expected", [(True, (torch.bfloat16, False)), (False, (torch.float16, True))])
-def test_mixed_precision_on_cuda_only(monkeypatch, bf16, expected):
-    """CUDA trains in bf16 where the GPU has it, else fp16 with a gradient scaler; the CPU in fp32.
-    (No GPU here: the CUDA capability is stubbed, the choice is what is tested.)"""
+@pytest.mark.parametrize("capability, expected", [((8, 0), (torch.bfloat16, False)), ((9, 0), (torch.bfloat16, False)),
+                                                  ((7, 0), (torch.float16, True)), ((7, 5), (torch.float16, True))])
+def test_mixed_precision_on_cuda_only(monkeypatch, capability, expected):
+    """CUDA trains and segments in bf16 where the GPU computes it natively (Ampere, capability 8, or later),
+    else fp16 (with a gradient scaler in training), whatever torch says of emulated bf16; the CPU trains in
+    fp32. (No GPU here: the capability of the asked device is stubbed, the choice is what is tested.)"""
+    from LiverTumorSegLib.devices import amp_dtype
     from LiverTumorSegLib.trainer import amp_settings
 
     assert amp_settings(torch.device("cpu"), True) == (None, False)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
-    assert amp_settings(torch.device("cuda:0"), True) == expected
-    assert amp_settings(torch.device("cuda:0"), False) == (None, False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # true of emulated bf16 too
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability if device == torch.device("cuda:1")
+                        else (0, 0))
+    assert amp_settings(torch.device("cuda:1"), True) == expected
+    assert amp_settings(torch.device("cuda:1"), False) == (None, False)
+    assert amp_dtype(torch.device("cuda:1"), fast=False) == expected[0]
+
+
+def test_a_run_resumes_where_the_gradient_scaler_changes(tmp_path, monkeypatch):
+    """A run started without a gradient scaler (CPU, bf16 GPU) resumes on an fp16 GPU with a fresh one,
+    and the other way round. (No GPU here: CUDA's scaler is made available on the CPU.)"""
+    import torch.cuda.amp.common as amp_common
+
+    import LiverTumorSegLib.trainer as trainer
+
+    config = tiny_config(epochs=2, iterations_per_epoch=1, augmentation={}, amp=True)
+    first = trainer.StageTrainer(config, "liver", _blob_samples(), [], tmp_path, torch.device("cpu"))
+    first.train_epoch()
+    first.epoch = 1
+    first.save_checkpoint()
+    assert torch.load(tmp_path / "liver.checkpoint.pt", weights_only=False)["scaler"] == {}
+    monkeypatch.setattr(amp_common, "amp_definitely_not_available", lambda: False)
+    monkeypatch.setattr(trainer, "amp_settings", lambda device, enabled: (None, True))
+    scaled = trainer.StageTrainer(config, "liver", _blob_samples(), [], tmp_path, torch.device("cpu"))
+    assert scaled.scaler.is_enabled()
+    scaled.load_checkpoint()
+    assert scaled.epoch == 1 and scaled.scaler.get_scale() == 2.0 ** 16  # a fresh scaler
+    scaled.scaler.load_state_dict(dict(scaled.scaler.state_dict(), scale=1024.0))  # as after some fp16 steps
+    scaled.save_checkpoint()
+    again = trainer.StageTrainer(config, "liver", _blob_samples(), [], tmp_path, torch.device("cpu"))
+    again.load_checkpoint()
+    assert again.scaler.get_scale() == 1024.0  # a saved scale is kept
+    monkeypatch.undo()
+    plain = trainer.StageTrainer(config, "liver", _blob_samples(), [], tmp_path, torch.device("cpu"))
+    plain.load_checkpoint()
+    assert plain.epoch == 1 and not plain.scaler.is_enabled()
 
 
 def test_a_split_given_in_another_order_is_the_same_split():
