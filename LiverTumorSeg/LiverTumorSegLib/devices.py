@@ -35,6 +35,13 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def is_out_of_memory(err: BaseException) -> bool:
+    """A GPU or CPU allocator's out-of-memory error (torch raises RuntimeErrors for both)."""
+    text = str(err).lower()
+    return isinstance(err, torch.OutOfMemoryError) or any(
+        words in text for words in ("out of memory", "can't allocate memory", "not enough memory"))  # last: CPU allocator
+
+
 def cuda_bf16(device: torch.device) -> bool:
     """Whether this GPU computes bf16 natively (compute capability 8, Ampere, or later).
 

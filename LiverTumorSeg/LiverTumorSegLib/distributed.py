@@ -48,20 +48,29 @@ def start(world: World, device: torch.device) -> torch.device:
                              "start at most one process per GPU (torchrun --nproc_per_node).")
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        # rank 0 prepares the data while the others wait: allow far more than the default timeout
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
+    global _waits
+    if not dist.is_initialized():  # the default timeout for training's collectives: a lost peer is noticed soon
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # the main process prepares the data and validates while the others wait: far longer than that
+    _waits = dist.new_group(backend="gloo", timeout=WAIT_FOR_MAIN)
     return device
 
 
+WAIT_FOR_MAIN = timedelta(hours=3)
+_waits = None  # the process group of barriers, with the WAIT_FOR_MAIN timeout
+
+
 def stop(world: World) -> None:
+    global _waits
     if world.active and dist.is_initialized():
         dist.destroy_process_group()
+    _waits = None
 
 
 def barrier(world: World) -> None:
+    """Wait until every process gets here (at most WAIT_FOR_MAIN: the main process's preparation or validation)."""
     if world.active:
-        dist.barrier()
+        dist.barrier(group=_waits)
 
 
 def _tensor(values, dtype) -> torch.Tensor:

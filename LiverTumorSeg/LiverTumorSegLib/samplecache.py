@@ -94,18 +94,22 @@ def prepared_samples(names: list[str], cases: dict, stage: str, pre: dict, cache
                      build: bool, show: bool = False, liver_model=None, liver_tta: bool = True,
                      device="cpu", workers: int = 1) -> list[Sample]:
     """The stage samples of the named cases, from the cache; missing or stale ones are built when
-    ``build`` (one process per run does that), else that is an error. Cases without labels, and
-    for tumors cases without liver, have no sample. ``liver_model`` (tumor stage): build around its
+    ``build`` (the one process per run that prepares), else that is an error. Without ``build`` the
+    source files' stamps are not compared: another node's copy of the data may stamp them
+    differently, and the preparing process has just checked them. Cases without labels, and for
+    tumors cases without liver, have no sample. ``liver_model`` (tumor stage): build around its
     predicted liver (mirrored unless ``liver_tta`` is False), run on ``device``. ``workers`` > 1
     builds that many cases at once in separate processes (the same files as one process)."""
     from tqdm import tqdm
 
     names = [n for n in names if n in cases]
     liver_model = liver_model if stage == "tumor" else None
-    keys = {n: cache_key(cases[n], stage, pre, liver_model, liver_tta) for n in names}
-    stale = [n for n in names if (meta := _read_meta(cache_dir / n)) is None or meta["key"] != json.loads(json.dumps(keys[n]))]
+    keys = {n: json.loads(json.dumps(cache_key(cases[n], stage, pre, liver_model, liver_tta))) for n in names}
+    compared = (lambda key: key) if build else (lambda key: {k: v for k, v in key.items() if k not in ("image", "label")})
+    stale = [n for n in names if (meta := _read_meta(cache_dir / n)) is None or compared(meta["key"]) != compared(keys[n])]
     if stale and not build:
-        raise InputError(f"The prepared sample of case '{stale[0]}' is missing from {cache_dir / stale[0]}.")
+        raise InputError(f"The prepared sample of case '{stale[0]}' is missing from {cache_dir / stale[0]} (every "
+                         "process of a run reads the run folder: on several nodes, it must be on storage they share).")
     jobs = [(cases[n], stage, pre, keys[n], cache_dir / n, liver_model and liver_model.path, liver_tta, str(device))
             for n in stale]
     bar = tqdm(total=len(jobs), desc=f"preparing {stage}", unit="case", disable=None if show else True, file=sys.stderr)

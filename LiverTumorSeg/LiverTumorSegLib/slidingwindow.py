@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
+from .devices import is_out_of_memory
 from .errors import Cancelled, LiverTumorSegError
 
 ProgressFn = Callable[[int, int], None]
@@ -97,12 +98,6 @@ def _predict(net, image, tile, step, batch, device, accum_device, amp_dtype, pro
     return probs
 
 
-def _is_oom(err: BaseException) -> bool:
-    text = str(err).lower()
-    return isinstance(err, torch.OutOfMemoryError) or any(
-        words in text for words in ("out of memory", "can't allocate memory", "not enough memory"))  # last: CPU allocator
-
-
 @torch.inference_mode()
 def sliding_window_probabilities(
     net: torch.nn.Module,
@@ -143,7 +138,7 @@ def sliding_window_probabilities(
                                  mirror_sets(mirror_axes))
             return probs[(slice(None), *(slice(0, s) for s in shape))].cpu().numpy()
         except Exception as err:  # noqa: BLE001 - only out-of-memory is retried
-            if not _is_oom(err):
+            if not is_out_of_memory(err):
                 raise
             failure = str(err).splitlines()[0]  # keep no reference to the failed attempt's tensors
         if device.type == "cuda":

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from . import distributed
 from .datasets import SPLITS, gather_cases, lits_paper_split, make_split, read_split, write_split
-from .devices import resolve_device
-from .errors import Cancelled, InputError, OutputError
+from .devices import is_out_of_memory, resolve_device
+from .errors import Cancelled, InputError, LiverTumorSegError, OutputError
 from .imageio import write_json
 from .modelfile import load_model, save_model
 from .overlay import save_training_curves_png
-from .trainconfig import check_config, load_config, same_recipe, stage_recipe
+from .trainconfig import check_config, load_config, net_config, same_recipe, stage_recipe
 from .samplecache import prepared_samples
 from .trainer import StageTrainer, hardware, make_card
 
@@ -160,11 +160,17 @@ def run_train(args) -> int:
         cache = run_dir / "cache" / stage
         liver_tta = args.liver_tta is not False  # mirrored unless --no-liver-tta, as segment's default
         masks = {"liver_model": liver_model, "liver_tta": liver_tta, "device": device}
+        gpu_model = liver_model is not None and device.type == "cuda"
         if world.main:  # one process prepares (with its workers); the others map its files
             train = prepared_samples(split["train"], cases, stage, recipe.preprocessing, cache, build=True, show=True,
-                                     workers=prepare_workers(args.workers, len(split["train"])), **masks)
+                                     workers=prepare_workers(args.workers, len(split["train"]), gpu_model), **masks)
             val = prepared_samples(split["val"], cases, stage, recipe.preprocessing, cache, build=True, show=True,
-                                   workers=prepare_workers(args.workers, len(split["val"])), **masks)
+                                   workers=prepare_workers(args.workers, len(split["val"]), gpu_model), **masks)
+            if gpu_model:  # the liver model is done with: give its GPU memory to training
+                import torch
+
+                liver_model.net.cpu()
+                torch.cuda.empty_cache()
         if world.main:  # written once the samples are ready: a start that fails before leaves no run behind
             run_dir.mkdir(parents=True, exist_ok=True)
             if not existing.is_file():
@@ -194,8 +200,14 @@ def run_train(args) -> int:
             limit = args.time_limit * 60 if args.time_limit is not None else None
             outcome = trainer.run(resume=args.resume, progress=progress, on_epoch=on_epoch, time_limit=limit)
         except KeyboardInterrupt:
+            if not world.main:  # torchrun stops every process when one fails: one message is enough
+                raise SystemExit(130) from None
             raise Cancelled(f"training interrupted; {trainer.epoch} finished epoch(s) are kept in "
                             f"{trainer.files['checkpoint.pt']}: continue with --resume.") from None
+        except Exception as err:
+            if not (isinstance(err, MemoryError) or is_out_of_memory(err)):
+                raise
+            raise LiverTumorSegError(training_out_of_memory(err, config, device, world)) from None
         finally:
             bar.close()
         if world.main:
@@ -205,12 +217,23 @@ def run_train(args) -> int:
     return 0
 
 
-def prepare_workers(asked: int | None, cases: int) -> int:
+def training_out_of_memory(err: BaseException, config: dict, device, world: distributed.World) -> str:
+    """What ran out of memory in training, and what to change."""
+    where = f"{device}" + (f" (process {world.rank} of {world.size})" if world.active else "")
+    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+    more = "a GPU with more memory or more GPUs (torchrun)" if device.type == "cuda" else "a machine with more memory"
+    return (f"Out of memory on {where} while training with the global batch {config['batch']} and the tile "
+            f"{'x'.join(map(str, net_config(config).tile))} ({first}). Start a new run with a smaller 'batch' or "
+            f"'tile' in the config, or continue this one with --resume on {more}.")
+
+
+def prepare_workers(asked: int | None, cases: int, gpu_model: bool = False) -> int:
     """Sample-preparing processes: as asked, else the CPU count (at most 8) for 16 cases or more;
-    fewer cases are prepared in this process (starting a worker costs seconds)."""
+    fewer cases are prepared in this process (starting a worker costs seconds), and so are cases that
+    a liver model segments on a GPU (each worker would hold the model and its own CUDA context there)."""
     if asked is not None:
         return asked
-    return min(8, os.cpu_count() or 1) if cases >= 16 else 1
+    return min(8, os.cpu_count() or 1) if cases >= 16 and not gpu_model else 1
 
 
 def loader_workers(asked: int | None, device) -> int:

@@ -4,6 +4,7 @@ two-process data parallelism, and train + evaluate end to end on tiny phantoms."
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import json
 import os
 import socket
@@ -178,6 +179,11 @@ def test_prepared_samples_are_cached_and_memory_mapped(phantoms, tmp_path):
     stamp = (cache / names[0] / "meta.json").stat().st_mtime_ns
     again = prepared_samples(names, cases, "tumor", TINY_PRE["tumor"], cache, build=False)  # other processes
     assert [s.name for s in again] == names and (cache / names[0] / "meta.json").stat().st_mtime_ns == stamp
+    copied = {n: dataclasses.replace(cases[n], image=tmp_path / "node1" / cases[n].image.name) for n in names}
+    for n in names:  # another node's copy of the data: other paths and times
+        copied[n].image.parent.mkdir(exist_ok=True)
+        shutil.copy(cases[n].image, copied[n].image)
+    assert [s.name for s in prepared_samples(names, copied, "tumor", TINY_PRE["tumor"], cache, build=False)] == names
     finer = {**TINY_PRE["tumor"], "resample": {"mode": "spacing", "spacing": [3.0, 2.0, 2.0]}}
     with pytest.raises(InputError, match="missing"):
         prepared_samples(names, cases, "tumor", finer, cache, build=False)
@@ -390,6 +396,16 @@ def test_batches_drawn_by_loader_workers_train_to_the_same_weights(tmp_path):
         assert torch.equal(value, loaded.net.state_dict()[key]), key
 
 
+def test_sample_preparing_processes(monkeypatch):
+    """Many cases are prepared in parallel, except where a liver model segments them on a GPU."""
+    from LiverTumorSegLib.trainer_cli import prepare_workers
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert prepare_workers(None, 16) == 8 and prepare_workers(None, 15) == 1
+    assert prepare_workers(None, 100, gpu_model=True) == 1
+    assert prepare_workers(3, 100, gpu_model=True) == 3  # as asked
+
+
 def test_loader_workers_default_to_none_on_the_cpu_and_a_few_per_gpu(monkeypatch):
     from LiverTumorSegLib.trainer_cli import loader_workers
 
@@ -437,6 +453,37 @@ def test_train_time_limit_writes_a_model_that_says_so(phantoms, tmp_path, capsys
             main([*args, "--time-limit", bad])
         assert exit_.value.code == 2
     assert "is not a number of minutes above 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failure", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                     MemoryError("Unable to allocate 1.5 GiB for an array")])
+def test_out_of_memory_in_training_says_what_to_change(phantoms, tmp_path, capsys, monkeypatch, failure):
+    """One error line naming the batch and tile and what to do, exit 2; the finished epochs stay resumable."""
+    from LiverTumorSegLib import trainer
+
+    cfg_file = tmp_path / "tiny.json"
+    cfg_file.write_text(json.dumps(tiny_config(epochs=3)), encoding="utf-8")
+    run = tmp_path / "run"
+    args = ["train", "--stage", "liver", "--data", str(phantoms), "--config", str(cfg_file), "-o", str(run)]
+    train_epoch = trainer.StageTrainer.train_epoch
+
+    def second_epoch_fails(self, *a, **k):
+        if self.epoch == 1:
+            raise failure
+        return train_epoch(self, *a, **k)
+
+    monkeypatch.setattr(trainer.StageTrainer, "train_epoch", second_epoch_fails)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "Out of memory on cpu while training with the global batch 2 and the tile" in lines[0]
+    assert "smaller 'batch' or 'tile'" in lines[0] and "--resume" in lines[0] and str(failure).split(".")[0] in lines[0]
+    trained = []
+    monkeypatch.setattr(trainer.StageTrainer, "train_epoch", lambda self, *a, **k: (trained.append(self.epoch),
+                                                                                    train_epoch(self, *a, **k))[1])
+    assert main([*args, "--resume"]) == 0
+    assert trained == [1, 2]  # the first epoch was kept
 
 
 def test_resume_refuses_another_config(tmp_path):
