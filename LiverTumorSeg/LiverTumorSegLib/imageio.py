@@ -142,7 +142,7 @@ def _read_image_file(path: Path) -> sitk.Image:
         reader.ReadImageInformation()
         _check_layout(reader.GetDimension(), reader.GetSize(), reader.GetNumberOfComponents(), path)
         if path.name.lower().endswith((".nii", ".nii.gz")):
-            _check_nifti_file(path)
+            _check_nifti_file(path, reader)
         return reader.Execute()
     except RuntimeError as exc:
         log.debug("ITK could not read %s: %s", path, exc)
@@ -153,12 +153,13 @@ def _read_image_file(path: Path) -> sitk.Image:
 NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI-1 datatype codes of real-valued voxels
 
 
-def _check_nifti_file(path: Path) -> None:
+def _check_nifti_file(path: Path, reader: sitk.ImageFileReader) -> None:
     """What ITK's NIfTI reader would hide. Raise RuntimeError when the file lacks voxel bytes (ITK
     zero-fills a truncated file), and InputError for a zero or non-finite voxel size in a header
     without an sform (ITK reads it as 1 mm), for a negative voxel size in any header (ITK flips that
     axis even against a valid sform, nibabel drops the sign, nifti1_io reads 1 mm: the standard
-    requires it positive) or for NaN/infinite float voxels (ITK reads them as 0)."""
+    requires it positive), for an orientation other readers would read elsewhere
+    (``_nifti_orientation_problem``) or for NaN/infinite float voxels (ITK reads them as 0)."""
     compressed = path.name.lower().endswith(".gz")
     try:
         with (gzip.open if compressed else open)(path, "rb") as f:
@@ -173,6 +174,8 @@ def _check_nifti_file(path: Path) -> None:
                 if not all(np.isfinite(s) and s != 0 for s in sizes):
                     raise InputError(f"'{path.name}' has a voxel size of {' x '.join(f'{s:g}' for s in sizes)} mm "
                                      "in its header: the image's geometry is unknown. Fix the header (pixdim).")
+            if info is not None and (problem := _nifti_orientation_problem(info, reader)):
+                raise InputError(f"'{path.name}' {problem}")
             float_code = NIFTI_FLOATS.get(info["datatype"]) if info is not None else None
             if float_code is None and not compressed:
                 size = path.stat().st_size
@@ -209,8 +212,44 @@ def _nifti_header(header: bytes) -> dict | None:
                 "bitpix": struct.unpack(endian + "h", header[72:74])[0],
                 "pixdim": struct.unpack(endian + "8f", header[76:108]),
                 "offset": int(struct.unpack(endian + "f", header[108:112])[0]),
-                "sform_code": struct.unpack(endian + "h", header[254:256])[0]}
+                "qform_code": struct.unpack(endian + "h", header[252:254])[0],
+                "sform_code": struct.unpack(endian + "h", header[254:256])[0],
+                "quatern": struct.unpack(endian + "3f", header[256:268]),
+                "qoffset": struct.unpack(endian + "3f", header[268:280]),
+                "srow": np.array(struct.unpack(endian + "12f", header[280:328]), float).reshape(3, 4)}
     return None
+
+
+def _nifti_orientation_problem(info: dict, reader: sitk.ImageFileReader) -> str | None:
+    """Why other readers (nibabel, FSL, ANTs' NIfTI-1 paths) would place this image elsewhere than ITK
+    does, or None. They take the sform when its code is set, else the qform; ITK may take the qform
+    (an sform code other than 1, a sheared sform) and invents an orientation when neither is set."""
+    if info["qform_code"] <= 0 and info["sform_code"] <= 0:
+        return ("has no orientation in its header (qform and sform codes 0): readers place and orient it "
+                "differently, so results could land mirrored. Set the header's qform or sform (e.g. from the "
+                "scanner's DICOM).")
+    if info["sform_code"] <= 0:
+        return None
+    size = np.array(reader.GetSize()[:3], float)
+    itk = np.diag([-1.0, -1.0, 1.0]) @ np.c_[np.reshape(reader.GetDirection(), (-1, reader.GetDimension()))[:3, :3]
+                                              @ np.diag(reader.GetSpacing()[:3]), reader.GetOrigin()[:3]]  # RAS
+    corners = np.array([[i, j, k, 1.0] for i in (0, size[0] - 1) for j in (0, size[1] - 1) for k in (0, size[2] - 1)])
+    apart = float(np.max(np.linalg.norm(corners @ (itk - info["srow"]).T, axis=1)))
+    if apart <= 0.1 * min(reader.GetSpacing()[:3]):
+        return None
+    linear = info["srow"][:, :3]
+    sheared = not np.allclose(linear.T @ linear, np.diag(np.diag(linear.T @ linear)), rtol=1e-4,
+                              atol=1e-4 * float(np.max(np.abs(linear)))**2)
+    scales, pixdim = np.linalg.norm(linear, axis=0), np.array(info["pixdim"][1:4])
+    if sheared:
+        why = "that is not a rotation with voxel sizes (sheared)"
+    elif not np.allclose(scales, pixdim, rtol=1e-3):
+        why = f"whose voxel sizes ({' x '.join(f'{v:g}' for v in scales)} mm) differ from pixdim's ({' x '.join(f'{v:g}' for v in pixdim)})"
+    else:
+        why = f"(code {info['sform_code']}) that disagrees with its qform"
+    return (f"has an sform {why}: ITK-based tools (this one, Slicer) and tools that read the sform (nibabel, "
+            f"FSL) place the image {apart:.1f} mm apart at its corners, so results would land elsewhere in some. "
+            "Make the header's qform and sform agree.")
 
 
 def _nifti_data_end(header: bytes) -> int | None:

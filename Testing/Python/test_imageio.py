@@ -136,6 +136,58 @@ def test_read_refuses_a_negative_voxel_size_in_a_nifti_header(tmp_path, axis, qf
         read_volume(path)
 
 
+def _oblique_affine() -> np.ndarray:
+    """A RAS affine: 0.8 x 0.9 x 2.5 mm voxels, rotated 20 degrees about two axes, somewhere in space."""
+    a, b = np.radians(20), np.radians(-20)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    ry = np.array([[np.cos(b), 0, np.sin(b)], [0, 1, 0], [-np.sin(b), 0, np.cos(b)]])
+    affine = np.eye(4)
+    affine[:3, :3] = rx @ ry @ np.diag([-0.8, 0.9, 2.5])
+    affine[:3, 3] = [120.0, -40.0, 300.0]
+    return affine
+
+
+@pytest.mark.parametrize("qform, sform, problem", [
+    (None, ("plain", 2, (1.0, 1.0, 1.0)), "differ from pixdim's"),  # ITK then takes neither form
+    ("plain", ("plain", 1), None),
+    ("plain", ("plain", 2), None),
+    (None, ("plain", 2), None),  # sform alone (TotalSegmentator's example)
+    ("plain", None, None),  # qform alone
+    ("plain", ("shifted", 1), None),  # both readers take the sform
+    ("plain", ("shifted", 2), "disagrees with its qform"),  # ITK takes the qform, nibabel the sform
+    ("plain", ("rotated", 3), "disagrees with its qform"),
+    ("plain", ("sheared", 1), "sheared"),
+    (None, None, "no orientation"),
+])
+def test_a_nifti_whose_readers_disagree_on_its_orientation_is_refused(tmp_path, qform, sform, problem):
+    """ITK and nibabel-style readers choose between a NIfTI's qform and sform by different rules: where
+    they would place the image differently (or must invent an orientation), it is refused; else it is
+    read as nibabel reads it."""
+    nibabel = pytest.importorskip("nibabel")
+    forms = {"plain": _oblique_affine()}
+    forms["shifted"] = forms["plain"] + np.pad(np.array([[0, 0, 0, 40.0], [0, 0, 0, -25.0], [0, 0, 0, 60.0]]), ((0, 1), (0, 0)))
+    turn = np.eye(4)
+    turn[:2, :2] = [[np.cos(0.26), -np.sin(0.26)], [np.sin(0.26), np.cos(0.26)]]
+    forms["rotated"] = turn @ forms["plain"]
+    forms["sheared"] = forms["plain"].copy()
+    forms["sheared"][0, 1] += 0.3
+    image = nibabel.Nifti1Image(fake_ct((10, 12, 14)).transpose(2, 1, 0).astype(np.int16), None)
+    image.set_qform(forms[qform] if qform else None, code=1 if qform else 0)
+    image.set_sform(forms[sform[0]] if sform else None, code=sform[1] if sform else 0)
+    image.header.set_zooms(sform[2] if sform and len(sform) > 2 else (0.8, 0.9, 2.5))
+    path = tmp_path / "ct.nii"
+    nibabel.save(image, str(path))
+    if qform is None and sform is None:  # nibabel would write its default affine as an sform
+        path.write_bytes(path.read_bytes()[:252] + bytes(4) + path.read_bytes()[256:])
+    if problem is not None:
+        with raises_input(problem):
+            read_volume(path)
+        return
+    volume = read_volume(path)
+    ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ volume.ijk_to_lps()
+    assert np.allclose(ras, nibabel.load(str(path)).affine, atol=1e-3)
+
+
 def test_read_garbage_file(tmp_path):
     (tmp_path / "bad.nrrd").write_bytes(gzip.compress(b"not an image"))
     with raises_input("could not be read"):
