@@ -289,6 +289,17 @@ def test_mirroring_and_rotation_move_image_and_label_together():
         assert o_lab.sum() == lab.sum()  # 90-degree steps and flips only permute voxels
 
 
+def test_rotations_take_each_of_90_180_and_270_degrees_in_plane():
+    rng = np.random.default_rng(2)
+    img = rng.random((4, 12, 12)).astype(np.float32)
+    lab = np.zeros(img.shape, np.uint8)
+    turns = []
+    for seed in range(40):
+        out, _ = Augmenter({"rotate90": 1.0})(img, lab, seed)
+        turns += [k for k in range(4) if np.array_equal(out, np.rot90(img, k, axes=(1, 2)))]
+    assert len(turns) == 40 and set(turns) == {1, 2, 3}
+
+
 def test_scaling_zooms_image_and_label_together_about_the_centre():
     """A centred cube zoomed by s in [0.75, 1.33] stays centred (the crop back to the patch size may
     move it by half a voxel), its volume changes by about s**3, and its label lands on the image's
@@ -386,6 +397,48 @@ def test_learning_rate_follows_the_poly_decay(tmp_path):
         trainer.train_epoch()
         it = 3 * (epoch + 1)
         assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(lr0 * (1 - it / total) ** 0.9, abs=1e-12)
+
+
+def test_optimizers_are_built_as_the_configs_say():
+    """The paper's Adam (lr 5e-4, weight decay 3e-5) and the authors' SGD (lr 0.01, Nesterov momentum 0.99)."""
+    from LiverTumorSegLib.trainer import make_optimizer
+
+    params = list(torch.nn.Linear(2, 2).parameters())
+    adam = make_optimizer(params, load_config("paper")["optimizer"])
+    assert type(adam) is torch.optim.Adam
+    assert (adam.defaults["lr"], adam.defaults["weight_decay"]) == (5e-4, 3e-5)
+    sgd = make_optimizer(params, load_config("paper-sgd")["optimizer"])
+    assert type(sgd) is torch.optim.SGD
+    assert {k: sgd.defaults[k] for k in ("lr", "momentum", "nesterov", "weight_decay")} == \
+        {"lr": 0.01, "momentum": 0.99, "nesterov": True, "weight_decay": 3e-5}
+
+
+def test_the_trainer_uses_its_recipe(tmp_path):
+    """Every deep-supervision output reaches the loss (which weights them 4/7, 2/7, 1/7: test_losses), and
+    the patches follow the stage's foreground oversampling."""
+    config = tiny_config(epochs=1, iterations_per_epoch=2, augmentation={}, fg_fraction={"liver": 0.5, "tumor": 0.9})
+    trainer = StageTrainer(config, "tumor", _blob_samples(), [], tmp_path, torch.device("cpu"))
+    assert trainer.sampler.fg_fraction == 0.9
+    seen, loss = [], trainer.loss
+    trainer.loss = lambda outputs, target, epoch: (seen.append([tuple(o.shape) for o in outputs]), loss(outputs, target, epoch))[1]
+    trainer.train_epoch()
+    full, *coarser = seen[0]
+    assert full == (2, 2, *TINY_NET["tile"]) and len(coarser) == 2  # the full-resolution output and two coarser ones
+    assert all(shape[:2] == (2, 2) and all(c < f for c, f in zip(shape[2:], full[2:])) for shape in coarser)
+
+
+def test_the_best_validated_weights_are_the_model(tmp_path):
+    """Validation every epoch scores 0.2, 0.9, 0.4: the model is the second epoch's weights, not the last."""
+    config = tiny_config(epochs=3, val_every=1, augmentation={})
+    trainer = StageTrainer(config, "liver", _blob_samples(), _blob_samples(1), tmp_path, torch.device("cpu"))
+    scores, weights = iter([0.2, 0.9, 0.4]), {}
+    trainer.validate = lambda: next(scores)
+    trainer.run(on_epoch=lambda entry: weights.__setitem__(entry["epoch"], _params(trainer.net)))
+    net, epoch = trainer.final_network()
+    assert epoch == 2 and trainer.best == {"epoch": 2, "dice": 0.9}
+    assert not all(torch.equal(v, weights[3][k]) for k, v in weights[2].items())
+    for key, value in weights[2].items():
+        assert torch.equal(value, net.state_dict()[key]), key
 
 
 def test_interrupted_run_resumes_to_the_same_state(tmp_path):
