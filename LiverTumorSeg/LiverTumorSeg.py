@@ -231,7 +231,6 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.timer.setInterval(self.POLL_MS)
         self.timer.timeout.connect(self.onPoll)
         ui = self.ui
-        ui.inputVolumeSelector.addAttribute("vtkMRMLScalarVolumeNode", "LabelMap", "0")
         for name in [*BUNDLED, *(n for n in IMPORTABLE if self.logic.model_problem(n) is None)]:
             ui.modelSelector.addItem(name, name)
         ui.deviceSelector.addItem("auto", "auto")
@@ -444,38 +443,63 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             answers[key] = True
 
     def ensureDependencies(self) -> bool:
-        """Install what the core still needs, after asking; never replaces Slicer's own packages."""
+        """Install what the core still needs, after asking; never replaces Slicer's own packages.
+        False when the user declines or an install fails (pip's log is shown by Slicer or here)."""
         missing = dependencies.missing()
         if not missing:
             return True
-        if "torch" in missing:
-            try:
-                import PyTorchUtils
-            except ImportError:
-                slicer.util.errorDisplay(f"LiverTumorSeg needs PyTorch {dependencies.torch_requirement()}: install the PyTorch extension from the "
-                                         "Extensions Manager, restart Slicer, and try again.")
+        try:
+            if "torch" in missing and not self._installTorch():
                 return False
-            if PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True,
-                                                        torchVersionRequirement=dependencies.torch_requirement()) is None:
+            rest = [r for r in missing if r != "torch"]
+            if rest and not self._installPackages(rest):
                 return False
-        rest = [r for r in missing if r != "torch"]
-        ensure = getattr(getattr(slicer, "packaging", None), "pip_ensure", None)
-        if rest and ensure is not None:  # Slicer 5.12+: asks, shows progress, offers a restart
-            ensure(rest, requester="LiverTumorSeg", skip_packages=list(dependencies.PROTECTED))
-        elif rest:
-            if not slicer.util.confirmOkCancelDisplay(
-                    f"LiverTumorSeg needs these Python packages: {', '.join(rest)}. Install them now?"):
-                return False
-            folder = Path(tempfile.mkdtemp(prefix="LiverTumorSeg-pip-"))
-            try:
-                constraints = folder / "constraints.txt"
-                constraints.write_text(dependencies.constraints_text(), encoding="utf-8")
-                with slicer.util.WaitCursor():
-                    slicer.util.pip_install(dependencies.pip_arguments(rest, constraints))
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
+        except Exception as err:  # noqa: BLE001 - pip or the PyTorch extension failed: say so, keep the panel
+            slicer.util.errorDisplay("Installing the Python packages LiverTumorSeg needs failed. Check the network "
+                                     "connection and the Python console, then try again.", detailedText=str(err))
+            return False
+        for label, device in _cuda_devices():  # torch may be new: offer its GPUs
+            if self.ui.deviceSelector.findData(device) < 0:
+                self.ui.deviceSelector.addItem(label, device)
         self.onInputsChanged()
         return not dependencies.missing()
+
+    def _installTorch(self) -> bool:
+        try:
+            import PyTorchUtils
+        except ImportError:
+            slicer.util.errorDisplay(f"LiverTumorSeg needs PyTorch {dependencies.torch_requirement()}: install the "
+                                     "PyTorch extension from the Extensions Manager, restart Slicer, and try again.")
+            return False
+        installed = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=True, torchVersionRequirement=dependencies.torch_requirement())
+        return installed is not None  # None: declined
+
+    def _installPackages(self, requirements: list[str]) -> bool:
+        try:
+            from packaging.requirements import Requirement
+            from slicer import packaging  # Slicer 5.12+: asks, shows progress and pip's log, offers a restart
+        except ImportError:
+            packaging = None
+        if packaging is not None and hasattr(packaging, "pip_ensure"):
+            try:
+                packaging.pip_ensure([Requirement(r) for r in requirements], requester="LiverTumorSeg",
+                                     skip_packages=list(dependencies.PROTECTED))
+            except RuntimeError:  # the user declined
+                return False
+            return True
+        if not slicer.util.confirmOkCancelDisplay(
+                f"LiverTumorSeg needs these Python packages: {', '.join(requirements)}. Install them now?"):
+            return False
+        folder = Path(tempfile.mkdtemp(prefix="LiverTumorSeg-pip-"))
+        try:
+            constraints = folder / "constraints.txt"
+            constraints.write_text(dependencies.constraints_text(), encoding="utf-8")
+            with slicer.util.WaitCursor():
+                slicer.util.pip_install(dependencies.pip_arguments(requirements, constraints))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        return True
 
     # ------------------------------------------------------------ live post-processing
 
@@ -570,14 +594,17 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             to_world = vtk.vtkGeneralTransform()
             transform.GetTransformToWorld(to_world)
             world = to_world.TransformPoint(world)
-        for name in ("Red", "Yellow", "Green"):
-            slicer.app.layoutManager().sliceWidget(name).mrmlSliceNode().JumpSliceByCentering(*world)
+        layout = slicer.app.layoutManager()
+        for name in layout.sliceViewNames():  # the slice views this layout shows (none in a 3-D-only one)
+            layout.sliceWidget(name).mrmlSliceNode().JumpSliceByCentering(*world)
         chart = live.histogram_chart(region)
         slicer.modules.plots.logic().ShowChartInLayout(chart)
 
 
 def _cuda_devices() -> list[tuple[str, str]]:
     """('CUDA N: <GPU name>', 'cuda:N') per visible GPU (none without torch or a GPU)."""
+    if "torch" in dependencies.missing():  # not imported then: an upgrade must not find the old one loaded
+        return []
     try:
         import torch
 
@@ -604,7 +631,12 @@ class LiverTumorSegTest(ScriptedLoadableModuleTest):
         self.setUp()
         self.test_segment_phantom_and_tune_live()
 
+    def _needsPackages(self):
+        if missing := dependencies.missing():
+            self.skipTest(f"Python packages not installed here: {', '.join(missing)} (open the module once to install them)")
+
     def test_segment_phantom_and_tune_live(self):
+        self._needsPackages()
         from LiverTumorSegLib.phantom import generate_case
         from LiverTumorSegLib.postprocess import PostParams
         from LiverTumorSegLib.terminology import SEGMENTS

@@ -17,7 +17,6 @@ REQUIREMENTS = {  # import name -> pip requirement (as pyproject.toml)
     "safetensors": "safetensors>=0.4",
     "cc3d": "connected-components-3d>=3.12",
     "slicerio": "slicerio>=1.1",
-    "skimage": "scikit-image>=0.21",
     "scipy": "scipy>=1.10",
     "tqdm": "tqdm>=4.60",
     "matplotlib": "matplotlib>=3.7",

@@ -62,6 +62,7 @@ def child_environment(threads: int | None = None) -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(MODULE_DIR), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONIOENCODING"] = "utf-8"  # as the parent decodes it (Windows pipes default to the ANSI code page)
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
@@ -78,7 +79,8 @@ class ChildRun:
     def __init__(self, cmd: list[str], env: dict | None = None, cwd: str | None = None):
         self.cmd, self._events = cmd, queue.Queue()
         self._cancelled, self._last_error, self._last_line, self.log = False, None, None, []
-        kwargs = {"start_new_session": True} if os.name == "posix" else {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
+        kwargs = {"start_new_session": True} if os.name == "posix" else {  # no console window on Windows
+            "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP | subprocess.CREATE_NO_WINDOW}
         self.process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                         text=True, encoding="utf-8", errors="replace", bufsize=1, env=env, cwd=cwd, **kwargs)
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -60,6 +60,18 @@ def test_child_segments_and_reports_progress(ct_file, tmp_path):
     assert (tmp_path / "report.json").is_file()
 
 
+def test_a_child_error_with_non_ascii_text_reaches_the_parent_intact(tmp_path):
+    """The child writes UTF-8 whatever the platform's pipe encoding (Windows: the ANSI code page)."""
+    script = tmp_path / "fails.py"
+    script.write_text("import sys\nprint('error: cannot read /données/Ünter 肝臓.nii', flush=True)\nsys.exit(2)\n",
+                      encoding="utf-8")
+    env = dict(child_environment(threads=1), PYTHONUTF8="0", LC_ALL="C", LANG="C")
+    run = ChildRun([sys.executable, str(script)], env=env)
+    done = run.wait(timeout=60)[-1]
+    assert isinstance(done, Finished) and done.returncode == 2
+    assert done.error == "cannot read /données/Ünter 肝臓.nii"
+
+
 def test_cancel_kills_the_process_tree(tmp_path):
     """The child starts a grandchild; cancel must end both."""
     script = tmp_path / "parent.py"

@@ -64,7 +64,7 @@ def test_module_loads_before_the_cores_packages_are_installed():
     with those blocked the module, its Logic and the input checks still work."""
     import subprocess
 
-    blocked = ["torch", "cc3d", "monai", "slicerio", "scipy", "skimage", "safetensors", "h5py", "matplotlib", "tqdm"]
+    blocked = ["torch", "cc3d", "monai", "slicerio", "scipy", "safetensors", "h5py", "matplotlib", "tqdm"]
     code = f"""
 import sys
 for name in {blocked!r}:

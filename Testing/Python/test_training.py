@@ -104,9 +104,11 @@ def test_tumor_samples_are_built_like_inference_input(monkeypatch):
 
 def _back_on_grid(target: np.ndarray, shape) -> np.ndarray:
     """A model-grid target brought back to a grid of ``shape`` (linear, 0.5): as inference maps probabilities."""
-    from skimage.transform import resize
+    from scipy.ndimage import zoom
 
-    return resize(target.astype(np.float32), shape, order=1, mode="edge", anti_aliasing=False) >= 0.5
+    back = zoom(target.astype(np.float32), [n / m for n, m in zip(shape, target.shape)], order=1, mode="nearest", grid_mode=True)
+    assert back.shape == tuple(shape)
+    return back >= 0.5
 
 
 def _covered(truth: np.ndarray, found: np.ndarray) -> float:
