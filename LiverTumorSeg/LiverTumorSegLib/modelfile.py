@@ -146,6 +146,7 @@ def _check_card(card: dict, path: Path) -> None:
     if card.get("architecture", G_UNETRPP) != G_UNETRPP:
         return  # imported networks run their own preprocessing (see their card)
     try:
+        NetConfig.from_dict(card["net"])
         check_preprocessing(pre, card["stage"])
         model_shape((8, 8, 8), (1.0, 1.0, 1.0), pre["resample"])
         inference = card["inference"]
@@ -156,7 +157,8 @@ def _check_card(card: dict, path: Path) -> None:
         if len(card["labels"]) != card["net"].get("classes", 2):
             raise ValueError(f"{len(card['labels'])} labels for {card['net'].get('classes', 2)} classes")
     except (KeyError, TypeError, ValueError) as err:
-        raise ModelFileError(f"{path}: the model card's preprocessing, inference settings or labels are invalid ({err}).") from None
+        raise ModelFileError(f"{path}: the model card's network, preprocessing, inference settings or labels are invalid "
+                             f"({err}).") from None
 
 
 def load_model(path: Path, *, stage: str | None = None, device: str | torch.device = "cpu") -> StageModel:
@@ -170,12 +172,16 @@ def load_model(path: Path, *, stage: str | None = None, device: str | torch.devi
         raise ModelFileError(f"{path} is a '{card['stage']}' model, but a '{stage}' model is needed here.")
     if weights_sha256(state) != meta.get("weights_sha256"):
         raise ModelFileError(f"{path}: weights do not match their checksum (file damaged or edited).")
+    if broken := [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+        raise ModelFileError(f"{path}: {len(broken)} weight tensor(s) hold NaN or infinite values (first: {broken[0]}), as "
+                             "a training run that diverged leaves them; retrain, or use another model.")
     _check_card(card, path)
     try:
         net = build_network(card)
         net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, strict=True)
     except (ValueError, TypeError, RuntimeError) as err:
-        raise ModelFileError(f"{path}: weights do not match the network described by its card: {str(err)[:300]}") from None
+        raise ModelFileError(f"{path}: weights do not match the network described by its card: "
+                             f"{' '.join(str(err).split())[:300]}") from None
     net.eval().to(device)
     return StageModel(net, card, path, file_sha256(path), meta["weights_sha256"])
 

@@ -33,6 +33,14 @@ class NetConfig:
     conv_norm: str = "batch"
 
     def __post_init__(self):
+        sizes = {"tile": (self.tile, 3), "stem": (self.stem, 3), "dims": (self.dims, 4), "depths": (self.depths, 4),
+                 "proj": (self.proj, 4), "heads": ((self.heads,), 1), "decoder_depth": ((self.decoder_depth,), 1),
+                 "decoder_proj": ((self.decoder_proj,), 1), "classes": ((self.classes,), 1)}
+        for name, (values, length) in sizes.items():
+            if len(values) != length or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in values):
+                raise ValueError(f"{name} must be {length} whole number(s) of at least 1, not {values}")
+        if not all(isinstance(p, (int, float)) and 0 <= p < 1 for p in (self.attn_dropout, self.conv_dropout)):
+            raise ValueError("dropout rates must be in [0, 1)")
         grid = self.token_grid(0)
         if any(t % s for t, s in zip(self.tile, self.stem)):
             raise ValueError(f"tile {self.tile} is not divisible by the stem stride {self.stem}")

@@ -84,6 +84,8 @@ def _refuse_existing(args) -> None:
     check_suffix(args.table, ".csv", "--table")
     plots = sorted(Path(args.plots).glob("region_*.png")) if args.plots and Path(args.plots).is_dir() else []
     refuse_existing([args.output, args.table, *plots], args.overwrite)
+    if args.plots:  # a folder that cannot be written is refused before the labels are
+        refuse_existing([Path(args.plots) / "region_1.png"], overwrite=True)
 
 
 def _save_plots(processor, rows: list[dict], folder: Path, params) -> None:

@@ -20,7 +20,7 @@ from . import distributed
 from .datasets import SPLITS, gather_cases, lits_paper_split, make_split, read_split, write_split
 from .devices import is_out_of_memory, resolve_device
 from .errors import Cancelled, InputError, LiverTumorSegError, OutputError
-from .imageio import write_json
+from .imageio import refuse_existing, write_json
 from .modelfile import load_model, save_model
 from .overlay import save_training_curves_png
 from .trainconfig import check_config, load_config, net_config, same_recipe, stage_recipe
@@ -110,6 +110,7 @@ def _check_run_dir(run_dir: Path, stage: str, resume: bool, overwrite: bool) -> 
     elif existing and not overwrite:
         raise OutputError(f"{run_dir} already has a {stage} run ({existing[0].name}); continue it with --resume "
                           "or replace it with --overwrite.")
+    refuse_existing([run_dir / SPLIT_FILE], overwrite=True)  # a folder that cannot be made or written
 
 
 def load_run_config(args, run_dir: Path) -> dict:

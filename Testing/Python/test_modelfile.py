@@ -122,6 +122,35 @@ def test_card_does_not_match_weights(saved, tmp_path):
         load_model(bad)
 
 
+@pytest.mark.parametrize("change", [{"heads": 0}, {"tile": [0, 0, 0]}, {"tile": [32, 64]}, {"dims": [12, 24, 48, -96]},
+                                    {"depths": [1, 1, 1, 1.5]}, {"attn_dropout": 1.5}])
+def test_a_card_with_an_impossible_network_is_refused(saved, tmp_path, change):
+    """One clear message, not a division by zero or a page of state_dict mismatches."""
+    bad = tmp_path / "edited.ltsm"
+    shutil.copy(saved[1], bad)
+    update_card(bad, net={**read_card(bad)["net"], **change})
+    with pytest.raises(ModelFileError, match="network, preprocessing") as refused:
+        load_model(bad)
+    assert "\n" not in str(refused.value)
+
+
+def test_weights_holding_nan_are_refused(saved, tmp_path):
+    """A diverged training run saves NaN weights with a matching checksum: they would give an empty result."""
+    from safetensors import safe_open
+
+    from LiverTumorSegLib.modelfile import weights_sha256
+
+    with safe_open(str(saved[1]), framework="pt") as f:
+        meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    name = sorted(k for k, v in state.items() if v.is_floating_point())[3]
+    state[name] = torch.full_like(state[name], float("nan"))
+    meta["weights_sha256"] = weights_sha256(state)
+    bad = tmp_path / "diverged.ltsm"
+    save_file(state, str(bad), metadata=meta)
+    with pytest.raises(ModelFileError, match=f"NaN or infinite values \\(first: {name}\\)"):
+        load_model(bad)
+
+
 def test_unknown_model_name():
     with pytest.raises(ModelFileError, match="Unknown model"):
         model_files("no-such-model")

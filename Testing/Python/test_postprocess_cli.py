@@ -155,6 +155,14 @@ def test_existing_output_is_not_overwritten(case, tmp_path, capsys, which):
     assert paths[which].read_bytes() != b"precious"
 
 
+def test_a_plots_folder_that_cannot_be_made_is_refused_before_any_output(case, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("a file", encoding="utf-8")
+    out = tmp_path / "out.nii.gz"
+    code, _, err = _postprocess(capsys, case, out, "--plots", tmp_path / "notes.txt" / "plots")
+    _assert_clean_error(code, err, "cannot be written", "notes.txt")
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("name", ["shifted.nii.gz", "shifted.seg.nrrd"])
 def test_labels_on_another_grid_are_refused(case, tmp_path, capsys, name):
     folder, ct, truth = case

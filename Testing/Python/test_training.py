@@ -619,6 +619,10 @@ def test_train_leaves_no_trace_of_a_refused_or_failed_start(phantoms, tmp_path, 
     assert sorted(sum(split.values(), [])) == sorted(f"lits-{n}" for n in range(len(cts)))
     data_card = json.loads(main_card(fresh / "liver.ltsm"))["training"]["data"]
     assert f"lits-{len(cts)}" not in data_card["train_cases"] + data_card["val_cases"] + data_card["test_cases"]
+    (tmp_path / "notes.txt").write_text("a file", encoding="utf-8")  # a run folder that cannot be made
+    assert main(["train", "--stage", "liver", "--data", str(phantoms), "-o", str(tmp_path / "notes.txt" / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot be written" in err and err.count("error:") == 1 and "unexpected" not in err
 
 
 def _free_port() -> int:
