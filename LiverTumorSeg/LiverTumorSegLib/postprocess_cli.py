@@ -60,6 +60,8 @@ def _probabilities(path: Path, ct):
         raise InputError(f"--probabilities: {path} not found.")
     try:
         probabilities = Probabilities.load(path)
+        if not probabilities.liver.dtype == probabilities.tumor.dtype == np.uint8:  # NaN or float maps: not ours
+            raise ValueError(f"maps of {probabilities.liver.dtype} and {probabilities.tumor.dtype}, not uint8 (0-255)")
         if probabilities.tumor.shape != tuple(s.stop - s.start for s in probabilities.box):
             raise ValueError(f"tumor map {probabilities.tumor.shape} does not fill its box")
         if not 1 <= probabilities.tumor_threshold <= 255:

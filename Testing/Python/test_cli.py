@@ -153,6 +153,11 @@ def test_postprocess_with_the_cached_probabilities_repeats_segment_and_gates_by_
     np.savez(wrong, liver=np.zeros((2, 3, 4), np.uint8), tumor=np.zeros((1, 1, 1), np.uint8), box=np.array([0, 0, 0, 1, 1, 1]))
     code, _, err = _run(capsys, *common[:-1], wrong, "-o", tmp_path / "z.nii.gz")
     _assert_clean_error(code, err, "--probabilities", "grid")
+    nan = tmp_path / "nan.npz"  # float maps (NaN here) would be cast to zeros: every lesion silently dropped
+    Probabilities(probabilities.liver, np.full(probabilities.tumor.shape, np.nan, np.float32), probabilities.box,
+                  probabilities.tumor_threshold, probabilities.grid).save(nan)
+    code, _, err = _run(capsys, *common[:-1], nan, "-o", tmp_path / "z.nii.gz")
+    _assert_clean_error(code, err, "--probabilities", "not uint8")
     (tmp_path / "junk.npz").write_bytes(b"not a zip")
     code, _, err = _run(capsys, *common[:-1], tmp_path / "junk.npz", "-o", tmp_path / "z.nii.gz")
     _assert_clean_error(code, err, "--probabilities", "not a probability file")
