@@ -343,7 +343,7 @@ DEMO_SEED = 7  # not among the training seeds (1000+) nor the evaluation seeds (
 def cmd_demo(args) -> int:
     """Segment a phantom (or --ct) with the bundled models and write every output kind."""
     from .devices import resolve_device
-    from .imageio import read_volume, write_json, write_labels, write_seg_nrrd, write_text, write_volume
+    from .imageio import read_volume, refuse_existing_in, write_json, write_labels, write_seg_nrrd, write_text, write_volume
     from .metrics import dice
     from .modelfile import load_model
     from .overlay import save_overlay_png
@@ -354,24 +354,24 @@ def cmd_demo(args) -> int:
 
     out = Path(args.out)
     names = ["ct.nii.gz", "truth.nii.gz", "segmentation.seg.nrrd", "labels.nii.gz", "regions.csv", "report.json", "overlay.png"]
-    if not args.overwrite and any((out / n).exists() for n in names):
-        raise OutputError(f"{out} already holds demo output. Use --overwrite to replace it.")
+    refuse_existing_in(out, names, args.overwrite)
+    dev = resolve_device(args.device)
+    liver_path, tumor_path = model_files(args.model)  # models first: a bad one leaves no half-written demo behind
+    liver, tumor = load_model(liver_path, stage="liver", device=dev), load_model(tumor_path, stage="tumor", device=dev)
     truth = None
     if args.ct:
         volume = read_volume(args.ct)
     else:
         volume, truth = generate_case(DEMO_SEED)
-        write_volume(volume, out / "ct.nii.gz", overwrite=True)
-        write_labels(truth.array, truth, out / "truth.nii.gz", overwrite=True)
-    dev = resolve_device(args.device)
-    liver_path, tumor_path = model_files(args.model)
-    liver, tumor = load_model(liver_path, stage="liver", device=dev), load_model(tumor_path, stage="tumor", device=dev)
     bar = _Bar("demo")
     try:
         result = segment(volume, liver, tumor, device=str(dev), fast=args.fast, tta=args.tta, progress=bar)
     finally:
         bar.close()
     labels, rows = PostProcessor.from_network(volume, result.labels, result.probabilities).apply(PostParams())
+    if truth is not None:  # written with the results, so an interrupted demo leaves no CT without them
+        write_volume(volume, out / "ct.nii.gz", overwrite=True)
+        write_labels(truth.array, truth, out / "truth.nii.gz", overwrite=True)
     write_seg_nrrd(labels, volume, out / "segmentation.seg.nrrd", overwrite=True)
     write_labels(labels, volume, out / "labels.nii.gz", overwrite=True)
     write_text(table_csv(rows), out / "regions.csv", overwrite=True)

@@ -268,6 +268,21 @@ def test_demo_writes_every_output(tmp_path, capsys):
     assert "dice_vs_phantom_truth" not in json.loads((out / "report.json").read_text(encoding="utf-8")) and own.is_file()
 
 
+def test_demo_refuses_a_file_as_its_folder_and_a_bad_model_before_writing(tmp_path, capsys):
+    (tmp_path / "notes.csv").write_text("mine", encoding="utf-8")
+    code, _, err = _run(capsys, "demo", "-o", tmp_path / "notes.csv", "--fast")
+    _assert_clean_error(code, err, "must be a folder", "notes.csv")
+    assert (tmp_path / "notes.csv").read_text(encoding="utf-8") == "mine"
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in model_files("phantom-small"):
+        shutil.copy(f, broken / f.name)
+    (broken / "liver.ltsm").write_bytes((broken / "liver.ltsm").read_bytes()[:5000])
+    code, _, err = _run(capsys, "demo", "-o", tmp_path / "demo", "--fast", "--model", broken)
+    _assert_clean_error(code, err, "liver.ltsm")
+    assert not (tmp_path / "demo").exists() or not any((tmp_path / "demo").iterdir())  # a rerun needs no --overwrite
+
+
 @pytest.mark.parametrize("flag,value,words", [("--table", "regions.txt", ["--table", ".csv"]),
                                               ("--probabilities", "p.cache", ["--probabilities", ".npz"]),
                                               ("--report", "r.txt", ["--report", ".json"])])
