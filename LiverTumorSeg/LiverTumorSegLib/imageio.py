@@ -136,6 +136,8 @@ def _read_image_file(path: Path) -> sitk.Image:
     if not path.name.lower().endswith(IMAGE_SUFFIXES):
         raise InputError(f"'{path.name}' is not a supported image file ({', '.join(IMAGE_SUFFIXES)}); "
                          "for DICOM, select the folder that holds the series.")
+    if path.name.lower().endswith((".mha", ".mhd")):
+        _check_metaimage_spacing(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -146,8 +148,51 @@ def _read_image_file(path: Path) -> sitk.Image:
         return reader.Execute()
     except RuntimeError as exc:
         log.debug("ITK could not read %s: %s", path, exc)
-        raise InputError(f"'{path.name}' could not be read: the file is damaged, incomplete "
-                         "or not a valid image.") from exc
+        why = _unreadable_geometry(path)
+        raise InputError(f"'{path.name}' {why}" if why else f"'{path.name}' could not be read: the file is damaged, "
+                         "incomplete or not a valid image.") from exc
+
+
+def _check_metaimage_spacing(path: Path) -> None:
+    """ITK reads a MetaImage's negative voxel size as positive (the axis not flipped) and fails on a
+    zero one: both refused, as in NIfTI, naming the header field."""
+    try:
+        with open(path, "rb") as f:
+            lines = [f.readline(4096).decode("latin-1") for _ in range(64)]
+    except OSError:
+        return
+    for line in lines:
+        key, _, value = line.partition("=")
+        if key.strip() in ("ElementSpacing", "ElementSize"):
+            try:
+                sizes = [float(v) for v in value.split()]
+            except ValueError:
+                return
+            if not all(np.isfinite(v) and v > 0 for v in sizes):
+                raise InputError(f"'{path.name}' has a voxel size of {' x '.join(f'{v:g}' for v in sizes)} mm in its "
+                                 f"header ({key.strip()}): readers disagree on what it means, so the geometry is "
+                                 "unknown. Fix the header (sizes > 0; a flip belongs in TransformMatrix).")
+        if key.strip() == "ElementDataFile":
+            return
+
+
+def _unreadable_geometry(path: Path) -> str | None:
+    """Why ITK refused a NIfTI, where its header says: an sform that maps no volume (singular)."""
+    if not path.name.lower().endswith((".nii", ".nii.gz")):
+        return None
+    try:
+        with (gzip.open if path.name.lower().endswith(".gz") else open)(path, "rb") as f:
+            info = _nifti_header(f.read(348))
+    except (OSError, EOFError, zlib.error):
+        return None
+    return SINGULAR_SFORM if info is not None and info["sform_code"] > 0 and _singular_sform(info) else None
+
+
+SINGULAR_SFORM = "has a singular sform (an axis of zero length, or two parallel axes): its geometry is unknown. Fix the header."
+
+
+def _singular_sform(info: dict) -> bool:
+    return abs(np.linalg.det(info["srow"][:, :3])) < 1e-9 * max(float(np.abs(info["srow"][:, :3]).max()), 1e-30) ** 3
 
 
 NIFTI_FLOATS = {16: "f4", 64: "f8"}  # NIfTI-1 datatype codes of real-valued voxels
@@ -230,6 +275,8 @@ def _nifti_orientation_problem(info: dict, reader: sitk.ImageFileReader) -> str 
                 "scanner's DICOM).")
     if info["sform_code"] <= 0:
         return None
+    if _singular_sform(info):
+        return SINGULAR_SFORM
     size = np.array(reader.GetSize()[:3], float)
     itk = np.diag([-1.0, -1.0, 1.0]) @ np.c_[np.reshape(reader.GetDirection(), (-1, reader.GetDimension()))[:3, :3]
                                               @ np.diag(reader.GetSpacing()[:3]), reader.GetOrigin()[:3]]  # RAS

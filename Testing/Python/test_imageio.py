@@ -188,6 +188,32 @@ def test_a_nifti_whose_readers_disagree_on_its_orientation_is_refused(tmp_path, 
     assert np.allclose(ras, nibabel.load(str(path)).affine, atol=1e-3)
 
 
+@pytest.mark.parametrize("spacing", [b"0.7 -0.7 5", b"0.7 0 5", b"nan 0.7 5"])
+def test_a_metaimage_with_a_voxel_size_of_zero_or_below_is_refused(tmp_path, spacing):
+    """ITK reads a negative MetaImage spacing as positive (the axis not flipped) and fails on zero."""
+    path = tmp_path / "ct.mha"
+    image = sitk.GetImageFromArray(fake_ct((8, 16, 16)))
+    image.SetSpacing((0.5, 0.5, 5.0))
+    sitk.WriteImage(image, str(path))
+    text = path.read_bytes()
+    assert b"ElementSpacing = 0.5 0.5 5" in text
+    path.write_bytes(text.replace(b"ElementSpacing = 0.5 0.5 5", b"ElementSpacing = " + spacing))
+    with raises_input("ElementSpacing"):
+        read_volume(path)
+
+
+def test_a_nifti_with_a_singular_sform_says_so(tmp_path):
+    import struct
+
+    path = save(fake_ct((8, 16, 16)), tmp_path / "ct.nii")
+    data = bytearray(path.read_bytes())
+    assert struct.unpack("<h", bytes(data[254:256]))[0] > 0  # ITK writes an sform
+    data[312:328] = struct.pack("<4f", 0, 0, 0, 0)  # its third row: every voxel in one plane
+    path.write_bytes(bytes(data))
+    with raises_input("singular sform"):
+        read_volume(path)
+
+
 def test_read_garbage_file(tmp_path):
     (tmp_path / "bad.nrrd").write_bytes(gzip.compress(b"not an image"))
     with raises_input("could not be read"):
