@@ -24,7 +24,7 @@ import numpy as np
 from scipy import stats
 
 from .errors import InputError
-from .imageio import refuse_existing_in, write_json, write_text
+from .imageio import refuse_existing_in, refuse_input_as_output, write_json, write_text
 from .metrics import mean_ci
 
 METRICS = (("DSC", "dsc", 1), ("ASSD (mm)", "assd_mm", -1), ("HD95 (mm)", "hd95_mm", -1))  # (label, key, +1: higher is better)
@@ -187,6 +187,7 @@ def save_plot(a: dict, b: dict, path: Path) -> Path:
 def run_compare(args) -> int:
     """``compare A B -o DIR``: write compare.md, compare.json and compare.png, print the table."""
     out = Path(args.out)
+    refuse_input_as_output(out, [args.a, args.b])
     refuse_existing_in(out, OUTPUTS, args.overwrite)
     a, b = align_outputs(read_metrics(Path(args.a)), read_metrics(Path(args.b)))
     result = compare(a, b, str(args.a), str(args.b))

@@ -18,7 +18,7 @@ import numpy as np
 
 from .cli import LABEL_EXTS, extension_of, post_flags_given
 from .errors import InputError
-from .imageio import grid_difference, read_labels, refuse_existing_in, write_json, write_text
+from .imageio import grid_difference, read_labels, refuse_existing_in, refuse_input_as_output, write_json, write_text
 from .metrics import case_metrics, mean_ci, summarize
 from .tumorgap import TUMORS_IN_TRUTH, steps_markdown, summarize_steps, tumor_dice_steps, tumors_in_truth
 
@@ -45,6 +45,7 @@ def run_evaluate(args) -> int:
     from tqdm import tqdm
 
     out = Path(args.out)
+    refuse_input_as_output(out, [args.pred, args.truth, args.model, *(args.data or [])])
     refuse_existing_in(out, OUTPUTS, args.overwrite)
     if args.model is None and post_flags_given(args):
         raise InputError("The post-processing flags apply with --model only (--pred is scored as it is): drop "

@@ -582,6 +582,14 @@ def refuse_existing_in(folder, names, overwrite: bool) -> None:
     refuse_existing([folder / name for name in names], overwrite)
 
 
+def refuse_input_as_output(out, inputs) -> None:
+    """Refuse an output folder that is one of the input folders (its files would mix with the inputs')."""
+    folder = Path(out).resolve()
+    for given in inputs:
+        if given is not None and Path(given).resolve() == folder:
+            raise OutputError(f"-o {out} is an input folder ({given}): write the results into a folder of their own.")
+
+
 def _check_writable(path: Path) -> None:
     folder = path.absolute().parent
     while not folder.exists() and folder != folder.parent:

@@ -82,6 +82,10 @@ def test_two_evaluate_folders_compared_end_to_end(tmp_path, capsys):
     code, _, err = _run(capsys, "compare", tmp_path / "eval_a", truth, "-o", tmp_path / "cmp2")
     _one_error_line(code, err, "metrics.csv")
     assert not (tmp_path / "cmp2").exists()
+    before = sorted(p.name for p in (tmp_path / "eval_a").iterdir())
+    code, _, err = _run(capsys, "compare", tmp_path / "eval_a", tmp_path / "eval_b", "-o", tmp_path / "eval_a", "--overwrite")
+    _one_error_line(code, err, "input folder")
+    assert sorted(p.name for p in (tmp_path / "eval_a").iterdir()) == before
 
 
 def test_label_maps_pair_with_each_output_of_a_model_evaluation():

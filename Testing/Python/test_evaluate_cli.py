@@ -165,6 +165,14 @@ def test_post_processing_flags_without_a_model_are_refused(folders, tmp_path, ca
         assert not (tmp_path / "out").exists()
 
 
+def test_an_input_folder_is_refused_as_the_output(folders, tmp_path, capsys):
+    for out in folders[:2]:
+        before = sorted(p.name for p in out.iterdir())
+        code, _, err = _run(capsys, "evaluate", "--pred", folders[0], "--truth", folders[1], "-o", out, "--overwrite")
+        _one_error_line(code, err, "input folder")
+        assert sorted(p.name for p in out.iterdir()) == before
+
+
 def test_existing_outputs_kept_without_overwrite(folders, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
