@@ -238,3 +238,32 @@ def test_evaluate_model_refuses_a_split_part_it_cannot_score_whole(tmp_path):
             part(test)
     assert part(["c"], split_file=None) == (["a", "b", "c"], "all labelled cases (no split file)")  # no split anywhere
     assert part(["c"], model_dir=tmp_path, split_file=None)[0] == ["c"]  # the model folder's split.json
+
+
+def test_model_evaluation_scores_what_segment_writes(tmp_path, capsys):
+    """evaluate --model's two outputs are the label maps `segment` writes with and without
+    --no-postprocess, scored as evaluate --pred scores them (here the cyst filter changes the result)."""
+    from LiverTumorSegLib.imageio import write_labels, write_volume
+    from LiverTumorSegLib.phantom import generate_case
+
+    ct, truth = generate_case(3014, spacing=(2.0, 2.0, 5.0), matrix=160)
+    data = tmp_path / "data"
+    ct_file, truth_file = data / "case_3014_ct.nii.gz", data / "case_3014_label.nii.gz"
+    write_volume(ct, ct_file)
+    write_labels(truth.array, ct, truth_file)
+    quick = ("--fast", "--no-tta")
+    assert _run(capsys, "evaluate", "--model", "phantom-small", "--data", data, "-o", tmp_path / "model", *quick)[0] == 0
+    scored = {}
+    for output, flags in (("post-processed", ()), ("network", ("--no-postprocess",))):
+        labels = tmp_path / output / "case_3014.nii.gz"
+        assert _run(capsys, "segment", ct_file, "-o", labels, *quick, *flags)[0] == 0
+        assert _run(capsys, "evaluate", "--pred", labels, "--truth", truth_file, "-o", tmp_path / f"eval-{output}")[0] == 0
+        with open(tmp_path / f"eval-{output}" / "metrics.csv", encoding="utf-8") as f:
+            scored[output] = {row["structure"]: row for row in csv.DictReader(f)}
+    with open(tmp_path / "model" / "metrics.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        mine = scored[row["output"]][row["structure"]]
+        for metric in ("dsc", "voe", "ravd", "assd_mm", "hd95_mm"):
+            assert row[metric] == mine[metric], (row["output"], row["structure"], metric)
+    assert any(scored["network"][s]["dsc"] != scored["post-processed"][s]["dsc"] for s in ("tumor", "cyst"))
