@@ -917,3 +917,34 @@ def test_pseudolabel_never_writes_where_its_inputs_are_and_always_leaves_a_manif
     assert main(["pseudolabel", str(one), "--model", "phantom-small", "--device", "cpu", "-o", str(tmp_path / "out"),
                  "--overwrite"]) == 2  # the earlier pairs would stay, described by no manifest
     assert "holds other pairs" in capsys.readouterr().err
+
+
+def test_the_paper_configs_train_on_the_papers_lits_split(tmp_path):
+    from LiverTumorSegLib.datasets import lits_paper_split
+    from LiverTumorSegLib.trainer_cli import choose_split
+
+    for name in ("paper", "paper-sgd"):
+        config = load_config(name)
+        split, source = choose_split({f"lits-{n}": None for n in range(131)}, config, tmp_path, None)
+        assert split == lits_paper_split(seed=config["seed"]) and "paper's LiTS split" in source, name
+
+
+def test_training_curves_show_the_loss_and_the_best_validation(tmp_path):
+    """Two panels with lines drawn (not a blank figure), whatever epochs were validated."""
+    import matplotlib.image
+
+    from LiverTumorSegLib.overlay import save_training_curves_png
+
+    history = [{"epoch": e, "loss": 2.0 / e, **({"val_dice": 0.1 * e} if e % 2 == 0 else {})} for e in range(1, 9)]
+    path = save_training_curves_png(history, tmp_path / "curves.png", "liver stage")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(path)[..., :3]
+    height, width = image.shape[:2]
+    assert (height, width) == (360, 900)
+    dark = image.mean(axis=2) < 0.5
+    left, right = dark[:, : width // 2], dark[:, width // 2:]
+    assert left.sum() > 2000 and right.sum() > 2000  # axes, ticks, lines and text in both panels
+    coloured = (image.max(axis=2) - image.min(axis=2)) > 0.3  # the blue loss and green Dice lines
+    assert coloured[:, : width // 2].sum() > 200 and coloured[:, width // 2:].sum() > 200
+    unvalidated = matplotlib.image.imread(save_training_curves_png([{"epoch": 1, "loss": 1.0}], tmp_path / "none.png"))[..., :3]
+    assert ((unvalidated.max(axis=2) - unvalidated.min(axis=2)) > 0.3)[:, width // 2:].sum() < 50  # no Dice line to draw
