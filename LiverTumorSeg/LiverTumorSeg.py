@@ -617,19 +617,33 @@ def _cuda_devices() -> list[tuple[str, str]]:
 
 
 class LiverTumorSegTest(ScriptedLoadableModuleTest):
-    """Self-test on a phantom CT: the real child process, the segmentation node, live updates.
+    """Self-test on a phantom CT (the real child process, the segmentation node, live updates), and the
+    Slicer side's checks against MRML (``LiverTumorSegSlicer.mrml_cases``).
 
     In Slicer: Slicer --no-main-window --testing --python-code "import LiverTumorSeg; LiverTumorSeg.run_self_test()"
     Without Slicer (slicer-core): pytest Testing/Python/test_slicer_module.py
     """
 
     def setUp(self):
-        if ScriptedLoadableModuleTest is not unittest.TestCase:
+        if getattr(slicer, "mrmlScene", None) is not None:  # Slicer's scene, or the one a slicer-core test made
             slicer.mrmlScene.Clear(0)
 
     def runTest(self):
         self.setUp()
         self.test_segment_phantom_and_tune_live()
+        self.setUp()
+        self.test_mrml_cases()
+
+    def test_mrml_cases(self):
+        """The Slicer side's checks (LiverTumorSegSlicer.mrml_cases, also run by pytest on slicer-core),
+        each on an emptied scene and in a fresh folder."""
+        self._needsPackages()
+        from LiverTumorSegSlicer import mrml_cases
+
+        for case in mrml_cases.CASES:
+            with self.subTest(case.__name__), tempfile.TemporaryDirectory(prefix="LiverTumorSeg-test-") as folder:
+                self.setUp()
+                case(slicer.mrmlScene, Path(folder))
 
     def _needsPackages(self):
         if missing := dependencies.missing():

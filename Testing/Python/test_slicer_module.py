@@ -32,6 +32,26 @@ def test_module_imports_without_qt_and_its_self_test_passes(slicer_scene, monkey
     assert result.wasSuccessful(), result.failures + result.errors
 
 
+def test_the_self_test_runs_the_mrml_cases(slicer_scene):
+    """The cases pytest runs on slicer-core (test_slicer_mrml.py) run through the module's self-test too,
+    as they do inside Slicer, each on an emptied scene."""
+    import LiverTumorSeg
+    from LiverTumorSegSlicer import mrml_cases
+
+    ran = []
+    cases = mrml_cases.CASES
+    try:
+        mrml_cases.CASES = [lambda scene, folder, case=case: (ran.append(scene.GetNumberOfNodesByClass("vtkMRMLVolumeNode")),
+                                                                   case(scene, folder)) for case in cases]
+        test = LiverTumorSeg.LiverTumorSegTest("test_mrml_cases")
+        result = test.defaultTestResult()
+        test.run(result)
+    finally:
+        mrml_cases.CASES = cases
+    assert result.wasSuccessful(), result.failures + result.errors
+    assert ran == [0] * len(cases) and len(cases) >= 16
+
+
 def test_failed_run_leaves_the_scene_as_it_was(slicer_scene, monkeypatch):
     import numpy as np
 
