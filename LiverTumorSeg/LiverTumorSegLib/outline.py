@@ -9,13 +9,15 @@ phantoms with a rule set beforehand (BENCHMARKS.md, "Outlines refined by HU").
 Per region (a tumor or a cyst after the cyst filter and the small-tumor dilation), on the original CT:
 
 1. lesion HU: the region's decisive fitted mean (the region table's ``fit_M``);
-2. liver HU: the median of the liver voxels of no lesion region within ``SHELL_MM`` of it; with
+2. liver HU: the median of the liver voxels of no lesion region (its own dilation included) within ``SHELL_MM`` of it; with
    fewer than ``MIN_SHELL_VOXELS`` of them the region is left as it is;
 3. a contrast below ``MIN_CONTRAST_HU`` leaves it as it is too (no edge to find);
 4. level: half-way between the two;
 5. candidates: liver voxels of no lesion region within ``max_mm`` of the region (Euclidean, in mm)
    whose HU, averaged over the 3x3x3 voxels around each, lies on the lesion's side of the level;
-6. the region takes the candidates 26-connected to it. It never shrinks and never leaves the liver.
+6. the region takes the candidates 26-connected to it. It never shrinks and never leaves the liver;
+   where regions compete, the larger one goes first, and none grows over or through another
+   (``PostProcessor.apply``).
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ def refine_outline(hu: np.ndarray, spacing_kji, crop: tuple[slice, ...], lesion:
     sampling = tuple(float(s) for s in spacing_kji)
     distance = ndimage.distance_transform_edt(~lesion, sampling=sampling)
     ct = hu[crop].astype(np.float32)
-    shell = parenchyma & (distance <= SHELL_MM)
+    shell = parenchyma & (distance <= SHELL_MM) & ~lesion  # not its own dilation
     if int(shell.sum()) < MIN_SHELL_VOXELS:
         return Refinement(empty, math.nan, math.nan, f"fewer than {MIN_SHELL_VOXELS} liver voxels around: outline kept")
     liver_hu = float(np.median(ct[shell]))

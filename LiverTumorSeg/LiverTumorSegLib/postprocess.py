@@ -66,7 +66,7 @@ In "3d" mode ``dilate_iterations``, ``dilate_max_area_px`` and ``dilate_connecti
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cc3d
 import numpy as np
@@ -116,6 +116,8 @@ class PostParams:
             raise ValueError(f"dilate_iterations must be 0-{MAX_DILATE_ITERATIONS}, not {self.dilate_iterations}")
         if self.dilate_connectivity not in _IN_PLANE:
             raise ValueError(f"dilate_connectivity must be 4 or 8, not {self.dilate_connectivity}")
+        if self.min_region_voxels < 1:
+            raise ValueError(f"min_region_voxels must be 1 or more, not {self.min_region_voxels}")
         if self.bin_width_hu <= 0 or self.smoothing_bins < 0:
             raise ValueError("bin_width_hu must be > 0 and smoothing_bins >= 0")
         if not 0 < self.refine_max_mm <= MAX_REFINE_MM:
@@ -228,6 +230,9 @@ class PostProcessor:
         pad = tuple(_crop_pad(self._scale)[self._order.index(a)] for a in range(3))
         self._regions = _find_regions(ct.array, liver, candidates, pad, tumor_probability)
         self._by_id = {r.id: r for r in self._regions}
+        # which region keeps a voxel two of them reach: the larger first, then by place in the patient, so
+        # the labels do not depend on the order the voxels are stored in (region ids follow that order)
+        self._precedence = sorted(range(len(self._regions)), key=self._precedence_key)
         self._base = liver.astype(np.uint8)  # lesion voxels that are no candidate become liver
         self._parenchyma = liver & ~candidates if self._regions else None  # liver voxels of no region
         self._outer = [self._widened(r.crop, MAX_REFINE_MM) for r in self._regions]  # room for any outline refinement
@@ -260,8 +265,14 @@ class PostProcessor:
         return self._fits_for(bin_width, smoothing, on_core)[self._regions.index(self._by_id[region_id])]
 
     def fit_for(self, region_id: int, params: PostParams) -> tuple[Fit, bool]:
-        """The fit ``params`` decide region ``region_id`` with, and whether it is the core's."""
-        return self._decisive_fit(self._regions.index(self._by_id[region_id]), params)
+        """The fit ``params`` decide region ``region_id`` with, and whether it is the core's; its
+        ``failure`` says so where the decision falls back to the median (as the table's fit_quality)."""
+        index = self._regions.index(self._by_id[region_id])
+        fit, on_core = self._decisive_fit(index, params)
+        region = self._regions[index]
+        if (region.core_hu if on_core else region.hu).size < params.min_region_voxels:
+            fit = replace(fit, failure=f"fewer than {params.min_region_voxels} voxels")
+        return fit, on_core
 
     def _decisive_fit(self, index: int, params: PostParams) -> tuple[Fit, bool]:
         on_core = params.fit_on_core and self._regions[index].core_hu.size >= params.min_region_voxels
@@ -288,22 +299,25 @@ class PostProcessor:
             row = self._row(index, params, overrides.get(region.id))
             flat[region.index] = DECISION_LABELS[row["decision"]]
             rows.append(row)
-        grown = {}
+        grown, dilated = {}, {}
         voxel_ml = float(np.prod(self.ct.spacing)) / 1000.0
         held = [r.hu.size if row["decision"] in ("tumor", "cyst") else 0 for r, row in zip(self._regions, rows)]
-        for index, (region, row) in enumerate(zip(self._regions, rows)):
+        for index in self._precedence:
+            region, row = self._regions[index], rows[index]
             if row["decision"] == "tumor":
                 grown[region.id] = self._grown_for(region, params)
                 added = grown[region.id][flat[grown[region.id]] == 1]  # first come: a voxel two regions reach counts once
                 flat[added] = 2
+                dilated[index] = added
                 row["dilated"] = bool(grown[region.id].size)
                 row["dilated_ml"] = round(added.size * voxel_ml, 4)
                 held[index] += added.size
         if params.refine_outlines:
-            for index, (region, row) in enumerate(zip(self._regions, rows)):
+            for index in self._precedence:
+                region, row = self._regions[index], rows[index]
                 if row["decision"] in ("tumor", "cyst"):
                     refinement = self._refined_for(index, row, grown.get(region.id), params)
-                    added = refinement.added[flat[refinement.added] == 1]  # first come: never over another region
+                    added = self._still_reached(index, refinement.added, grown.get(region.id), dilated.get(index), flat)
                     flat[added] = DECISION_LABELS[row["decision"]]
                     row["refined_ml"] = round(added.size * voxel_ml, 4)
                     held[index] += added.size
@@ -313,6 +327,37 @@ class PostProcessor:
         for row, voxels in zip(rows, held):  # what each region holds in the labels: the rows sum to the lesion voxels
             row["final_ml"] = round(voxels * voxel_ml, 4)
         return out, rows
+
+    def _precedence_key(self, index: int) -> tuple:
+        region = self._regions[index]
+        lps = self.ct.ijk_to_lps() @ np.array([*region.centroid[::-1], 1.0])
+        return (-region.index.size, *(round(float(c), 2) for c in lps[:3]))
+
+    def _still_reached(self, index: int, added: np.ndarray, grown: np.ndarray | None, dilated: np.ndarray | None,
+                       flat: np.ndarray) -> np.ndarray:
+        """The refinement's voxels (``added``, grown from the region and all of its dilation) that are still
+        free, and 26-connected to what the region holds through free ones: never over another region, nor
+        through one."""
+        free = added[flat[added] == 1]
+        lost = 0 if grown is None else grown.size - (0 if dilated is None else dilated.size)
+        if free.size == added.size and not lost:
+            return free
+        region = self._regions[index]
+        held = np.concatenate([region.index, free] + ([] if dilated is None else [dilated]))
+        coords = np.unravel_index(held, self._base.shape)
+        box = tuple(slice(int(c.min()), int(c.max()) + 1) for c in coords)
+        local = tuple(c - b.start for c, b in zip(coords, box))
+        shape = tuple(b.stop - b.start for b in box)
+        allowed = np.zeros(shape, bool)
+        allowed[local] = True
+        seed = np.zeros(shape, bool)
+        n_own = region.index.size
+        seed[tuple(c[:n_own] for c in local)] = True
+        if dilated is not None:
+            seed[tuple(c[n_own + free.size:] for c in local)] = True
+        reached = ndimage.binary_propagation(seed, structure=np.ones((3, 3, 3), bool), mask=allowed)
+        keep = reached[tuple(c[n_own:n_own + free.size] for c in local)]
+        return free[keep]
 
     def _checked(self, overrides: dict[int, str]) -> dict[int, str]:
         for rid, value in overrides.items():

@@ -33,10 +33,13 @@ def run_postprocess(args) -> int:
         network = (labels > 0) | (tumor >= probabilities.tumor_threshold)
         processor = PostProcessor(ct, network.astype(np.uint8), tumor, probabilities.tumor_threshold)
     else:
-        if (labels == 3).any() and (params.dilate_iterations or params.dilate_mode == "3d" or params.refine_outlines):
-            logging.warning("%s holds cysts (label 3), so it looks post-processed already: the dilation and the outline "
-                            "refinement grow its lesions again. For segment's result, give --probabilities (segment "
-                            "--probabilities), or the network output (segment --no-postprocess).", Path(args.labels).name)
+        grows = params.dilate_iterations or params.dilate_mode == "3d" or params.refine_outlines
+        if (labels >= 2).any() and grows:  # a result post-processed already cannot be told from a network output
+            why = "holds cysts (label 3), so it looks post-processed already" if (labels == 3).any() else \
+                "is taken as a network output (no --probabilities)"
+            logging.warning("%s %s: if it was post-processed already, the dilation and the outline refinement grow its "
+                            "lesions again. For segment's result, give --probabilities (segment --probabilities), or the "
+                            "network output (segment --no-postprocess).", Path(args.labels).name, why)
         processor = PostProcessor(ct, labels)
     labels, rows = processor.apply(params)
     write = write_seg_nrrd if kind == ".seg.nrrd" else write_labels

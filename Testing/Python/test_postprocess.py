@@ -169,6 +169,11 @@ def test_ill_posed_fits_fall_back():
     for row in rows:
         assert "fallback median" in row["reason"]
         assert row["decision"] == ("cyst" if row["fit_M"] < 45 else "tumor")
+    processor = PostProcessor(ct, labels)
+    fit, _ = processor.fit_for(tiny["id"], PostParams())  # what the plots draw: no Gaussian the decision did not use
+    assert fit.failure == "fewer than 20 voxels"
+    with pytest.raises(ValueError, match="min_region_voxels"):
+        PostParams(min_region_voxels=0)
 
 
 def _rimmed_cyst():
@@ -472,3 +477,61 @@ def test_the_table_adds_up_to_the_labels(phantom, params):
         assert r["final_ml"] == pytest.approx(expected, abs=2e-4)
     if params.dilate_mode == "slice" and params.cyst_threshold_hu < 120:  # (3-D mode: no region small enough here)
         assert any(r["dilated_ml"] > 0 for r in rows) and any(r["refined_ml"] > 0 for r in rows)
+
+
+def _crowded_case(rng) -> tuple[Volume, np.ndarray]:
+    """Lesions close together in a liver with dark pockets: regions compete for the voxels between them."""
+    shape = (16, 50, 56)
+    labels = np.zeros(shape, np.uint8)
+    labels[2:14, 4:46, 4:52] = 1
+    ct = rng.normal(100, 5, shape)
+    ct[labels == 0] = -50
+    zz, yy, xx = np.indices(shape)
+    mm = ((zz * 2.5, 2.5), (yy * 0.8, 0.8), (xx * 0.8, 0.8))
+
+    def ball(radius):
+        centre = rng.integers([3, 8, 8], [13, 42, 48])
+        return (sum((axis - c * step) ** 2 for (axis, step), c in zip(mm, centre)) <= radius ** 2) & (labels > 0)
+
+    for _ in range(6):
+        pocket = ball(rng.uniform(2, 5))
+        ct[pocket] = rng.normal(20, 5, pocket.sum())
+    for _ in range(rng.integers(4, 9)):
+        lesion = ball(rng.uniform(1.5, 6))
+        labels[lesion] = 2
+        ct[lesion] = rng.normal(rng.choice([10, 60, 140]), 5, lesion.sum())
+    return Volume(ct.astype(np.int16), (0.8, 0.8, 2.5)), labels
+
+
+@pytest.mark.parametrize("params", [PostParams(), PostParams(refine_max_mm=10.0), PostParams(dilate_mode="3d")])
+def test_competing_regions_get_the_same_voxels_whatever_the_voxel_order(params):
+    """Where a dilation or an outline refinement reaches voxels another region reaches too, who keeps
+    them does not depend on the order the voxels are stored in (region ids follow it)."""
+    rng = np.random.default_rng(3)
+    for trial in range(14):
+        ct, labels = _crowded_case(rng)
+        axial, _ = PostProcessor(ct, labels).apply(params)
+        stored, (moved, back) = _stored(ct, [labels, axial], "SRA")
+        out, _ = PostProcessor(stored, moved).apply(params)
+        assert np.array_equal(out, back), trial
+
+
+def test_a_region_never_grows_through_another():
+    """A cyst's outline refinement reaches along a dark corridor; a small tumor's dilation ring fills the
+    corridor first. The cyst stops at the ring, taking nothing beyond it (it took 64 voxels there, cut off
+    from itself); the tumor, whose ring it is, grows on."""
+    shape = (24, 48, 48)
+    labels = np.zeros(shape, np.uint8)
+    labels[2:22, 4:44, 2:46] = 1
+    ct = np.where(labels > 0, 100, -50)
+    zz, yy, xx = np.indices(shape)
+    cyst = (zz - 11) ** 2 + (yy - 30) ** 2 + (xx - 9) ** 2 <= 9
+    corridor = (abs(zz - 11) <= 2) & (abs(yy - 30) <= 2) & (xx >= 12) & (xx <= 30)
+    tumor = (abs(zz - 11) <= 2) & (yy == 30) & (xx >= 15) & (xx <= 16)
+    ct[corridor], ct[cyst], ct[tumor] = 20, 10, 60
+    labels[cyst | tumor] = 2
+    out, rows = PostProcessor(Volume(ct.astype(np.int16), (1.0, 1.0, 1.0)), labels).apply(PostParams(refine_max_mm=10.0))
+    assert [r["decision"] for r in rows] == ["cyst", "tumor"] and rows[1]["dilated_ml"] > 0
+    beyond = corridor & (xx >= 19)
+    assert not (out[beyond] == 3).any() and (out[beyond] == 2).any()
+    assert cc3d.connected_components(out == 3, connectivity=26).max() == 1
