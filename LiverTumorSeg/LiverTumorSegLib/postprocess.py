@@ -291,6 +291,8 @@ class PostProcessor:
         if out is None:
             out = self._base.copy()
         else:
+            if out.shape != self._base.shape or out.dtype != np.uint8 or not out.flags.c_contiguous:
+                raise ValueError("out must be a labels array an earlier apply returned (uint8, C order, the CT's shape)")
             box = self.active_box
             out[box] = self._base[box]
         flat = out.reshape(-1)

@@ -347,6 +347,9 @@ def test_apply_in_place_equals_a_fresh_apply():
         params = PostParams(cyst_threshold_hu=t, dilate_iterations=i, dilate_mode=m, refine_outlines=r)
         buffer, _ = processor.apply(params, out=buffer)
         assert np.array_equal(buffer, processor.apply(params)[0])
+    for wrong in (np.asfortranarray(buffer), buffer.astype(np.int16), buffer[:, :, :-1]):  # writes would be lost
+        with pytest.raises(ValueError, match="earlier apply"):
+            processor.apply(PostParams(), out=wrong)
 
 
 def _authors_case():
