@@ -602,7 +602,7 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
 
 def _cuda_devices() -> list[tuple[str, str]]:
-    """('CUDA N: <GPU name>', 'cuda:N') per visible GPU (none without torch or a GPU)."""
+    """('CUDA N: <GPU name>', 'cuda:N') per visible GPU (none without torch >= 2.5 or a GPU)."""
     if "torch" in dependencies.missing():  # not imported then: an upgrade must not find the old one loaded
         return []
     try:

@@ -553,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default here too); --no-liver-tta: unmirrored, as segment --no-tta")
     s.add_argument("--workers", type=positive_int, metavar="N",
                    help="cases prepared at once, in separate processes (default: the CPU count, at most 8, "
-                        "from 16 cases up)")
+                        "from 16 cases up; one where --liver-model runs on a GPU)")
     s.add_argument("--loader-workers", type=int, metavar="N",
                    help="processes drawing and augmenting the next batches while the network trains (same batches; "
                         "default: 4 on a GPU, fewer if the CPUs are shared by more processes; 0 on the CPU)")

@@ -9,8 +9,9 @@ phantoms with a rule set beforehand (BENCHMARKS.md, "Outlines refined by HU").
 Per region (a tumor or a cyst after the cyst filter and the small-tumor dilation), on the original CT:
 
 1. lesion HU: the region's decisive fitted mean (the region table's ``fit_M``);
-2. liver HU: the median of the liver voxels of no lesion region (its own dilation included) within ``SHELL_MM`` of it; with
-   fewer than ``MIN_SHELL_VOXELS`` of them the region is left as it is;
+2. liver HU: the median of the liver voxels of no lesion region (its own dilation counts as the
+   region) within ``SHELL_MM`` of it; with fewer than ``MIN_SHELL_VOXELS`` of them the region is
+   left as it is;
 3. a contrast below ``MIN_CONTRAST_HU`` leaves it as it is too (no edge to find);
 4. level: half-way between the two;
 5. candidates: liver voxels of no lesion region within ``max_mm`` of the region (Euclidean, in mm)
