@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .devices import is_out_of_memory
+from .errors import LiverTumorSegError
 from .kulcrop import CropRules, abdomen_box
 from .kulunet import LESION, LIVER, KULUNet
 from .orientation import to_canonical
@@ -113,10 +115,18 @@ def liver_input(hu_ras: np.ndarray, spacing, voxel_mm: float) -> np.ndarray:
 
 
 def _run(net: KULUNet, patch: np.ndarray) -> np.ndarray:
-    """The network on one patch, on the device its weights are on."""
+    """The network on one patch, on the device its weights are on (one patch: nothing smaller to retry)."""
     device = next(net.parameters()).device
-    with torch.no_grad():
-        return net(torch.from_numpy(patch)[None, None].to(device))[0, 0].float().cpu().numpy()
+    try:
+        with torch.no_grad():
+            return net(torch.from_numpy(patch)[None, None].to(device))[0, 0].float().cpu().numpy()
+    except Exception as err:  # noqa: BLE001 - only out of memory is turned into advice
+        if not is_out_of_memory(err):
+            raise
+        raise LiverTumorSegError(f"Out of memory on {device} running the imported network on a {patch.shape} patch "
+                                 f"({str(err).splitlines()[0]}). " + ("Close other programs using the GPU, or run with "
+                                 "--device cpu." if device.type == "cuda" else "Close other programs, or use a machine "
+                                 "with more memory.")) from None
 
 
 def centred_patch_probability(net: KULUNet, image: np.ndarray) -> np.ndarray:

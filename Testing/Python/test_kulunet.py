@@ -156,3 +156,21 @@ def test_liver_net_creation_order_matches_their_weight_file():
               (3, 3, 3, 160, 80), (3, 3, 1, 80, 40), (3, 3, 3, 80, 40), (3, 3, 1, 40, 20), (1, 1, 1, 20, 1)]
     ours = [tuple(c.weight.permute(2, 3, 4, 1, 0).shape) for c in KULUNet(LIVER).keras_order()]
     assert ours == theirs
+
+
+def test_out_of_memory_in_an_imported_network_gives_advice(monkeypatch):
+    """One patch has nothing smaller to retry: the message names the device and what to do."""
+    from LiverTumorSegLib import kulpipeline
+    from LiverTumorSegLib.errors import LiverTumorSegError
+
+    net = KULUNet(LESION).eval()
+
+    def exhausted(self, x):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    monkeypatch.setattr(KULUNet, "forward", exhausted)
+    with pytest.raises(LiverTumorSegError, match=r"Out of memory on cpu .* \(100, 100, 54\) patch .*more memory"):
+        kulpipeline._run(net, np.zeros((100, 100, 54), np.float32))
+    monkeypatch.setattr(KULUNet, "forward", lambda self, x: 1 / 0)
+    with pytest.raises(ZeroDivisionError):  # any other failure is not dressed up as memory
+        kulpipeline._run(net, np.zeros((100, 100, 54), np.float32))
