@@ -421,14 +421,15 @@ class PostProcessor:
         elif not params.cyst_filter:
             decision, reason = "tumor", "cyst filter off"
         else:
-            shown = round(M, 2)  # as the table's fit_M, so both print the same digits
-            what = f"fallback median {shown:.1f} HU ({fallback})" if fallback else f"fitted mean {shown:.1f} HU"
+            shown = round(M, 2)  # the table's fit_M: the decision and the reason use it, so all three agree
+            digits = 1 if (round(shown, 1) < threshold) == (shown < threshold) else 2  # never "45.0 HU < 45 HU"
+            what = f"fallback median {shown:.{digits}f} HU ({fallback})" if fallback else f"fitted mean {shown:.{digits}f} HU"
             if on_core:
                 what += " of the core"
-            if M < params.min_tissue_hu:
+            if shown < params.min_tissue_hu:
                 decision, reason = "not tissue", f"{what} < {params.min_tissue_hu:g} HU: gas or fat, not a lesion (removed)"
             else:
-                decision = "cyst" if M < threshold else "tumor"
+                decision = "cyst" if shown < threshold else "tumor"
                 reason = f"{what} {'<' if decision == 'cyst' else '>='} {threshold:g} HU threshold"
         k, j, i = region.centroid
         lps = self.ct.ijk_to_lps() @ (i, j, k, 1.0)

@@ -538,3 +538,16 @@ def test_a_region_never_grows_through_another():
     beyond = corridor & (xx >= 19)
     assert not (out[beyond] == 3).any() and (out[beyond] == 2).any()
     assert cc3d.connected_components(out == 3, connectivity=26).max() == 1
+
+
+def test_a_mean_at_the_threshold_reads_as_it_is_decided(phantom):
+    """The decision, the table's fit_M and the reason's number agree, even within 0.01 HU of the threshold."""
+    ct, _, merged = phantom
+    processor = PostProcessor(ct, merged)
+    _, rows = processor.apply(PostParams())
+    row = rows[0]
+    for threshold in (row["fit_M"], row["fit_M"] + 0.01, row["fit_M"] - 0.004, row["fit_M"] + 0.004):
+        decided = next(r for r in processor.apply(PostParams(cyst_threshold_hu=threshold))[1] if r["id"] == row["id"])
+        assert decided["decision"] == ("cyst" if decided["fit_M"] < threshold else "tumor"), threshold
+        shown = float(decided["reason"].split(" HU")[0].split()[-1])
+        assert (shown < threshold) == (decided["decision"] == "cyst"), decided["reason"]
