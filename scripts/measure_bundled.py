@@ -108,7 +108,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", type=int, default=48)
     ap.add_argument("--seed0", type=int, default=EVAL_SEED0,
-                    help="first phantom seed (default 2000, the test seeds; 3000-3047 are the tuning phantoms)")
+                    help="first phantom seed (default 2000, the test seeds; the tuning phantoms are 3024-3071)")
     ap.add_argument("--fast", action="store_true")
     ap.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                     help="test-time mirroring, as segment does by default (--no-tta: normal mode)")

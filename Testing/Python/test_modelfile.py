@@ -175,6 +175,8 @@ def test_bundled_cards_say_what_they_were_trained_on_and_hold_fp16_weights():
         with safe_open(str(path), framework="pt") as f:
             dtypes = {f.get_tensor(k).dtype for k in f.keys()}
         assert torch.float16 in dtypes and not dtypes & {torch.float32, torch.float64, torch.bfloat16}
+    # one recipe made the pair: both cards tell the same way to rerun it (train_bundled.py's REPRODUCE)
+    assert len({read_card(path)["training"]["reproduce"] for path in model_files("phantom-small")}) == 1
 
 
 def test_summary_and_docs_quote_the_bundled_cards():
