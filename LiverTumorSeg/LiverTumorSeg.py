@@ -444,7 +444,8 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def ensureDependencies(self) -> bool:
         """Install what the core still needs, after asking; never replaces Slicer's own packages.
-        False when the user declines or an install fails (pip's log is shown by Slicer or here)."""
+        False when the user declines or an install fails (a failure is reported in a message box; pip's
+        log is in the Python console)."""
         missing = dependencies.missing()
         if not missing:
             return True
