@@ -46,7 +46,7 @@ def truth_of_regions(labels: np.ndarray, rows: list[dict], truth: dict[str, np.n
         by_key[(coords[0].size, *centroid)] = cid
     names = {}
     for row in rows:
-        own = components == by_key[(row["voxels"], *row["centroid_voxel"])]
+        own = components == by_key[(row["voxels"], *row["centroid_ijk"][::-1])]  # the key is (k, j, i)
         names[row["id"]] = [n for n, mask in truth.items() if (mask & own).any()]
     return names
 

@@ -319,8 +319,11 @@ def _segment_one(src: Path, dst: Path, liver, tumor, dev, args) -> dict:
                   regions=rows)
     report["voxels"] = dict(report["voxels"], tumor=int((labels == 2).sum()), cyst=int((labels == 3).sum()))
     t, ml = report["timings"], report["voxel_volume_ml"]
-    print(f"{src.name} -> {dst}: liver {report['voxels']['liver'] * ml:.0f} mL, tumor {report['voxels']['tumor'] * ml:.1f} mL "
-          f"({t['liver_s']:.1f} s + {t['tumor_s']:.1f} s on {report['device']})")
+    decided = [r["decision"] for r in rows]
+    counts = ", ".join(f"{decided.count(d)} {d}" for d in ("tumor", "cyst", "low confidence", "not tissue") if d in decided)
+    print(f"{src.name} -> {dst}: liver {report['voxels']['liver'] * ml:.0f} mL, tumor {report['voxels']['tumor'] * ml:.1f} mL, "
+          f"cyst {report['voxels']['cyst'] * ml:.1f} mL" + (f" ({len(rows)} regions: {counts})" if rows else "")
+          + f" ({t['liver_s']:.1f} s + {t['tumor_s']:.1f} s on {report['device']})")
     return report
 
 

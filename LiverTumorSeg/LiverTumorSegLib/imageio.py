@@ -329,7 +329,7 @@ def _read_dicom_folder(path: Path) -> tuple[sitk.Image, dict]:
         raise InputError(f"The DICOM series in '{path}' could not be read: files are damaged "
                          "or not images.") from exc
     _check_layout(image.GetDimension(), image.GetSize(), image.GetNumberOfComponentsPerPixel(), path)
-    return image, {"dicom_series_uid": series_id, "dicom_folder": str(Path(files[0]).parent),
+    return image, {"dicom_series_uid": series_id or None, "dicom_folder": str(Path(files[0]).parent),  # None: the files name none
                    "dicom_files": len(files), "dicom_series_in_folder": len(series)}
 
 

@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage
 
 from . import devices, kulpipeline
-from .imageio import check_ct, grid_difference, write_npz
+from .imageio import FEW_SLICES, check_ct, grid_difference, write_npz
 from .masks import bounding_box
 from .modelfile import KUL_UNET, StageModel
 from .orientation import to_canonical
@@ -21,6 +21,15 @@ from .volume import Volume
 
 LABEL_LIVER, LABEL_TUMOR, LABEL_CYST = 1, 2, 3
 NO_LIVER = "No liver found in this CT (is it an abdominal CT covering the liver?): the segments are empty."
+
+
+def no_liver_warning(volume: Volume) -> str:
+    """NO_LIVER, or, for a CT of a few slices, the likelier reason: too little of the liver to see."""
+    slices = min(volume.array.shape)
+    if slices < FEW_SLICES:
+        return (f"No liver found: this CT has only {slices} slices along one axis, too few for the model to find the "
+                "liver reliably; the segments are empty.")
+    return NO_LIVER
 
 
 GRID_KEYS = ("spacing", "origin", "direction")
@@ -265,6 +274,6 @@ def segment(
         "voxels": {"liver": int((labels == LABEL_LIVER).sum() + (labels == LABEL_TUMOR).sum()), "tumor": int((labels == LABEL_TUMOR).sum())},
         "voxel_volume_ml": float(np.prod(volume.spacing)) / 1000.0,
         "liver_found": bool(liver.any()),
-        "warnings": notes + ([] if liver.any() else [NO_LIVER]),
+        "warnings": notes + ([] if liver.any() else [no_liver_warning(volume)]),
     }
     return Result(labels, probs, report)

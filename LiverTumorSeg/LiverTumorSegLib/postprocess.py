@@ -435,7 +435,7 @@ class PostProcessor:
         lps = self.ct.ijk_to_lps() @ (i, j, k, 1.0)
         return {
             "id": region.id,
-            "centroid_voxel": [round(k, 2), round(j, 2), round(i, 2)],
+            "centroid_ijk": [round(i, 2), round(j, 2), round(k, 2)],  # Slicer's IJK: column, row, slice
             "centroid_lps_mm": [round(float(v), 2) for v in lps[:3]],
             "centroid_ras_mm": [round(float(v), 2) for v in (-lps[0], -lps[1], lps[2])],
             "voxels": int(region.hu.size),
@@ -598,7 +598,7 @@ def save_region_histogram_png(processor: PostProcessor, region_id: int, path, pa
 
 
 TABLE_COLUMNS = ("id", "decision", "reason", "override", "voxels", "volume_ml", "fit_A", "fit_M", "fit_S", "fit_quality",
-                 "fit_on", "peak_probability", "dilated", "dilated_ml", "refined_ml", "final_ml", "outline", "outline_liver_hu", "outline_level_hu", "centroid_voxel", "centroid_lps_mm", "centroid_ras_mm")
+                 "fit_on", "peak_probability", "dilated", "dilated_ml", "refined_ml", "final_ml", "outline", "outline_liver_hu", "outline_level_hu", "centroid_ijk", "centroid_lps_mm", "centroid_ras_mm")
 
 
 def table_csv(rows: list[dict]) -> str:

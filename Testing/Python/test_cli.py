@@ -60,6 +60,11 @@ def test_segment_writes_seg_nrrd_and_labelmap_on_input_grid(ct_file, tmp_path, c
     extracted = slicerio.extract_segments(s, [("Liver", 1), ("Liver tumor", 2), ("Liver cyst", 3)])["voxels"]
     assert np.array_equal(extracted.transpose(2, 1, 0), labels)
     assert (labels == 1).sum() > 1000 and '"timings"' in rep.read_text(encoding="utf-8")
+    report = json.loads(rep.read_text(encoding="utf-8"))  # the summary line names every kind of finding
+    ml = report["voxel_volume_ml"]
+    assert f"cyst {report['voxels']['cyst'] * ml:.1f} mL" in out and f"tumor {report['voxels']['tumor'] * ml:.1f} mL" in out
+    decided = [r["decision"] for r in report["regions"]]
+    assert (f"({len(decided)} regions: " in out) == bool(decided)
 
 
 def test_tta_is_recorded_and_keeps_the_grid(ct_file, tmp_path, capsys):

@@ -145,6 +145,11 @@ def test_no_liver_is_a_result_not_a_crash(models, case):
     res = segment(case[0], blind, models[1], fast=True)
     assert not res.labels.any() and res.report["liver_found"] is False
     assert res.report["tiles"]["tumor"] == 0 and "No liver found" in res.report["warnings"][0]
+    assert "abdominal CT covering the liver" in res.report["warnings"][0]
+    ct = case[0]
+    thin = Volume(ct.array[:3].copy(), ct.spacing, ct.origin, ct.direction)  # 3 slices: the warning names the likelier cause
+    res = segment(thin, blind, models[1], fast=True)
+    assert "only 3 slices" in res.report["warnings"][-1] and "abdominal CT" not in res.report["warnings"][-1]
 
 
 def test_a_liver_under_one_model_voxel_still_centres_the_tumor_search(models):

@@ -551,3 +551,14 @@ def test_a_mean_at_the_threshold_reads_as_it_is_decided(phantom):
         assert decided["decision"] == ("cyst" if decided["fit_M"] < threshold else "tumor"), threshold
         shown = float(decided["reason"].split(" HU")[0].split()[-1])
         assert (shown < threshold) == (decided["decision"] == "cyst"), decided["reason"]
+
+
+def test_region_centroids_agree_in_voxels_lps_and_ras(phantom):
+    """centroid_ijk is Slicer's IJK (column, row, slice): through the CT's geometry it lands on centroid_lps_mm."""
+    ct, _, merged = phantom
+    _, rows = PostProcessor(ct, merged).apply(PostParams())
+    for row in rows:
+        i, j, k = row["centroid_ijk"]
+        lps = ct.ijk_to_lps() @ np.array([i, j, k, 1.0])
+        assert np.allclose(lps[:3], row["centroid_lps_mm"], atol=0.02)
+        assert np.allclose(row["centroid_ras_mm"], [-lps[0], -lps[1], lps[2]], atol=0.02)
