@@ -200,9 +200,12 @@ def summary_markdown(summary: dict, title: str = "Evaluation", level: int = 1) -
         lines = [f"{'#' * (level + 1)} {structure} ({s['cases']} cases)", "", "| metric | per-case mean +/- sd | 95 % CI of the mean | cases (skipped) |",
                  "|---|---|---|---|"]
         for label, key in TABLE_ROWS:
+            if structure == "liver" and key.startswith("lesion_"):  # lesion-wise detection means nothing for the organ
+                continue
             m = s["metrics"][key]
             lo, hi = m["ci95"]
-            lines.append(f"| {label} | {m['mean']:.4f} +/- {m['sd']:.4f} | {lo:.4f}-{hi:.4f} | {m['cases']} ({m['skipped']}) |")
+            ci = f"{lo:.4f}-{hi:.4f}" if math.isfinite(lo) else f"n/a ({m['cases']} case{'s' * (m['cases'] != 1)})"
+            lines.append(f"| {label} | {m['mean']:.4f} +/- {m['sd']:.4f} | {ci} | {m['cases']} ({m['skipped']}) |")
         lines.append(f"| global Dice (pooled voxels) | {s['global_dice']:.4f} | | {s['cases']} (0) |")
         a = s["authors_protocol"]
         lines += ["", f"{a['label']}: DSC {a['dsc']:.4f} ({a['excluded']} zero-Dice or both-empty cases excluded).", ""]

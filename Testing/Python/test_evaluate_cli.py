@@ -90,6 +90,9 @@ def test_folders_hand_computed_metrics_and_summaries(folders, tmp_path, capsys):
     assert "0.4000 +/-" in markdown and "0.5333" in markdown and "| 0.0000-0.8000 |" in markdown
     assert "G-UNETR++ authors' protocol, not comparable with the LiTS leaderboard: DSC 0.8000" in markdown
     assert "0.4000 +/-" in stdout
+    assert "| n/a (1 case) |" in markdown and "nan" not in markdown  # the ASSD of case a alone: no interval to give
+    liver_table = markdown.split("## liver")[1].split("##")[0]
+    assert "| DSC |" in liver_table and "lesion recall" not in liver_table  # no lesion-wise detection for the organ
     png = (out / "boxplot.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
     with open(out / "tumor_gap.csv") as f:
