@@ -388,7 +388,8 @@ def cmd_demo(args) -> int:
             "cyst": round(dice(labels == 3, truth.array == 3), 4),
         }
     write_json(report, out / "report.json", overwrite=True)
-    save_overlay_png(volume, labels, out / "overlay.png", title=f"LiverTumorSeg demo ({liver.card['name']}; not for clinical use)")
+    save_overlay_png(volume, labels, out / "overlay.png", title=f"LiverTumorSeg {'on ' + Path(args.ct).name if args.ct else 'demo phantom'} "
+                     f"({liver.card['name']} + {tumor.card['name']}; not for clinical use)")
     if args.ct:  # an earlier phantom demo's CT and truth would sit beside this CT's result as if they were its own
         for stale in (out / "ct.nii.gz", out / "truth.nii.gz"):
             if stale.is_file() and stale.resolve() != Path(args.ct).resolve():

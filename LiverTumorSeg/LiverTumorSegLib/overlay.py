@@ -53,6 +53,9 @@ def save_overlay_png(ct: Volume, labels: np.ndarray, path: Path, *, n_slices: in
             if (lab[z] == s["label"]).any():
                 ax.contour(lab[z] == s["label"], levels=[0.5], colors=[np.array(s["color"]) / 255], linewidths=0.8)
         ax.set_title(f"axial slice {z + 1} of {hu.shape[0]}", fontsize=9)
+        for x, y, letter in ((0.02, 0.5, "R"), (0.98, 0.5, "L"), (0.5, 0.97, "A"), (0.5, 0.03, "P")):  # the patient's sides
+            ax.text(x, y, letter, transform=ax.transAxes, ha="center", va="center", color="yellow", fontsize=9,
+                    fontweight="bold")
         ax.axis("off")
     handles = [Patch(color=np.array(s["color"]) / 255, label=s["name"]) for s in SEGMENTS]
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)

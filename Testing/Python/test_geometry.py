@@ -188,3 +188,30 @@ def test_real_ct_round_trip(shared_data, tmp_path):
     written = _image(write_labels(labels, volume, tmp_path / "labels.nii.gz"))
     assert_same_geometry(written, volume)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(written), segment(volume.array))
+
+
+@pytest.mark.parametrize("flips", [(1, 1, 1), (-1, -1, 1), (-1, 1, -1)])
+def test_overlay_shows_the_patients_left_on_the_right_and_anterior_up(tmp_path, flips):
+    """Radiological convention whatever the storage: a mask at the patient's left-anterior is drawn in the
+    panel's right half and top half (the R/L/A/P letters say so on the picture)."""
+    import matplotlib.image
+
+    from LiverTumorSegLib.overlay import save_overlay_png
+
+    shape = (12, 64, 64)  # (k, j, i); with the identity direction i runs to the patient's left, j to posterior
+    labels = np.zeros(shape, np.uint8)
+    labels[4:8, 4:16, 48:60] = 1  # left (high i), anterior (low j)
+    hu = np.full(shape, 40, np.int16)
+    flipped = tuple(a for a, f in zip((2, 1, 0), flips) if f < 0)  # array axes (k, j, i) of the flipped (i, j, k)
+    spacing = np.array([1.0, 1.0, 3.0])
+    origin = np.array([0.0 if f > 0 else (n - 1) * s for f, n, s in zip(flips, shape[::-1], spacing)])
+    ct = Volume(np.flip(hu, flipped).copy(), tuple(spacing), tuple(origin), np.diag(flips).astype(float))
+    path = save_overlay_png(ct, np.flip(labels, flipped).copy(), tmp_path / "o.png", n_slices=1)
+    rgb = matplotlib.image.imread(path)[..., :3] * 255
+    liver = np.array(next(s for s in SEGMENTS if s["id"] == "liver")["color"], float)
+    grey = 0.55 * 127 + 0.45 * liver  # the overlay's 45 % over the mid-grey of 40 HU (about)
+    near = np.abs(rgb - grey).max(axis=2) < 40
+    ys, xs = np.nonzero(near)
+    assert ys.size > 100
+    height, width = near.shape
+    assert xs.mean() > 0.6 * width and ys.mean() < 0.5 * height, (xs.mean() / width, ys.mean() / height)
