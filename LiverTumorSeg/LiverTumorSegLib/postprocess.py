@@ -571,7 +571,8 @@ def _grow_3d(region: _Region, shape, order, axial_shape, scale: float) -> np.nda
 def save_region_histogram_png(processor: PostProcessor, region_id: int, path, params: PostParams,
                               row: dict | None = None) -> None:
     """The region's HU histogram (bars), smoothed curve, fitted Gaussian and threshold line, as PNG;
-    with its table ``row``, also the liver HU around it and the level the outline refinement grew it to."""
+    with its table ``row``, also its decision and reason (and, where the fit fell back, the median decided
+    on), the liver HU around it and the level the outline refinement grew it to."""
     from matplotlib.figure import Figure  # no pyplot: renders with Agg, no global backend change
 
     fit, on_core = processor.fit_for(region_id, params)
@@ -587,6 +588,10 @@ def save_region_histogram_png(processor: PostProcessor, region_id: int, path, pa
         title = f"region {region_id}{where}: A={fit.A:.0f} M={fit.M:.1f} HU S={fit.S:.1f} HU (R^2 {fit.r2:.3f})"
     else:
         title = f"region {region_id}{where}: fallback ({fit.failure})"
+        if row is not None and math.isfinite(row.get("fit_M", math.nan)):
+            ax.axvline(row["fit_M"], color="tab:red", label=f"median {row['fit_M']:.1f} HU (decided on)")
+    if row is not None:
+        title += f"\n-> {row['decision']}: {row['reason']}"
     ax.axvline(params.cyst_threshold_hu, color="k", linestyle="--", label=f"threshold {params.cyst_threshold_hu:g} HU")
     if row is not None and math.isfinite(row.get("outline_level_hu", math.nan)):
         ax.axvline(row["outline_liver_hu"], color="tab:green", linestyle="-.", label=f"liver around {row['outline_liver_hu']:.0f} HU")

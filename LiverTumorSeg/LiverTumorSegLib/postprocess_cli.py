@@ -105,7 +105,8 @@ def _print_summary(rows: list[dict], labels: np.ndarray, voxel_ml: float) -> Non
     """A line per region, then the totals of the labels written (after dilation and outline refinement)."""
     for r in rows:
         outline = f"; outline +{r['refined_ml']:.2f} mL ({r['outline']})" if r["refined_ml"] else ""
-        print(f"region {r['id']}: {r['volume_ml']:.2f} mL, mean {r['fit_M']:.1f} HU -> {r['decision']} ({r['reason']}){outline}")
+        what = "median" if str(r["fit_quality"]).startswith("fallback") else "mean"
+        print(f"region {r['id']}: {r['volume_ml']:.2f} mL, {what} {r['fit_M']:.1f} HU -> {r['decision']} ({r['reason']}){outline}")
     ml = {d: int((labels == label).sum()) * voxel_ml for d, label in (("tumor", 2), ("cyst", 3))}
     counts = {d: sum(r["decision"] == d for r in rows) for d in ("tumor", "cyst")}
     print(f"total: {len(rows)} regions; {counts['tumor']} tumor ({ml['tumor']:.2f} mL), {counts['cyst']} cyst ({ml['cyst']:.2f} mL)")

@@ -292,12 +292,23 @@ def test_confidence_gate_removes_whole_regions_by_their_peak():
             PostParams(min_peak_probability=bad)
 
 
-def test_histogram_png(phantom, tmp_path):
+def test_histogram_png(phantom, tmp_path, monkeypatch):
+    """The picture says what was decided and why; where the fit fell back, it marks the median decided on."""
+    from matplotlib.figure import Figure
+
     ct, _, merged = phantom
     processor = PostProcessor(ct, merged)
     path = tmp_path / "h.png"
     save_region_histogram_png(processor, processor.region_ids[0], path, PostParams())
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    drawn, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (drawn.append(fig), savefig(fig, *a, **k))[1])
+    params = PostParams(min_region_voxels=10**6)  # every region falls back to its median
+    _, rows = processor.apply(params)
+    save_region_histogram_png(processor, rows[0]["id"], path, params, rows[0])
+    ax = drawn[-1].axes[0]
+    assert f"-> {rows[0]['decision']}: {rows[0]['reason']}" in ax.get_title()
+    assert any(line.get_label().startswith(f"median {rows[0]['fit_M']:.1f} HU") for line in ax.get_lines())
 
 
 def test_active_box_holds_every_change_any_setting_makes():
