@@ -90,6 +90,9 @@ _IN_PLANE = {c: np.pad(ndimage.generate_binary_structure(2, r)[None], ((1, 1), (
              for c, r in ((4, 1), (8, 2))}
 
 
+FAT_DENSITY_HU = -20.0  # a lesion's mean below this (and above min_tissue_hu) is flagged in its reason
+
+
 @dataclass(frozen=True)
 class PostParams:
     """Every knob of the post-processing; bin width and smoothing changes trigger a (cached) refit."""
@@ -431,6 +434,8 @@ class PostProcessor:
             else:
                 decision = "cyst" if shown < threshold else "tumor"
                 reason = f"{what} {'<' if decision == 'cyst' else '>='} {threshold:g} HU threshold"
+                if shown < FAT_DENSITY_HU:  # simple cysts are water-like (about 0-20 HU); fat is -190 to -30
+                    reason += f"; below {FAT_DENSITY_HU:g} HU, fat density: check it is a lesion"
         k, j, i = region.centroid
         lps = self.ct.ijk_to_lps() @ (i, j, k, 1.0)
         return {

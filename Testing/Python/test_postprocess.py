@@ -236,6 +236,24 @@ def test_gas_region_is_not_tissue_and_removed():
     assert (proc.apply(PostParams(cyst_filter=False, dilate_iterations=0))[0][:, 5:12, 5:12] == 2).all()
 
 
+def test_a_fat_density_cyst_is_flagged_in_its_reason():
+    """Between min_tissue_hu (-100) and -20 HU a region is still called cyst by the paper's rule, but a
+    simple cyst is water-like: its reason says to check it (a fat-density false positive, e.g. in fat
+    around the liver)."""
+    labels = np.zeros((6, 40, 40), np.uint8)
+    labels[:, 2:38, 2:38] = 1
+    labels[:, 5:12, 5:12] = 2  # fat density
+    labels[:, 20:30, 20:30] = 2  # water-like cyst
+    rng = np.random.default_rng(2)
+    ct = np.full(labels.shape, 100.0) + rng.normal(0, 8, labels.shape)
+    ct[:, 5:12, 5:12] = -60 + rng.normal(0, 8, (6, 7, 7))
+    ct[:, 20:30, 20:30] = 10 + rng.normal(0, 8, (6, 10, 10))
+    _, rows = PostProcessor(Volume(np.round(ct).astype(np.int16), (1.0, 1.0, 2.0)), labels).apply(PostParams())
+    fat, water = sorted(rows, key=lambda r: r["fit_M"])
+    assert fat["decision"] == water["decision"] == "cyst"
+    assert "fat density: check it is a lesion" in fat["reason"] and "fat density" not in water["reason"]
+
+
 def test_empty_input_is_unchanged():
     labels = np.zeros((4, 20, 20), np.uint8)
     labels[:, 5:15, 5:15] = 1
