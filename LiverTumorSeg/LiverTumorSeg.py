@@ -477,15 +477,13 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         return installed is not None  # None: declined
 
     def _installPackages(self, requirements: list[str]) -> bool:
-        try:
+        ensure = _pip_ensure()
+        if ensure is not None:
             from packaging.requirements import Requirement
-            from slicer import packaging  # Slicer 5.12+: asks, shows progress and pip's log, offers a restart
-        except ImportError:
-            packaging = None
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
+
             try:
-                packaging.pip_ensure([Requirement(r) for r in requirements], requester="LiverTumorSeg",
-                                     skip_packages=list(dependencies.PROTECTED))
+                ensure([Requirement(r) for r in requirements], requester="LiverTumorSeg",
+                       skip_packages=list(dependencies.PROTECTED))
             except RuntimeError:  # the user declined
                 return False
             return True
@@ -600,6 +598,25 @@ class LiverTumorSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             layout.sliceWidget(name).mrmlSliceNode().JumpSliceByCentering(*world)
         chart = live.histogram_chart(region)
         slicer.modules.plots.logic().ShowChartInLayout(chart)
+
+
+def _pip_ensure():
+    """Slicer's ``pip_ensure`` (asks, shows progress and pip's log, offers a restart), where this Slicer
+    has it: ``slicer.pydeps`` in recent versions, ``slicer.packaging`` in some before; else None."""
+    import importlib
+
+    for name in ("slicer.pydeps", "slicer.packaging"):
+        try:
+            ensure = getattr(importlib.import_module(name), "pip_ensure", None)
+        except ImportError:
+            continue
+        if ensure is not None:
+            try:
+                import packaging.requirements  # noqa: F401 - pip_ensure takes its Requirement objects
+            except ImportError:
+                return None
+            return ensure
+    return None
 
 
 def _cuda_devices() -> list[tuple[str, str]]:

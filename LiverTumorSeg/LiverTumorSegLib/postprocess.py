@@ -425,7 +425,8 @@ class PostProcessor:
             decision, reason = "tumor", "cyst filter off"
         else:
             shown = round(M, 2)  # the table's fit_M: the decision and the reason use it, so all three agree
-            digits = 1 if (round(shown, 1) < threshold) == (shown < threshold) else 2  # never "45.0 HU < 45 HU"
+            limit = params.min_tissue_hu if shown < params.min_tissue_hu else threshold  # the one the reason quotes
+            digits = 1 if (round(shown, 1) < limit) == (shown < limit) else 2  # never "45.0 HU < 45 HU"
             what = f"fallback median {shown:.{digits}f} HU ({fallback})" if fallback else f"fitted mean {shown:.{digits}f} HU"
             if on_core:
                 what += " of the core"
@@ -434,7 +435,7 @@ class PostProcessor:
             else:
                 decision = "cyst" if shown < threshold else "tumor"
                 reason = f"{what} {'<' if decision == 'cyst' else '>='} {threshold:g} HU threshold"
-                if shown < FAT_DENSITY_HU:  # simple cysts are water-like (about 0-20 HU); fat is -190 to -30
+                if decision == "cyst" and shown < FAT_DENSITY_HU:  # simple cysts are water-like (about 0-20 HU); fat -190 to -30
                     reason += f"; below {FAT_DENSITY_HU:g} HU, fat density: check it is a lesion"
         k, j, i = region.centroid
         lps = self.ct.ijk_to_lps() @ (i, j, k, 1.0)

@@ -30,9 +30,18 @@ def missing() -> list[str]:
     """Requirements whose package cannot be imported; torch is listed as 'torch' when absent or older
     than TORCH_MINIMUM."""
     found = [r for name, r in REQUIREMENTS.items() if importlib.util.find_spec(name) is None]
-    if importlib.util.find_spec("torch") is None or _release(importlib.metadata.version("torch")) < TORCH_MINIMUM:
+    if importlib.util.find_spec("torch") is None or _release(_torch_version()) < TORCH_MINIMUM:
         found.insert(0, "torch")
     return found
+
+
+def _torch_version() -> str:
+    """The installed torch's version, without importing it; a build without metadata (on PYTHONPATH) is
+    taken as new enough: nothing says otherwise, and importing it here could not be undone."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return ".".join(map(str, TORCH_MINIMUM))
 
 
 def torch_requirement() -> str:

@@ -179,6 +179,14 @@ def test_an_old_pytorch_counts_as_missing(monkeypatch):
         monkeypatch.setattr(importlib.metadata, "version", lambda name, v=installed: v if name == "torch" else version(name))
         assert ("torch" in dependencies.missing()) is old, installed
 
+    def no_metadata(name):
+        if name == "torch":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", no_metadata)  # a torch build on PYTHONPATH: no dist-info
+    assert "torch" not in dependencies.missing()
+
 
 def test_disclaimer_names_the_models_use_and_measured_figures():
     text = panel.disclaimer("phantom-small")

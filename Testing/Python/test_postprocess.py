@@ -580,6 +580,14 @@ def test_a_mean_at_the_threshold_reads_as_it_is_decided(phantom):
         assert decided["decision"] == ("cyst" if decided["fit_M"] < threshold else "tumor"), threshold
         shown = float(decided["reason"].split(" HU")[0].split()[-1])
         assert (shown < threshold) == (decided["decision"] == "cyst"), decided["reason"]
+    crossing = [r for r in rows if round(r["fit_M"], 1) > r["fit_M"]]  # a limit between the two would read wrong
+    assert crossing
+    for row in crossing:  # the same at the "not tissue" limit
+        limit = (row["fit_M"] + round(row["fit_M"], 1)) / 2
+        params = PostParams(min_tissue_hu=limit, cyst_threshold_hu=max(45.0, row["fit_M"] + 10))
+        decided = next(r for r in processor.apply(params)[1] if r["id"] == row["id"])
+        shown = float(decided["reason"].split(" HU")[0].split()[-1])
+        assert decided["decision"] == "not tissue" and shown < limit, decided["reason"]
 
 
 def test_region_centroids_agree_in_voxels_lps_and_ras(phantom):

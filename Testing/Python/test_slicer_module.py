@@ -152,3 +152,22 @@ def test_a_new_run_into_an_edited_node_waits_for_an_answer(slicer_scene, monkeyp
         logic.finish(other, seg)
     logic.discard()
     assert logic.work_dir is None and np.array_equal(mrml.segment_mask(seg, "liver", ct.array.shape), liver)
+
+
+def test_slicers_pip_ensure_is_found_where_this_slicer_has_it(monkeypatch):
+    """Recent Slicer has pip_ensure in slicer.pydeps, some versions in slicer.packaging; without it the panel
+    installs with pip under its constraints file."""
+    import types
+
+    import LiverTumorSeg
+
+    assert LiverTumorSeg._pip_ensure() is None  # slicer-core has neither
+    for name in ("slicer.pydeps", "slicer.packaging"):
+        module = types.ModuleType(name)
+        module.pip_ensure = lambda *a, **k: None
+        monkeypatch.setitem(sys.modules, name, module)
+        assert LiverTumorSeg._pip_ensure() is module.pip_ensure
+        monkeypatch.delitem(sys.modules, name)
+    empty = types.ModuleType("slicer.packaging")  # a version whose packaging module has no pip_ensure
+    monkeypatch.setitem(sys.modules, "slicer.packaging", empty)
+    assert LiverTumorSeg._pip_ensure() is None
