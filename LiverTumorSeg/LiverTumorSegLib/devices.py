@@ -36,9 +36,9 @@ def cpu_has_bf16() -> bool:
 
 
 def is_out_of_memory(err: BaseException) -> bool:
-    """A GPU or CPU allocator's out-of-memory error (torch raises RuntimeErrors for both)."""
+    """An out-of-memory error: Python's (numpy), or a GPU or CPU allocator's (torch raises RuntimeErrors)."""
     text = str(err).lower()
-    return isinstance(err, torch.OutOfMemoryError) or any(
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or any(
         words in text for words in ("out of memory", "can't allocate memory", "not enough memory"))  # last: CPU allocator
 
 

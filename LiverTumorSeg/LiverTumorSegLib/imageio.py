@@ -259,8 +259,6 @@ def _nifti_header(header: bytes) -> dict | None:
                 "offset": int(struct.unpack(endian + "f", header[108:112])[0]),
                 "qform_code": struct.unpack(endian + "h", header[252:254])[0],
                 "sform_code": struct.unpack(endian + "h", header[254:256])[0],
-                "quatern": struct.unpack(endian + "3f", header[256:268]),
-                "qoffset": struct.unpack(endian + "3f", header[268:280]),
                 "srow": np.array(struct.unpack(endian + "12f", header[280:328]), float).reshape(3, 4)}
     return None
 

@@ -90,6 +90,7 @@ _IN_PLANE = {c: np.pad(ndimage.generate_binary_structure(2, r)[None], ((1, 1), (
              for c, r in ((4, 1), (8, 2))}
 
 
+NONE = np.empty(0, dtype=np.int64)  # no flat indices
 FAT_DENSITY_HU = -20.0  # a lesion's mean below this (and above min_tissue_hu) is flagged in its reason
 
 
@@ -270,16 +271,19 @@ class PostProcessor:
     def fit_for(self, region_id: int, params: PostParams) -> tuple[Fit, bool]:
         """The fit ``params`` decide region ``region_id`` with, and whether it is the core's; its
         ``failure`` says so where the decision falls back to the median (as the table's fit_quality)."""
-        index = self._regions.index(self._by_id[region_id])
-        fit, on_core = self._decisive_fit(index, params)
-        region = self._regions[index]
-        if (region.core_hu if on_core else region.hu).size < params.min_region_voxels:
-            fit = replace(fit, failure=f"fewer than {params.min_region_voxels} voxels")
+        fit, on_core, _ = self._decisive_fit(self._regions.index(self._by_id[region_id]), params)
         return fit, on_core
 
-    def _decisive_fit(self, index: int, params: PostParams) -> tuple[Fit, bool]:
-        on_core = params.fit_on_core and self._regions[index].core_hu.size >= params.min_region_voxels
-        return self._fits_for(params.bin_width_hu, params.smoothing_bins, on_core)[index], on_core
+    def _decisive_fit(self, index: int, params: PostParams) -> tuple[Fit, bool, np.ndarray]:
+        """(fit, on the core?, the HU values it is of); a sample under ``min_region_voxels`` marks the
+        fit failed, so the decision falls back to the median."""
+        region = self._regions[index]
+        on_core = params.fit_on_core and region.core_hu.size >= params.min_region_voxels
+        fit = self._fits_for(params.bin_width_hu, params.smoothing_bins, on_core)[index]
+        hu = region.core_hu if on_core else region.hu
+        if hu.size < params.min_region_voxels:
+            fit = replace(fit, failure=f"fewer than {params.min_region_voxels} voxels")
+        return fit, on_core, hu
 
     def apply(self, params: PostParams, overrides: dict[int, str] | None = None, *,
               out: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
@@ -322,7 +326,7 @@ class PostProcessor:
                 region, row = self._regions[index], rows[index]
                 if row["decision"] in ("tumor", "cyst"):
                     refinement = self._refined_for(index, row, grown.get(region.id), params)
-                    added = self._still_reached(index, refinement.added, grown.get(region.id), dilated.get(index), flat)
+                    added = self._still_reached(index, refinement.added, grown.get(region.id), dilated.get(index, NONE), flat)
                     flat[added] = DECISION_LABELS[row["decision"]]
                     row["refined_ml"] = round(added.size * voxel_ml, 4)
                     held[index] += added.size
@@ -338,17 +342,16 @@ class PostProcessor:
         lps = self.ct.ijk_to_lps() @ np.array([*region.centroid[::-1], 1.0])
         return (-region.index.size, *(round(float(c), 2) for c in lps[:3]))
 
-    def _still_reached(self, index: int, added: np.ndarray, grown: np.ndarray | None, dilated: np.ndarray | None,
+    def _still_reached(self, index: int, added: np.ndarray, grown: np.ndarray | None, dilated: np.ndarray,
                        flat: np.ndarray) -> np.ndarray:
-        """The refinement's voxels (``added``, grown from the region and all of its dilation) that are still
-        free, and 26-connected to what the region holds through free ones: never over another region, nor
-        through one."""
+        """The refinement's voxels (``added``, grown from the region and all of its dilation ``grown``) that
+        are still free, and 26-connected through free ones to what the region holds (its voxels and the
+        ``dilated`` ones it kept): never over another region, nor through one."""
         free = added[flat[added] == 1]
-        lost = 0 if grown is None else grown.size - (0 if dilated is None else dilated.size)
-        if free.size == added.size and not lost:
+        if free.size == added.size and (grown is None or grown.size == dilated.size):
             return free
         region = self._regions[index]
-        held = np.concatenate([region.index, free] + ([] if dilated is None else [dilated]))
+        held = np.concatenate([region.index, free, dilated])
         coords = np.unravel_index(held, self._base.shape)
         box = tuple(slice(int(c.min()), int(c.max()) + 1) for c in coords)
         local = tuple(c - b.start for c, b in zip(coords, box))
@@ -358,8 +361,7 @@ class PostProcessor:
         seed = np.zeros(shape, bool)
         n_own = region.index.size
         seed[tuple(c[:n_own] for c in local)] = True
-        if dilated is not None:
-            seed[tuple(c[n_own + free.size:] for c in local)] = True
+        seed[tuple(c[n_own + free.size:] for c in local)] = True
         reached = ndimage.binary_propagation(seed, structure=np.ones((3, 3, 3), bool), mask=allowed)
         keep = reached[tuple(c[n_own:n_own + free.size] for c in local)]
         return free[keep]
@@ -412,8 +414,8 @@ class PostProcessor:
 
     def _row(self, index: int, params: PostParams, override: str | None) -> dict:
         region = self._regions[index]
-        fit, on_core = self._decisive_fit(index, params)
-        A, M, S, quality, fallback = _estimate(region.core_hu if on_core else region.hu, fit, params.min_region_voxels)
+        fit, on_core, hu = self._decisive_fit(index, params)
+        A, M, S, quality, fallback = _estimate(hu, fit)
         threshold = params.cyst_threshold_hu
         gate = params.min_peak_probability
         if override:
@@ -469,9 +471,9 @@ def _dilation_key(params: PostParams) -> tuple:
     return ("slice", params.dilate_iterations, params.dilate_max_area_px, params.dilate_connectivity)
 
 
-def _estimate(hu: np.ndarray, fit: Fit, min_voxels: int) -> tuple[float, float, float, float | str, str | None]:
-    """(A, M, S, fit quality, fallback reason): the fit, or median/MAD when the fit is ill-posed."""
-    reason = f"fewer than {min_voxels} voxels" if hu.size < min_voxels else fit.failure
+def _estimate(hu: np.ndarray, fit: Fit) -> tuple[float, float, float, float | str, str | None]:
+    """(A, M, S, fit quality, fallback reason): the fit, or median/MAD of ``hu`` where it failed."""
+    reason = fit.failure
     if reason is None:
         return fit.A, fit.M, fit.S, round(fit.r2, 4), None
     median = float(np.median(hu))

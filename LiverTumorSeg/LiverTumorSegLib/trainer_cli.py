@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from . import distributed
 from .datasets import SPLITS, gather_cases, lits_paper_split, make_split, read_split, write_split
 from .devices import is_out_of_memory, resolve_device
@@ -168,8 +170,6 @@ def run_train(args) -> int:
             val = prepared_samples(split["val"], cases, stage, recipe.preprocessing, cache, build=True, show=True,
                                    workers=prepare_workers(args.workers, len(split["val"]), gpu_model), **masks)
             if gpu_model:  # the liver model is done with: give its GPU memory to training
-                import torch
-
                 liver_model.net.cpu()
                 torch.cuda.empty_cache()
         if world.main:  # written once the samples are ready: a start that fails before leaves no run behind
@@ -206,7 +206,7 @@ def run_train(args) -> int:
             raise Cancelled(f"training interrupted; {trainer.epoch} finished epoch(s) are kept in "
                             f"{trainer.files['checkpoint.pt']}: continue with --resume.") from None
         except Exception as err:
-            if not (isinstance(err, MemoryError) or is_out_of_memory(err)):
+            if not is_out_of_memory(err):
                 raise
             raise LiverTumorSegError(training_out_of_memory(err, config, device, world)) from None
         finally:
